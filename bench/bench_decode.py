@@ -1,0 +1,129 @@
+"""Decode (T = 1) speed: cute_gdn vs FlashInfer and FLA, one run, cold L2, CUDA-graph replay.
+
+    python bench/bench_decode.py                      # all baselines, writes bench/results/decode_<gpu>.json
+    python bench/bench_decode.py --baselines fla      # without FlashInfer
+    python bench/bench_decode.py --sweep              # also time every DecodeConfig candidate
+
+Bytes = 2 x state (read + write of each named state); % bw is against the copy bandwidth measured
+in the same run. FLA has no pool: it reads initial states [B, HV, V, K] and writes fresh final
+states (the same bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import common  # noqa: E402
+import cute_gdn  # noqa: E402
+from cute_gdn import reference  # noqa: E402
+from cute_gdn.cache import default_cache  # noqa: E402
+from cute_gdn.kernels.decode import DecodeConfig  # noqa: E402
+from cute_gdn.ops import decode_key  # noqa: E402
+
+BATCHES = (1, 4, 16, 64, 256, 512)
+HEADS = ((16, 32), (8, 16))
+K = V = 128
+
+
+def make_set(B, H, HV, state_dtype):
+    q = torch.randn(B, 1, H, K, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, 1, H, K, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, 1, HV, V, device="cuda", dtype=torch.bfloat16)
+    a = torch.randn(B, 1, HV, device="cuda").to(torch.bfloat16)
+    b = torch.randn(B, 1, HV, device="cuda").to(torch.bfloat16)
+    A_log = torch.rand(HV, device="cuda") - 0.5
+    dt_bias = torch.randn(HV, device="cuda")
+    pool = (torch.randn(B, HV, V, K, device="cuda") * 0.5).to(state_dtype)
+    slots = torch.randperm(B, device="cuda").to(torch.int32)
+    out = torch.empty(B, 1, HV, V, device="cuda", dtype=torch.bfloat16)
+    return dict(q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=pool, state_indices=slots, out=out)
+
+
+def cute_calls(sets, config=None):
+    if config is None:
+        return [lambda s=s: cute_gdn.decode(**s) for s in sets]
+    s0 = sets[0]
+    B, _, H, _ = s0["q"].shape
+    key = decode_key(io_dtype="bfloat16", state_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[s0["state"].dtype],
+                     num_heads=H, num_v_heads=s0["v"].shape[2], head_k_dim=K, head_v_dim=V, pool_size=B,
+                     gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True, config=config)
+    fn = default_cache().get(key)
+    return [lambda s=s: fn(s["q"], s["k"], s["v"], s["a"], s["b"], s["A_log"], s["dt_bias"], s["state"],
+                           s["state_indices"], s["out"], K ** -0.5) for s in sets]
+
+
+def flashinfer_calls(sets):
+    from flashinfer.gdn_decode import gated_delta_rule_decode_pretranspose
+
+    return [lambda s=s: gated_delta_rule_decode_pretranspose(
+        s["q"], s["k"], s["v"], None, s["A_log"], s["a"], s["dt_bias"], s["b"], scale=K ** -0.5,
+        output=s["out"], use_qk_l2norm=True, initial_state=s["state"], initial_state_indices=s["state_indices"])
+        for s in sets]
+
+
+def fla_calls(sets):
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+    calls = []
+    for s in sets:
+        g, beta = reference.compute_gates(s["a"], s["b"], s["A_log"], s["dt_bias"], dtype=torch.float32)
+        init = s["state"].float()
+        calls.append(lambda s=s, g=g, beta=beta, init=init: fused_recurrent_gated_delta_rule(
+            s["q"], s["k"], s["v"], g=g, beta=beta, scale=K ** -0.5, initial_state=init,
+            output_final_state=True, use_qk_l2norm_in_kernel=True, state_v_first=True))
+    return calls
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baselines", default="flashinfer,fla")
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--sweep", action="store_true")
+    args = ap.parse_args()
+    baselines = [b for b in args.baselines.split(",") if b]
+    batches = [int(x) for x in args.batches.split(",")]
+    bw = common.copy_bandwidth()
+    print(f"{common.environment()['gpu']}: copy bandwidth {bw / 1e12:.2f} TB/s")
+    rows = []
+    sweep_configs = [DecodeConfig(8, 16, r) for r in (1, 2, 4, 8)] if args.sweep else []
+    for H, HV in HEADS:
+        for B in batches:
+            for state_dtype in (torch.float32, torch.bfloat16):
+                nbytes = common.decode_bytes(B, HV, V, K, state_dtype)
+                n = common.rotation_count(nbytes // 2)
+                sets = [make_set(B, H, HV, state_dtype) for _ in range(n)]
+                impls = {"cute_gdn": cute_calls(sets)}
+                for cfg in sweep_configs:
+                    impls[f"cute_gdn[rows_per_thread={cfg.rows_per_thread}]"] = cute_calls(sets, cfg)
+                if "flashinfer" in baselines:
+                    impls["flashinfer"] = flashinfer_calls(sets)
+                if "fla" in baselines and state_dtype == torch.float32:
+                    impls["fla"] = fla_calls(sets)
+                for name, calls in impls.items():
+                    us = common.time_graph(calls)
+                    row = dict(op="decode", impl=name, H=H, HV=HV, B=B, state=str(state_dtype).split(".")[-1],
+                               us=us, bytes=nbytes, tbps=nbytes / us / 1e6, pct_bw=100 * nbytes / us / 1e6 / (bw / 1e12))
+                    rows.append(row)
+                    print(f"H={H:2d} HV={HV:2d} B={B:4d} {row['state']:8s} {name:34s} {us:9.2f} us "
+                          f"{row['tbps']:5.2f} TB/s {row['pct_bw']:5.1f}%", flush=True)
+                if B == 1:
+                    s = sets[0]
+                    us = common.time_eager(lambda: cute_gdn.decode(**s))
+                    rows.append(dict(op="decode", impl="cute_gdn eager", H=H, HV=HV, B=B,
+                                     state=str(state_dtype).split(".")[-1], us=us, bytes=nbytes))
+                    print(f"H={H:2d} HV={HV:2d} B={B:4d} {'':8s} {'cute_gdn eager':34s} {us:9.2f} us")
+                del sets, impls
+                torch.cuda.empty_cache()
+    path = common.save("decode", dict(env=common.environment(), copy_bandwidth=bw, rows=rows))
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""cute_gdn: CuTe DSL kernels for Gated Delta Net linear attention on Hopper (sm_90a).
+
+Public ops run the gated delta rule on a K-last state pool [pool_size, HV, V, K] addressed by
+slot indices; `GDNKernels` is the serving surface (warmup once, then no compiling).
+"""
+
+from . import reference
+from .cache import KernelCache, KernelNotCompiledError
+from .ops import decode
+from .serving import GDNKernels
+
+__all__ = ["decode", "GDNKernels", "KernelCache", "KernelNotCompiledError", "reference"]
+__version__ = "0.1.0"

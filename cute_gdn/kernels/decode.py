@@ -1,0 +1,303 @@
+"""Single-token gated delta rule decode on a K-last state pool (sm_90a).
+
+Math, per sequence b and value head h (q/k head h // (HV // H)), fp32 throughout:
+    g, beta = gates(b, h);  q, k = l2norm(q), l2norm(k) (optional);  q *= scale
+    S  = exp(g) * S                  S = state[state_indices[b], h]: [V, K], K contiguous
+    u  = beta * (v - S @ k)          [V]
+    S += outer(u, k)
+    o  = S @ q                       [V]
+Rewritten for one pass over S: with sk = S_old @ k and sq = S_old @ q (both reductions along K),
+    u = beta * (v - exp(g) * sk),  o = exp(g) * sq + u * (k . q),  S_new = exp(g) * S_old + outer(u, k).
+
+Layouts: q, k [B, 1, H, K]; v, o [B, 1, HV, V]; gates [B, 1, HV]; state [pool_size, HV, V, K]
+(fp32 or bf16); state_indices [B] int32, < 0 = padding (state untouched, o rows zero).
+q/k/v/gates/o may be strided views (unit stride on the last dim).
+
+Grid: (V / tile_rows, HV, B). A CTA owns `tile_rows` rows of one (sequence, head) state; see
+common/rows.py for the thread map. Decode moves each state twice and does ~4 FLOP per element, so
+it is a bandwidth problem: every thread issues all its 16-byte loads before the first use, and the
+whole update happens in registers in one pass over the state.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import cutlass
+import cutlass.cute as cute
+from cutlass import Float32, Int32
+
+from .common.dtypes import BIAS_DTYPES, IO_DTYPES, STATE_DTYPES, cutlass_dtype
+from .common.gates import GATE_MODES, gate_decay_beta
+from .common.rows import (
+    RowMap,
+    dot_columns,
+    load_columns_f32,
+    make_state_fragment,
+    row_sum,
+    state_tile_view,
+)
+
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    threads_per_row: int = 8
+    rows_per_pass: int = 16
+    rows_per_thread: int = 2
+
+    @classmethod
+    def heuristic(cls, head_k_dim: int, head_v_dim: int, state_dtype: str) -> "DecodeConfig":
+        # 8 lanes x 16 B per row and 16 row groups: 128 threads; rows_per_thread = 2 gives a
+        # 32-row tile, so HV = 32 at B = 1 already yields 128 CTAs (one per SM of an H100/H200), and
+        # a thread keeps 8 (fp32) or 4 (bf16) 16-byte loads in flight. See bench/results for the
+        # rows_per_thread sweep behind this choice.
+        vec = 16 // (4 if state_dtype == "float32" else 2)
+        tpr = 8
+        while head_k_dim % (vec * tpr) != 0:
+            tpr //= 2
+        rows_per_thread = 2
+        while head_v_dim % (16 * rows_per_thread) != 0:
+            rows_per_thread //= 2
+        return cls(threads_per_row=tpr, rows_per_pass=16, rows_per_thread=rows_per_thread)
+
+    def rowmap(self, head_k_dim: int, state_dtype: str) -> RowMap:
+        vec = 16 // (4 if state_dtype == "float32" else 2)
+        return RowMap(head_k_dim, vec, self.threads_per_row, self.rows_per_pass, self.rows_per_thread)
+
+
+def can_implement(
+    io_dtype: str,
+    state_dtype: str,
+    num_heads: int,
+    num_v_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    gate_mode: str,
+    dt_bias_dtype: Optional[str],
+    config: DecodeConfig,
+) -> Optional[str]:
+    """None if the decode kernel supports this shape and dtype set, else the reason."""
+    if io_dtype not in IO_DTYPES:
+        return f"io dtype must be one of {IO_DTYPES}, got {io_dtype}"
+    if state_dtype not in STATE_DTYPES:
+        return f"state dtype must be one of {STATE_DTYPES}, got {state_dtype}"
+    if gate_mode not in GATE_MODES:
+        return f"gate mode must be one of {GATE_MODES}, got {gate_mode}"
+    if gate_mode == "raw" and dt_bias_dtype not in BIAS_DTYPES:
+        return f"dt_bias dtype must be one of {BIAS_DTYPES}, got {dt_bias_dtype}"
+    if num_heads < 1 or num_v_heads < 1 or num_v_heads % num_heads != 0:
+        return f"num_v_heads ({num_v_heads}) must be a positive multiple of num_heads ({num_heads})"
+    for name, d in (("head_k_dim", head_k_dim), ("head_v_dim", head_v_dim)):
+        if d % 16 != 0 or not 16 <= d <= MAX_HEAD_DIM:
+            return f"{name} must be a multiple of 16 in [16, {MAX_HEAD_DIM}], got {d}"
+    rm = config.rowmap(head_k_dim, state_dtype)
+    tpr = config.threads_per_row
+    if tpr & (tpr - 1) or not 1 <= tpr <= 32 or head_k_dim % (rm.vec * tpr) != 0:
+        return f"threads_per_row {tpr} does not tile head_k_dim {head_k_dim}"
+    if rm.threads % 32 != 0 or rm.threads > 1024:
+        return f"threads_per_row * rows_per_pass must be a multiple of 32 up to 1024, got {rm.threads}"
+    if head_v_dim % rm.tile_rows != 0:
+        return f"tile of {rm.tile_rows} rows does not divide head_v_dim {head_v_dim}"
+    return None
+
+
+class GdnDecodeSm90:
+    def __init__(
+        self,
+        *,
+        io_dtype: str,
+        state_dtype: str,
+        num_heads: int,
+        num_v_heads: int,
+        head_k_dim: int,
+        head_v_dim: int,
+        gate_mode: str,
+        use_qk_l2norm: bool,
+        config: DecodeConfig,
+    ):
+        self.io_dtype = io_dtype
+        self.state_dtype = state_dtype
+        self.num_heads = num_heads
+        self.num_v_heads = num_v_heads
+        self.head_k_dim = head_k_dim
+        self.head_v_dim = head_v_dim
+        self.gate_mode = gate_mode
+        self.use_qk_l2norm = use_qk_l2norm
+        self.config = config
+        self.rowmap = config.rowmap(head_k_dim, state_dtype)
+
+    @cute.jit
+    def __call__(
+        self,
+        mQ: cute.Tensor,        # [B, 1, H, K]
+        mK: cute.Tensor,        # [B, 1, H, K]
+        mV: cute.Tensor,        # [B, 1, HV, V]
+        mGateA: cute.Tensor,    # [B, 1, HV]: a (raw) or g (precomputed)
+        mGateB: cute.Tensor,    # [B, 1, HV]: b (raw) or beta (precomputed)
+        mALog: Optional[cute.Tensor],    # [HV] fp32 (raw only)
+        mDtBias: Optional[cute.Tensor],  # [HV] (raw only)
+        mState: cute.Tensor,    # [pool_size, HV, V, K]
+        mIndices: cute.Tensor,  # [B] int32
+        mO: cute.Tensor,        # [B, 1, HV, V]
+        scale: Float32,
+        stream,
+    ):
+        batch = mIndices.shape[0]
+        grid = (self.head_v_dim // self.rowmap.tile_rows, self.num_v_heads, batch)
+        self.kernel(mQ, mK, mV, mGateA, mGateB, mALog, mDtBias, mState, mIndices, mO, scale).launch(
+            grid=grid, block=(self.rowmap.threads, 1, 1), stream=stream
+        )
+
+    @cute.kernel
+    def kernel(
+        self,
+        mQ: cute.Tensor,
+        mK: cute.Tensor,
+        mV: cute.Tensor,
+        mGateA: cute.Tensor,
+        mGateB: cute.Tensor,
+        mALog: Optional[cute.Tensor],
+        mDtBias: Optional[cute.Tensor],
+        mState: cute.Tensor,
+        mIndices: cute.Tensor,
+        mO: cute.Tensor,
+        scale: Float32,
+    ):
+        rm = self.rowmap
+        tidx, _, _ = cute.arch.thread_idx()
+        tile, hv, b = cute.arch.block_idx()
+        lane = tidx % rm.threads_per_row
+        row_group = tidx // rm.threads_per_row
+        row0 = tile * rm.tile_rows
+        slot = mIndices[b]
+        if slot >= 0:
+            hk = hv // (self.num_v_heads // self.num_heads)
+            rK, rQ, kq = self.load_qk(mQ[b, 0, hk, None], mK[b, 0, hk, None], lane, scale)
+            decay, beta = self.gates(mGateA, mGateB, mALog, mDtBias, b, hv)
+            tSgS = state_tile_view(rm, mState[slot, hv, None, None], row0, row_group, lane)
+            rS = make_state_fragment(rm, mState.element_type)
+            cute.autovec_copy(tSgS, rS)
+            self.decay_and_update(rS, rK, rQ, kq, decay, beta, mV[b, 0, hv, None], mO[b, 0, hv, None],
+                                  row0, row_group, lane)
+            cute.autovec_copy(rS, tSgS)
+        else:
+            self.store_zero_output(mO[b, 0, hv, None], row0, row_group, lane)
+
+    @cute.jit
+    def load_qk(self, gQ: cute.Tensor, gK: cute.Tensor, lane, scale: Float32):
+        """This thread's columns of (normalized) k and (normalized, scaled) q, and k . q."""
+        rm = self.rowmap
+        rK = load_columns_f32(rm, gK, lane)
+        rQ = load_columns_f32(rm, gQ, lane)
+        q_scale = scale
+        if cutlass.const_expr(self.use_qk_l2norm):
+            k_inv = cute.math.rsqrt(dot_columns(rm, rK, rK) + 1e-6)
+            q_scale = scale * cute.math.rsqrt(dot_columns(rm, rQ, rQ) + 1e-6)
+            for i in cutlass.range_constexpr(rm.cols_per_thread):
+                rK[i] = rK[i] * k_inv
+        for i in cutlass.range_constexpr(rm.cols_per_thread):
+            rQ[i] = rQ[i] * q_scale
+        return rK, rQ, dot_columns(rm, rK, rQ)
+
+    @cute.jit
+    def gates(self, mGateA, mGateB, mALog, mDtBias, b, hv):
+        if cutlass.const_expr(self.gate_mode == "raw"):
+            return gate_decay_beta("raw", mGateA[b, 0, hv], mGateB[b, 0, hv], mALog[hv], mDtBias[hv])
+        else:
+            return gate_decay_beta("precomputed", mGateA[b, 0, hv], mGateB[b, 0, hv], None, None)
+
+    @cute.jit
+    def decay_and_update(self, rS, rK, rQ, kq, decay, beta, gV: cute.Tensor, gO: cute.Tensor,
+                         row0, row_group, lane):
+        """One pass over this thread's rows: S @ k, S @ q, the delta-rule update in place, and o."""
+        rm = self.rowmap
+        for r in cutlass.range_constexpr(rm.rows_per_thread):
+            row = row0 + r * rm.rows_per_pass + row_group
+            sk = Float32(0.0)
+            sq = Float32(0.0)
+            for j in cutlass.range_constexpr(rm.vecs_per_thread):
+                for e in cutlass.range_constexpr(rm.vec):
+                    s = rS[r, j, e].to(Float32)
+                    sk += s * rK[j * rm.vec + e]
+                    sq += s * rQ[j * rm.vec + e]
+            sk = row_sum(rm, sk)
+            sq = row_sum(rm, sq)
+            u = beta * (gV[row].to(Float32) - decay * sk)
+            for j in cutlass.range_constexpr(rm.vecs_per_thread):
+                for e in cutlass.range_constexpr(rm.vec):
+                    s = rS[r, j, e].to(Float32)
+                    rS[r, j, e] = (decay * s + u * rK[j * rm.vec + e]).to(rS.element_type)
+            if lane == 0:
+                gO[row] = (decay * sq + u * kq).to(gO.element_type)
+
+    @cute.jit
+    def store_zero_output(self, gO: cute.Tensor, row0, row_group, lane):
+        rm = self.rowmap
+        if lane == 0:
+            for r in cutlass.range_constexpr(rm.rows_per_thread):
+                gO[row0 + r * rm.rows_per_pass + row_group] = Float32(0.0).to(gO.element_type)
+
+
+def compile_decode(
+    *,
+    io_dtype: str,
+    state_dtype: str,
+    num_heads: int,
+    num_v_heads: int,
+    head_k_dim: int,
+    head_v_dim: int,
+    pool_size: int,
+    gate_mode: str,
+    dt_bias_dtype: Optional[str],
+    use_qk_l2norm: bool,
+    config: DecodeConfig,
+):
+    """Compile the decode kernel for one key. Tensor-free: never touches a GPU.
+
+    Run-time: B, scale, every pointer and stride but the pool's. The returned tvm-ffi function takes
+    (q, k, v, gate_a, gate_b, A_log, dt_bias, state, state_indices, o, scale) and launches on the
+    caller's current torch stream; A_log and dt_bias are None for precomputed gates.
+    """
+    reason = can_implement(io_dtype, state_dtype, num_heads, num_v_heads, head_k_dim, head_v_dim,
+                           gate_mode, dt_bias_dtype, config)
+    if reason is not None:
+        raise ValueError(reason)
+    io = cutlass_dtype(io_dtype)
+    H, HV, K, V = num_heads, num_v_heads, head_k_dim, head_v_dim
+    batch = cute.sym_int()
+
+    def strided(dtype, inner, align):
+        # Dynamic strides on every dim but the last (unit-stride), so views of a packed projection
+        # output are read in place. Divisibility 8 keeps 16-byte vectors legal for q and k.
+        div = 8 if align == 16 else 1
+        return cute.runtime.make_fake_tensor(
+            dtype, (batch, 1, *inner),
+            (cute.sym_int64(divisibility=div), cute.sym_int64(divisibility=div),
+             *(cute.sym_int64(divisibility=div) for _ in inner[:-1]), 1),
+            assumed_align=align,
+        )
+
+    q = strided(io, (H, K), 16)
+    k = strided(io, (H, K), 16)
+    v = strided(io, (HV, V), io.width // 8)
+    o = strided(io, (HV, V), io.width // 8)
+    if gate_mode == "raw":
+        gate_a = strided(io, (HV,), io.width // 8)
+        gate_b = strided(io, (HV,), io.width // 8)
+        a_log = cute.runtime.make_fake_compact_tensor(cutlass.Float32, (HV,))
+        dt_bias = cute.runtime.make_fake_compact_tensor(cutlass_dtype(dt_bias_dtype), (HV,))
+    else:
+        gate_a = strided(cutlass.Float32, (HV,), 4)
+        gate_b = strided(cutlass.Float32, (HV,), 4)
+        a_log = dt_bias = None
+    state = cute.runtime.make_fake_compact_tensor(
+        cutlass_dtype(state_dtype), (pool_size, HV, V, K), stride_order=(3, 2, 1, 0), assumed_align=16
+    )
+    indices = cute.runtime.make_fake_compact_tensor(Int32, (batch,))
+    op = GdnDecodeSm90(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=H, num_v_heads=HV,
+                       head_k_dim=K, head_v_dim=V, gate_mode=gate_mode, use_qk_l2norm=use_qk_l2norm,
+                       config=config)
+    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
+    return cute.compile(op, q, k, v, gate_a, gate_b, a_log, dt_bias, state, indices, o, Float32(1.0),
+                        stream, options="--enable-tvm-ffi")

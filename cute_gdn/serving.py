@@ -1,0 +1,109 @@
+"""The serving surface: one object per model config (per layer shape), warmed up once.
+
+`warmup()` loads every kernel the config can need from the disk cache (compiling what is missing,
+in spawned processes); afterwards a call that would need a kernel outside that set raises
+`KernelNotCompiledError` instead of compiling in the middle of serving.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Optional
+
+import torch
+
+from . import _checks as chk
+from . import ops
+from .cache import KernelCache, KernelKey
+
+# Gate variants warmed for every config: engines pass raw gates with an fp32 or a bf16 dt_bias
+# (it follows the checkpoint), or gates they computed themselves.
+GATE_VARIANTS = (("raw", "float32"), ("raw", "bfloat16"), ("precomputed", None))
+
+
+def config_keys(num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, *, pool_size: int,
+                cache_steps: int = 0, state_dtype: str = "float32", io_dtype: str = "bfloat16",
+                use_qk_l2norm: bool = True) -> list[KernelKey]:
+    """Every kernel a serving config can need (decode now; verify/prefill join as they land)."""
+    keys = []
+    for gate_mode, bias in GATE_VARIANTS:
+        keys.append(ops.decode_key(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads,
+                                   num_v_heads=num_v_heads, head_k_dim=head_k_dim, head_v_dim=head_v_dim,
+                                   pool_size=pool_size, gate_mode=gate_mode, dt_bias_dtype=bias,
+                                   use_qk_l2norm=use_qk_l2norm))
+    return keys
+
+
+class GDNKernels:
+    """Kernels of one GDN layer shape, for a serving engine.
+
+    kernels = GDNKernels(16, 32, 128, 128, pool_size=512)
+    kernels.warmup()
+    o = kernels.forward("decode", q, k, v, a, b, A_log=A_log, dt_bias=dt_bias,
+                        state=pool, state_indices=slots)
+    """
+
+    def __init__(self, num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, *,
+                 pool_size: int, cache_steps: int = 0, state_dtype: torch.dtype = torch.float32,
+                 io_dtype: torch.dtype = torch.bfloat16, use_qk_l2norm: bool = True, device="cuda",
+                 cache_dir: Optional[str | os.PathLike] = None):
+        if state_dtype not in chk.STATE_DTYPES:
+            raise TypeError(f"state_dtype must be one of {list(chk.STATE_DTYPES)}, got {state_dtype}")
+        if io_dtype not in chk.IO_DTYPES:
+            raise TypeError(f"io_dtype must be one of {list(chk.IO_DTYPES)}, got {io_dtype}")
+        if pool_size < 1:
+            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
+        if cache_steps < 0:
+            raise ValueError(f"cache_steps must be >= 0, got {cache_steps}")
+        self.num_heads, self.num_v_heads = num_heads, num_v_heads
+        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
+        self.pool_size, self.cache_steps = pool_size, cache_steps
+        self.state_dtype, self.io_dtype = state_dtype, io_dtype
+        self.use_qk_l2norm = use_qk_l2norm
+        self.device = torch.device(device)
+        self.cache = KernelCache(cache_dir)
+        self.keys = config_keys(num_heads, num_v_heads, head_k_dim, head_v_dim, pool_size=pool_size,
+                                cache_steps=cache_steps, state_dtype=chk.STATE_DTYPES[state_dtype],
+                                io_dtype=chk.IO_DTYPES[io_dtype], use_qk_l2norm=use_qk_l2norm)
+        for key in self.keys:
+            ops.can_implement_key(key)
+        self.warm = False
+        self.warmup_seconds: Optional[float] = None
+        self._modes = {"decode": self.decode}
+
+    def warmup(self, jobs: Optional[int] = None) -> "GDNKernels":
+        """Load every kernel of this config (compiling the missing ones); then freeze the set."""
+        t0 = time.perf_counter()
+        missing = [k for k in self.keys if not self.cache.on_disk(k)]
+        if missing:
+            self.cache.compile(missing, jobs=jobs or min(len(missing), os.cpu_count() or 1))
+        for key in self.keys:
+            self.cache.get(key, allow_compile=False)
+        self.warm = True
+        self.warmup_seconds = time.perf_counter() - t0
+        return self
+
+    def _check_state(self, state: torch.Tensor) -> None:
+        if not isinstance(state, torch.Tensor):
+            raise TypeError(f"state must be a torch.Tensor, got {type(state).__name__}")
+        expected = (self.pool_size, self.num_v_heads, self.head_v_dim, self.head_k_dim)
+        if tuple(state.shape) != expected or state.dtype != self.state_dtype:
+            raise ValueError(f"state must be {self.state_dtype} of shape {list(expected)} for this config, "
+                             f"got {state.dtype} {list(state.shape)}")
+
+    def decode(self, q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, state,
+               state_indices, scale=None, out=None) -> torch.Tensor:
+        self._check_state(state)
+        if not isinstance(q, torch.Tensor) or q.dtype != self.io_dtype:
+            raise TypeError(f"q must be a {self.io_dtype} tensor for this config")
+        return ops.decode(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, state=state,
+                          state_indices=state_indices, scale=scale, use_qk_l2norm=self.use_qk_l2norm,
+                          out=out, _cache=self.cache, _allow_compile=not self.warm)
+
+    def forward(self, mode: str, *args, **kwargs) -> torch.Tensor:
+        """The dispatcher: one entry per forward mode of the engine."""
+        fn = self._modes.get(mode)
+        if fn is None:
+            raise ValueError(f"mode must be one of {sorted(self._modes)}, got {mode!r}")
+        return fn(*args, **kwargs)
