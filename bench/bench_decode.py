@@ -2,7 +2,7 @@
 
     python bench/bench_decode.py                      # all baselines, writes bench/results/decode_<gpu>.json
     python bench/bench_decode.py --baselines fla      # without FlashInfer
-    python bench/bench_decode.py --sweep              # also time every DecodeConfig candidate
+    python bench/bench_decode.py --sweep 1,2,4        # also time these rows_per_thread configs
 
 Bytes = 2 x state (read + write of each named state); % bw is against the copy bandwidth measured
 in the same run. FLA has no pool: it reads initial states [B, HV, V, K] and writes fresh final
@@ -85,14 +85,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baselines", default="flashinfer,fla")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep", default="", help="rows_per_thread values to time besides the heuristic, e.g. 1,2,4")
     args = ap.parse_args()
     baselines = [b for b in args.baselines.split(",") if b]
     batches = [int(x) for x in args.batches.split(",")]
     bw = common.copy_bandwidth()
     print(f"{common.environment()['gpu']}: copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
-    sweep_configs = [DecodeConfig(8, 16, r) for r in (1, 2, 4, 8)] if args.sweep else []
+    sweep_configs = [DecodeConfig(8, 16, int(r)) for r in args.sweep.split(",") if r]
     for H, HV in HEADS:
         for B in batches:
             for state_dtype in (torch.float32, torch.bfloat16):

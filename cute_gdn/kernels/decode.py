@@ -30,8 +30,9 @@ from .common.dtypes import BIAS_DTYPES, IO_DTYPES, STATE_DTYPES, cutlass_dtype
 from .common.gates import GATE_MODES, gate_decay_beta
 from .common.rows import (
     RowMap,
+    columns_to_f32,
     dot_columns,
-    load_columns_f32,
+    load_columns,
     make_state_fragment,
     row_sum,
     state_tile_view,
@@ -170,26 +171,31 @@ class GdnDecodeSm90:
         lane = tidx % rm.threads_per_row
         row_group = tidx // rm.threads_per_row
         row0 = tile * rm.tile_rows
+        hk = hv // (self.num_v_heads // self.num_heads)
+        # Everything that does not depend on the slot is requested before the slot is known, and
+        # the state loads go out before any math: a CTA waits for two memory latencies, not four.
         slot = mIndices[b]
+        rK_raw = load_columns(rm, mK[b, 0, hk, None], lane)
+        rQ_raw = load_columns(rm, mQ[b, 0, hk, None], lane)
+        gate_a, gate_b, a_log, dt_bias = self.load_gates(mGateA, mGateB, mALog, mDtBias, b, hv)
+        rV = self.load_v_rows(mV[b, 0, hv, None], row0, row_group)
         if slot >= 0:
-            hk = hv // (self.num_v_heads // self.num_heads)
-            rK, rQ, kq = self.load_qk(mQ[b, 0, hk, None], mK[b, 0, hk, None], lane, scale)
-            decay, beta = self.gates(mGateA, mGateB, mALog, mDtBias, b, hv)
             tSgS = state_tile_view(rm, mState[slot, hv, None, None], row0, row_group, lane)
             rS = make_state_fragment(rm, mState.element_type)
             cute.autovec_copy(tSgS, rS)
-            self.decay_and_update(rS, rK, rQ, kq, decay, beta, mV[b, 0, hv, None], mO[b, 0, hv, None],
-                                  row0, row_group, lane)
+            rK, rQ, kq = self.normalize_qk(rK_raw, rQ_raw, scale)
+            decay, beta = gate_decay_beta(self.gate_mode, gate_a, gate_b, a_log, dt_bias)
+            self.decay_and_update(rS, rK, rQ, kq, decay, beta, rV, mO[b, 0, hv, None], row0, row_group, lane)
             cute.autovec_copy(rS, tSgS)
         else:
             self.store_zero_output(mO[b, 0, hv, None], row0, row_group, lane)
 
     @cute.jit
-    def load_qk(self, gQ: cute.Tensor, gK: cute.Tensor, lane, scale: Float32):
-        """This thread's columns of (normalized) k and (normalized, scaled) q, and k . q."""
+    def normalize_qk(self, rK_raw: cute.Tensor, rQ_raw: cute.Tensor, scale: Float32):
+        """This thread's columns of (normalized) k and (normalized, scaled) q in fp32, and k . q."""
         rm = self.rowmap
-        rK = load_columns_f32(rm, gK, lane)
-        rQ = load_columns_f32(rm, gQ, lane)
+        rK = columns_to_f32(rm, rK_raw)
+        rQ = columns_to_f32(rm, rQ_raw)
         q_scale = scale
         if cutlass.const_expr(self.use_qk_l2norm):
             k_inv = cute.math.rsqrt(dot_columns(rm, rK, rK) + 1e-6)
@@ -201,14 +207,24 @@ class GdnDecodeSm90:
         return rK, rQ, dot_columns(rm, rK, rQ)
 
     @cute.jit
-    def gates(self, mGateA, mGateB, mALog, mDtBias, b, hv):
+    def load_gates(self, mGateA, mGateB, mALog, mDtBias, b, hv):
+        """The gate inputs of (b, hv) as loaded scalars; A_log and dt_bias are None for precomputed gates."""
         if cutlass.const_expr(self.gate_mode == "raw"):
-            return gate_decay_beta("raw", mGateA[b, 0, hv], mGateB[b, 0, hv], mALog[hv], mDtBias[hv])
+            return mGateA[b, 0, hv], mGateB[b, 0, hv], mALog[hv], mDtBias[hv]
         else:
-            return gate_decay_beta("precomputed", mGateA[b, 0, hv], mGateB[b, 0, hv], None, None)
+            return mGateA[b, 0, hv], mGateB[b, 0, hv], None, None
 
     @cute.jit
-    def decay_and_update(self, rS, rK, rQ, kq, decay, beta, gV: cute.Tensor, gO: cute.Tensor,
+    def load_v_rows(self, gV: cute.Tensor, row0, row_group):
+        """v at this thread's rows, (rows_per_thread,) in v's dtype."""
+        rm = self.rowmap
+        rV = cute.make_rmem_tensor((rm.rows_per_thread,), gV.element_type)
+        for r in cutlass.range_constexpr(rm.rows_per_thread):
+            rV[r] = gV[row0 + r * rm.rows_per_pass + row_group]
+        return rV
+
+    @cute.jit
+    def decay_and_update(self, rS, rK, rQ, kq, decay, beta, rV: cute.Tensor, gO: cute.Tensor,
                          row0, row_group, lane):
         """One pass over this thread's rows: S @ k, S @ q, the delta-rule update in place, and o."""
         rm = self.rowmap
@@ -223,7 +239,7 @@ class GdnDecodeSm90:
                     sq += s * rQ[j * rm.vec + e]
             sk = row_sum(rm, sk)
             sq = row_sum(rm, sq)
-            u = beta * (gV[row].to(Float32) - decay * sk)
+            u = beta * (rV[r].to(Float32) - decay * sk)
             for j in cutlass.range_constexpr(rm.vecs_per_thread):
                 for e in cutlass.range_constexpr(rm.vec):
                     s = rS[r, j, e].to(Float32)

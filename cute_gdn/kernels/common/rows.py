@@ -62,13 +62,18 @@ def thread_columns(rowmap: cutlass.Constexpr, gX: cute.Tensor, lane):
 
 
 @cute.jit
-def load_columns_f32(rowmap: cutlass.Constexpr, gX: cute.Tensor, lane):
-    """This thread's columns of gX [K] in fp32 registers, (vecs_per_thread * vec,) flattened."""
-    src = thread_columns(rowmap, gX, lane)
+def load_columns(rowmap: cutlass.Constexpr, gX: cute.Tensor, lane):
+    """Issue the loads of this thread's columns of gX [K] (kept in gX's dtype until used)."""
     raw = cute.make_rmem_tensor(
         cute.make_layout((rowmap.vecs_per_thread, rowmap.vec), stride=(rowmap.vec, 1)), gX.element_type
     )
-    cute.autovec_copy(src, raw)
+    cute.autovec_copy(thread_columns(rowmap, gX, lane), raw)
+    return raw
+
+
+@cute.jit
+def columns_to_f32(rowmap: cutlass.Constexpr, raw: cute.Tensor):
+    """(vecs_per_thread, vec) columns -> (vecs_per_thread * vec,) fp32 registers."""
     out = cute.make_rmem_tensor((rowmap.cols_per_thread,), Float32)
     for i in cutlass.range_constexpr(rowmap.vecs_per_thread):
         for e in cutlass.range_constexpr(rowmap.vec):
