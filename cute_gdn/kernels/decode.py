@@ -49,15 +49,15 @@ class DecodeConfig:
 
     @classmethod
     def heuristic(cls, head_k_dim: int, head_v_dim: int, state_dtype: str) -> "DecodeConfig":
-        # 8 lanes x 16 B per row and 16 row groups: 128 threads; rows_per_thread = 2 gives a
-        # 32-row tile, so HV = 32 at B = 1 already yields 128 CTAs (one per SM of an H100/H200), and
-        # a thread keeps 8 (fp32) or 4 (bf16) 16-byte loads in flight. See bench/results for the
-        # rows_per_thread sweep behind this choice.
+        # 8 lanes x 16 B per row and 16 row groups: 128 threads. rows_per_thread sets the bytes a
+        # thread has in flight: measured on an H200 (bench_decode.py --sweep 1,2,4, cold L2, graph
+        # replay, HV = 32), fp32 state is flat across 1/2/4 (555-561 us at B = 512) and 2 keeps
+        # 128 CTAs at B = 1; bf16 state wants 4 (289 us vs 294 for 2 and 340 for 1 at B = 512).
         vec = 16 // (4 if state_dtype == "float32" else 2)
         tpr = 8
         while head_k_dim % (vec * tpr) != 0:
             tpr //= 2
-        rows_per_thread = 2
+        rows_per_thread = 2 if state_dtype == "float32" else 4
         while head_v_dim % (16 * rows_per_thread) != 0:
             rows_per_thread //= 2
         return cls(threads_per_row=tpr, rows_per_pass=16, rows_per_thread=rows_per_thread)
