@@ -71,8 +71,14 @@ class KernelKey:
         for k, v in self.params:
             if dataclasses.is_dataclass(v):
                 v = "/".join(str(x) for x in dataclasses.astuple(v))
-            parts.append(f"{k}={v}")
+            parts.append(f"{_SHORT.get(k, k)}={_SHORT.get(v, v) if isinstance(v, str) else v}")
         return " ".join(parts)
+
+
+_SHORT = {"io_dtype": "io", "state_dtype": "state", "num_heads": "H", "num_v_heads": "HV", "head_k_dim": "K",
+          "head_v_dim": "V", "pool_size": "pool", "gate_mode": "gates", "dt_bias_dtype": "dt_bias",
+          "use_qk_l2norm": "l2norm", "config": "tile", "cache_steps": "steps",
+          "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def _version(dist: str) -> str:
@@ -153,12 +159,23 @@ def compile_many(keys: Iterable[KernelKey], cache_dir: str | os.PathLike, jobs: 
     """Compile keys in `jobs` spawned processes. on_result(key, status, seconds, error) per finished key."""
     keys = list(keys)
     results = []
+    directory = Path(cache_dir) / fingerprint()
+    missing = []
+    for key in keys:  # hits need no worker process
+        if (directory / f"{key.name}.o").exists():
+            results.append((key, "hit", 0.0, None))
+            if on_result is not None:
+                on_result(key, "hit", 0.0, None)
+        else:
+            missing.append(key)
+    if not missing:
+        return results
     env_before = os.environ.get("CUTE_DSL_ARCH")
     os.environ["CUTE_DSL_ARCH"] = ARCH  # inherited by the spawned workers
     try:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=ctx) as pool:
-            futures = [(key, pool.submit(_compile_worker, key, str(cache_dir))) for key in keys]
+        with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(missing))), mp_context=ctx) as pool:
+            futures = [(key, pool.submit(_compile_worker, key, str(cache_dir))) for key in missing]
             for key, fut in futures:
                 status, seconds, err = fut.result()
                 results.append((key, status, seconds, err))

@@ -84,22 +84,23 @@ class GDNKernels:
         self.warmup_seconds = time.perf_counter() - t0
         return self
 
-    def _check_state(self, state: torch.Tensor) -> None:
-        if not isinstance(state, torch.Tensor):
-            raise TypeError(f"state must be a torch.Tensor, got {type(state).__name__}")
+    def _check_config(self, q: torch.Tensor, state: torch.Tensor) -> None:
+        """Slow-path check (first call of a signature): the tensors belong to this config."""
         expected = (self.pool_size, self.num_v_heads, self.head_v_dim, self.head_k_dim)
         if tuple(state.shape) != expected or state.dtype != self.state_dtype:
             raise ValueError(f"state must be {self.state_dtype} of shape {list(expected)} for this config, "
                              f"got {state.dtype} {list(state.shape)}")
+        if q.dtype != self.io_dtype or tuple(q.shape[2:]) != (self.num_heads, self.head_k_dim):
+            raise ValueError(f"q must be {self.io_dtype} [B, T, {self.num_heads}, {self.head_k_dim}] for this "
+                             f"config, got {q.dtype} {list(q.shape)}")
 
     def decode(self, q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, state,
                state_indices, scale=None, out=None) -> torch.Tensor:
-        self._check_state(state)
-        if not isinstance(q, torch.Tensor) or q.dtype != self.io_dtype:
-            raise TypeError(f"q must be a {self.io_dtype} tensor for this config")
+        """cute_gdn.decode with this config's kernels (see ops.decode for the arguments)."""
         return ops.decode(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, state=state,
                           state_indices=state_indices, scale=scale, use_qk_l2norm=self.use_qk_l2norm,
-                          out=out, _cache=self.cache, _allow_compile=not self.warm)
+                          out=out, _cache=self.cache, _allow_compile=not self.warm,
+                          _check_config=self._check_config)
 
     def forward(self, mode: str, *args, **kwargs) -> torch.Tensor:
         """The dispatcher: one entry per forward mode of the engine."""

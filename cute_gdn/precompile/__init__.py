@@ -1,0 +1,1 @@
+"""The warmup precompile CLI (`cute-gdn-precompile`, `python -m cute_gdn.precompile`) and model presets."""

@@ -1,0 +1,106 @@
+"""cute-gdn-precompile: compile a serving config's whole kernel set into the disk cache.
+
+Runs with or without a GPU (kernels target sm_90a; compiles run in spawned processes). A second
+run of the same config reports only hits. Exit status 1 if any kernel failed, 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from ..cache import compile_many, default_cache_dir, fingerprint
+from ..serving import config_keys
+from .presets import DEFAULT_MODEL, DEFAULT_POOL_SIZE, MODELS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cute-gdn-precompile",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"With no arguments: --model {DEFAULT_MODEL} --tp 1 --pool-size {DEFAULT_POOL_SIZE} "
+               f"--state-dtype float32 --io-dtype bfloat16. Models: {', '.join(MODELS)}.")
+    p.add_argument("--model", choices=sorted(MODELS), help=f"model preset (default {DEFAULT_MODEL} "
+                   "unless --num-heads/--num-v-heads/--head-dim are given)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree: heads are divided by it")
+    p.add_argument("--num-heads", type=int, help="q/k heads of the whole model (instead of --model)")
+    p.add_argument("--num-v-heads", type=int, help="v heads of the whole model")
+    p.add_argument("--head-dim", type=int, help="K = V head dim")
+    p.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE,
+                   help="state pool slots, as the engine allocates them (compile-time)")
+    p.add_argument("--cache-steps", type=int, default=0,
+                   help="MTP verify steps (compile-time); the verify/commit kernels are not in this version")
+    p.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--io-dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    p.add_argument("--no-qk-l2norm", action="store_true", help="the model does not L2-normalize q and k")
+    p.add_argument("--cache-dir", default=None,
+                   help="default: $CUTE_GDN_CACHE_DIR or ~/.cache/cute_gdn")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
+    return p
+
+
+def resolve_shape(args, parser) -> tuple[int, int, int]:
+    explicit = [args.num_heads, args.num_v_heads, args.head_dim]
+    if any(x is not None for x in explicit):
+        if args.model is not None:
+            parser.error("give either --model or --num-heads/--num-v-heads/--head-dim, not both")
+        if any(x is None for x in explicit):
+            parser.error("--num-heads, --num-v-heads and --head-dim go together")
+        heads, v_heads, dim = explicit
+    else:
+        preset = MODELS[args.model or DEFAULT_MODEL]
+        heads, v_heads, dim = preset.num_heads, preset.num_v_heads, preset.head_dim
+    if args.tp < 1 or heads % args.tp or v_heads % args.tp:
+        parser.error(f"--tp {args.tp} must divide num_heads {heads} and num_v_heads {v_heads}")
+    return heads // args.tp, v_heads // args.tp, dim
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    heads, v_heads, dim = resolve_shape(args, parser)
+    if args.pool_size < 1:
+        parser.error("--pool-size must be >= 1")
+    if args.cache_steps < 0:
+        parser.error("--cache-steps must be >= 0")
+    cache_dir = args.cache_dir or str(default_cache_dir())
+    try:
+        keys = config_keys(heads, v_heads, dim, dim, pool_size=args.pool_size, cache_steps=args.cache_steps,
+                           state_dtype=args.state_dtype, io_dtype=args.io_dtype,
+                           use_qk_l2norm=not args.no_qk_l2norm)
+    except ValueError as e:
+        parser.error(str(e))
+    jobs = args.jobs or min(len(keys), os.cpu_count() or 1)
+    print(f"cute-gdn-precompile: H={heads} HV={v_heads} K=V={dim} pool_size={args.pool_size} "
+          f"state={args.state_dtype} io={args.io_dtype} qk_l2norm={not args.no_qk_l2norm} (per rank, tp={args.tp})")
+    print(f"cache: {cache_dir}/{fingerprint()}  ({len(keys)} kernels, {jobs} processes)")
+    if args.cache_steps:
+        print(f"note: --cache-steps {args.cache_steps}: verify/commit kernels are not in this version; "
+              "building the decode kernels only")
+    t0 = time.perf_counter()
+    done = [0]
+
+    def progress(key, status, seconds, err):
+        done[0] += 1
+        print(f"[{done[0]}/{len(keys)}] {key.op:8s} {status:8s} {seconds:6.1f}s  {key.describe()}"
+              + (f"\n    {err}" if err else ""), flush=True)
+
+    results = compile_many(keys, cache_dir, jobs, on_result=progress)
+    rows = [(key.op, key.describe(), status, f"{seconds:.1f}") for key, status, seconds, _ in results]
+    header = ("kernel", "key", "result", "seconds")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(4)]
+    print()
+    for row in [header, tuple("-" * w for w in widths)] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)))
+    failed = sum(status == "failed" for _, status, _, _ in results)
+    counts = {s: sum(r[1] == s for r in results) for s in ("hit", "compiled", "failed")}
+    print(f"\n{counts['hit']} hit, {counts['compiled']} compiled, {counts['failed']} failed "
+          f"in {time.perf_counter() - t0:.1f}s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

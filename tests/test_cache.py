@@ -1,0 +1,73 @@
+"""The compile cache: AOT compile on a CPU machine, load in a fresh process without compiling."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cute_gdn.cache import KernelCache, KernelNotCompiledError, compile_many, compile_to_disk, fingerprint
+from cute_gdn.ops import decode_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_key(pool_size=4, gate_mode="raw"):
+    return decode_key(io_dtype="bfloat16", state_dtype="float32", num_heads=2, num_v_heads=4, head_k_dim=64,
+                      head_v_dim=64, pool_size=pool_size, gate_mode=gate_mode,
+                      dt_bias_dtype="float32" if gate_mode == "raw" else None, use_qk_l2norm=True)
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    full_env.pop("CUTE_DSL_ARCH", None)  # a serving process never sets it: loading must not need it
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          env=full_env, timeout=300)
+
+
+NO_COMPILE_PRELUDE = """
+    import cutlass.cute as cute
+    def _forbidden(*a, **k):
+        raise AssertionError("cute.compile was called")
+    cute.compile = _forbidden
+"""
+
+
+def test_compile_then_load_in_fresh_process_without_compiling(tmp_path):
+    key = small_key()
+    status, seconds = compile_to_disk(key, str(tmp_path))
+    assert status == "compiled" and seconds > 0
+    path = tmp_path / fingerprint() / f"{key.name}.o"
+    assert path.stat().st_size > 1000
+    assert compile_to_disk(key, str(tmp_path))[0] == "hit"
+    r = run_python(NO_COMPILE_PRELUDE + f"""
+    from cute_gdn.cache import KernelCache
+    from tests.test_cache import small_key
+    cache = KernelCache({str(tmp_path)!r})
+    fn = cache.get(small_key(), allow_compile=False)
+    assert callable(fn)
+    print("loads", cache.loads, "compiles", cache.compiles)
+    """)
+    assert r.returncode == 0, r.stderr
+    assert "loads 1 compiles 0" in r.stdout
+
+
+def test_missing_kernel_raises_when_compiling_is_not_allowed(tmp_path):
+    with pytest.raises(KernelNotCompiledError, match="not in the cache"):
+        KernelCache(tmp_path).get(small_key(pool_size=5), allow_compile=False)
+
+
+def test_parallel_compiles_of_one_key_produce_one_object(tmp_path):
+    key = small_key(pool_size=6, gate_mode="precomputed")
+    results = compile_many([key, key], tmp_path, jobs=2)
+    statuses = sorted(r[1] for r in results)
+    assert statuses == ["compiled", "hit"], results
+    files = sorted(p.name for p in (tmp_path / fingerprint()).iterdir() if not p.name.endswith(".lock"))
+    assert files == [f"{key.name}.json", f"{key.name}.o"]
+
+
+def test_key_names_differ_by_every_field():
+    names = {small_key().name, small_key(pool_size=5).name, small_key(gate_mode="precomputed").name}
+    assert len(names) == 3

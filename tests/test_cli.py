@@ -1,0 +1,70 @@
+"""cute-gdn-precompile on a CPU machine, then warmup() in a fresh process without compiling."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from cute_gdn.precompile.cli import build_parser, resolve_shape
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--num-heads", "4", "--num-v-heads", "8", "--head-dim", "64", "--tp", "2", "--pool-size", "8", "--jobs", "2"]
+
+
+def cli(*args, cache_dir):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "cute_gdn.precompile", *args, "--cache-dir", str(cache_dir)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_builds_then_hits_then_warmup_loads_without_compiling(tmp_path):
+    first = cli(*SMALL, cache_dir=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "H=2 HV=4 K=V=64 pool_size=8" in first.stdout
+    assert "0 hit, 3 compiled, 0 failed" in first.stdout
+    second = cli(*SMALL, cache_dir=tmp_path)
+    assert second.returncode == 0
+    assert "3 hit, 0 compiled, 0 failed" in second.stdout
+    assert " compiled " not in second.stdout.split("\n\n")[-2]  # the table: hits only
+    warm = subprocess.run([sys.executable, "-c", f"""
+import cutlass.cute as cute
+def _forbidden(*a, **k):
+    raise AssertionError("cute.compile was called")
+cute.compile = _forbidden
+import torch, cute_gdn
+from cute_gdn import KernelNotCompiledError
+k = cute_gdn.GDNKernels(2, 4, 64, 64, pool_size=8, cache_dir={str(tmp_path)!r}, device="cpu").warmup()
+print("loads", k.cache.loads, "compiles", k.cache.compiles, "seconds", round(k.warmup_seconds, 2))
+try:
+    k.cache.get(__import__("cute_gdn.ops", fromlist=["x"]).decode_key(io_dtype="float16", state_dtype="float32",
+        num_heads=2, num_v_heads=4, head_k_dim=64, head_v_dim=64, pool_size=8, gate_mode="raw",
+        dt_bias_dtype="float32", use_qk_l2norm=True), allow_compile=not k.warm)
+except KernelNotCompiledError:
+    print("frozen")
+"""], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert warm.returncode == 0, warm.stderr
+    assert "loads 3 compiles 0" in warm.stdout and "frozen" in warm.stdout
+
+
+def test_cli_failure_exits_nonzero(tmp_path):
+    r = cli("--num-heads", "2", "--num-v-heads", "4", "--head-dim", "120", "--cache-dir", str(tmp_path),
+            cache_dir=tmp_path)
+    assert r.returncode != 0
+    assert "head_k_dim" in r.stderr
+
+
+def test_presets_and_tp():
+    p = build_parser()
+    assert resolve_shape(p.parse_args([]), p) == (16, 32, 128)
+    assert resolve_shape(p.parse_args(["--model", "qwen3.5-27b", "--tp", "4"]), p) == (4, 12, 128)
+    assert resolve_shape(p.parse_args(["--model", "qwen3.5-397b", "--tp", "8"]), p) == (2, 8, 128)
+
+
+def test_bad_tp_is_a_usage_error():
+    r = subprocess.run([sys.executable, "-m", "cute_gdn.precompile", "--tp", "3"], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 2 and "--tp 3" in r.stderr
+
+
+def test_help_names_the_default_config():
+    assert "qwen3-next-80b --tp 1 --pool-size 512" in build_parser().format_help()

@@ -1,0 +1,57 @@
+"""Every decode variant compiles for sm_90a on a machine without a GPU."""
+
+import itertools
+
+import pytest
+
+from cute_gdn.kernels.decode import DecodeConfig, can_implement, compile_decode
+
+VARIANTS = list(itertools.product(
+    ("float32", "bfloat16"),                                          # state
+    ("bfloat16", "float16"),                                          # io
+    (("raw", "float32"), ("raw", "bfloat16"), ("precomputed", None)),  # gates, dt_bias dtype
+    (True, False),                                                    # q/k l2norm
+))
+
+
+@pytest.mark.parametrize("state,io,gates,l2norm", VARIANTS)
+def test_decode_variant_compiles_for_sm90a(state, io, gates, l2norm):
+    gate_mode, bias = gates
+    fn = compile_decode(io_dtype=io, state_dtype=state, num_heads=16, num_v_heads=32, head_k_dim=128,
+                        head_v_dim=128, pool_size=64, gate_mode=gate_mode, dt_bias_dtype=bias,
+                        use_qk_l2norm=l2norm, config=DecodeConfig.heuristic(128, 128, state))
+    assert callable(fn)
+
+
+@pytest.mark.parametrize("H,HV,K,V,state", [(2, 8, 64, 32, "float32"), (3, 3, 96, 48, "bfloat16"),
+                                            (1, 2, 256, 256, "float32"), (2, 2, 16, 16, "bfloat16")])
+def test_decode_awkward_shapes_compile(H, HV, K, V, state):
+    assert compile_decode(io_dtype="bfloat16", state_dtype=state, num_heads=H, num_v_heads=HV, head_k_dim=K,
+                          head_v_dim=V, pool_size=5, gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True,
+                          config=DecodeConfig.heuristic(K, V, state))
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("bfloat16", "float32", 16, 32, 120, 128, "raw", "float32"), "head_k_dim"),
+    (("bfloat16", "float32", 16, 32, 128, 272, "raw", "float32"), "head_v_dim"),
+    (("bfloat16", "float32", 16, 24, 128, 128, "raw", "float32"), "multiple of num_heads"),
+    (("float32", "float32", 16, 32, 128, 128, "raw", "float32"), "io dtype"),
+    (("bfloat16", "float16", 16, 32, 128, 128, "raw", "float32"), "state dtype"),
+    (("bfloat16", "float32", 16, 32, 128, 128, "raw", "float16"), "dt_bias"),
+    (("bfloat16", "float32", 16, 32, 128, 128, "sigmoid", None), "gate mode"),
+])
+def test_can_implement_names_the_reason(args, fragment):
+    reason = can_implement(*args, DecodeConfig.heuristic(128, 128, args[1]))
+    assert reason is not None and fragment in reason
+    with pytest.raises(ValueError, match=fragment):
+        compile_decode(io_dtype=args[0], state_dtype=args[1], num_heads=args[2], num_v_heads=args[3],
+                       head_k_dim=args[4], head_v_dim=args[5], pool_size=4, gate_mode=args[6],
+                       dt_bias_dtype=args[7], use_qk_l2norm=True, config=DecodeConfig.heuristic(128, 128, args[1]))
+
+
+def test_heuristic_config_is_implementable_for_every_supported_dim():
+    for state in ("float32", "bfloat16"):
+        for K in range(16, 257, 16):
+            for V in range(16, 257, 16):
+                cfg = DecodeConfig.heuristic(K, V, state)
+                assert can_implement("bfloat16", state, 1, 1, K, V, "precomputed", None, cfg) is None, (K, V, cfg)
