@@ -165,3 +165,44 @@ def test_decode_cuda_graph_replay_matches_eager(state):
     torch.cuda.synchronize()
     assert torch.equal(out, eager_o)
     assert torch.equal(graph_pool, eager_pool)
+
+
+def _bad_cases(B=4, H=8, HV=16, K=128, V=128):
+    d = "cuda"
+    bf = torch.bfloat16
+    return {
+        "q misaligned": ("q", dict(q=torch.randn(B, 1, H, K + 8, dtype=bf, device=d)[..., 1:K + 1])),
+        "q stride": ("q", dict(q=torch.randn(B, 1, H, K + 4, dtype=bf, device=d)[..., :K])),
+        "q rank": ("q", dict(q=torch.randn(B, H, K, dtype=bf, device=d))),
+        "q two tokens": ("q", dict(q=torch.randn(B, 2, H, K, dtype=bf, device=d))),
+        "k heads": ("k", dict(k=torch.randn(B, 1, 2 * H, K, dtype=bf, device=d))),
+        "v batch": ("v", dict(v=torch.randn(B + 1, 1, HV, V, dtype=bf, device=d))),
+        "v dtype": ("v", dict(v=torch.randn(B, 1, HV, V, dtype=torch.float16, device=d))),
+        "a dtype": ("a", dict(a=torch.randn(B, 1, HV, device=d))),
+        "dt_bias shape": ("dt_bias", dict(dt_bias=torch.randn(HV + 1, device=d))),
+        "both gate sets": ("gate set", dict(g=torch.randn(B, 1, HV, device=d), beta=torch.rand(B, 1, HV, device=d))),
+        "state noncontiguous": ("state", dict(state=torch.randn(2 * POOL, HV, V, K, device=d)[::2])),
+        "state on cpu": ("state", dict(state=torch.randn(POOL, HV, V, K))),
+        "indices int64": ("state_indices", dict(state_indices=torch.arange(B, device=d))),
+        "indices noncontiguous": ("state_indices", dict(state_indices=torch.arange(2 * B, dtype=torch.int32, device=d)[::2])),
+        "indices length": ("state_indices", dict(state_indices=torch.arange(B + 1, dtype=torch.int32, device=d))),
+        "out dtype": ("out", dict(out=torch.empty(B, 1, HV, V, dtype=torch.float16, device=d))),
+        "out shape": ("out", dict(out=torch.empty(B, 1, HV, V + 16, dtype=bf, device=d))),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_cases(1)))
+def test_decode_bad_arguments_raise_before_any_write(case):
+    torch.manual_seed(3)
+    B = 4
+    good = make_step_inputs(B, 1, 8, 16, 128, 128)
+    pool = make_pool(POOL, 16, 128, 128, torch.float32)
+    slots = torch.arange(B, dtype=torch.int32, device="cuda")
+    cute_gdn.decode(**good, state=pool.clone(), state_indices=slots)  # the valid signature is loaded
+    name, override = _bad_cases(B)[case]
+    kwargs = dict(good, state=pool, state_indices=slots, **override)
+    before = pool.clone()
+    with pytest.raises((ValueError, TypeError), match=name):
+        cute_gdn.decode(**kwargs)
+    torch.cuda.synchronize()
+    assert torch.equal(pool, before)
