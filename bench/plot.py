@@ -1,0 +1,76 @@
+"""Plot a bench JSON (bench/results/<op>_<gpu>.json) to a PNG next to it, and print its README table.
+
+    python bench/plot.py bench/results/decode_H200.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def decode_table(data: dict) -> str:
+    """Markdown table: us (% of copy bandwidth) per B, one column per implementation and state dtype."""
+    rows = [r for r in data["rows"] if "[" not in r["impl"] and r["impl"] != "cute_gdn eager"]
+    cols = []
+    for r in rows:
+        c = (r["impl"], r["state"])
+        if c not in cols:
+            cols.append(c)
+    out = []
+    for H, HV in sorted({(r["H"], r["HV"]) for r in rows}, reverse=True):
+        out.append(f"\nH = {H}, HV = {HV}: microseconds (% of copy bandwidth)\n")
+        out.append("| B | " + " | ".join(f"{i} {s}" for i, s in cols) + " |")
+        out.append("|---" * (len(cols) + 1) + "|")
+        for B in sorted({r["B"] for r in rows}):
+            cells = []
+            for impl, state in cols:
+                m = [r for r in rows if (r["H"], r["HV"], r["B"], r["impl"], r["state"]) == (H, HV, B, impl, state)]
+                cells.append(f"{m[0]['us']:.1f} ({m[0]['pct_bw']:.0f}%)" if m else "")
+            out.append(f"| {B} | " + " | ".join(cells) + " |")
+    eager = [r for r in data["rows"] if r["impl"] == "cute_gdn eager"]
+    if eager:
+        out.append("\nEager call at B = 1 (host overhead included): " + ", ".join(
+            f"H={r['H']}/HV={r['HV']} {r['state']} {r['us']:.1f} us" for r in eager))
+    return "\n".join(out)
+
+
+def plot(path: Path) -> Path:
+    data = json.loads(path.read_text())
+    rows = [r for r in data["rows"] if "pct_bw" in r and "[" not in r["impl"]]
+    heads = sorted({(r["H"], r["HV"]) for r in rows}, reverse=True)
+    fig, axes = plt.subplots(1, len(heads), figsize=(6 * len(heads), 4.5), squeeze=False)
+    for ax, (H, HV) in zip(axes[0], heads):
+        series = defaultdict(list)
+        for r in rows:
+            if (r["H"], r["HV"]) == (H, HV):
+                series[f"{r['impl']} ({r['state']} state)"].append((r["B"], r["pct_bw"]))
+        for name, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    linestyle="-" if name.startswith("cute_gdn") else "--", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (sequences)")
+        ax.set_ylabel("% of copy bandwidth")
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{data['rows'][0]['op']} H={H} HV={HV}, {data['env']['gpu']}, "
+                     f"copy {data['copy_bandwidth'] / 1e12:.2f} TB/s", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+if __name__ == "__main__":
+    for p in sys.argv[1:]:
+        print(plot(Path(p)))
+        print(decode_table(json.loads(Path(p).read_text())))
