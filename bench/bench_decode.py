@@ -2,7 +2,7 @@
 
     python bench/bench_decode.py                      # all baselines, writes bench/results/decode_<gpu>.json
     python bench/bench_decode.py --baselines fla      # without FlashInfer
-    python bench/bench_decode.py --sweep 1,2,4        # also time these rows_per_thread configs
+    python bench/bench_decode.py --sweep 2:1,2:2,4:1  # also time these rows_per_thread:tiles_per_cta configs
 
 Bytes = 2 x state (read + write of each named state); % bw is against the copy bandwidth measured
 in the same run. FLA has no pool: it reads initial states [B, HV, V, K] and writes fresh final
@@ -12,6 +12,7 @@ states (the same bytes).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -46,15 +47,18 @@ def make_set(B, H, HV, state_dtype):
     return dict(q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=pool, state_indices=slots, out=out)
 
 
+def bench_key(B, H, HV, state_dtype, config=None):
+    return decode_key(io_dtype="bfloat16", state_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[state_dtype],
+                      num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=B, gate_mode="raw",
+                      dt_bias_dtype="float32", use_qk_l2norm=True, config=config)
+
+
 def cute_calls(sets, config=None):
     if config is None:
         return [lambda s=s: cute_gdn.decode(**s) for s in sets]
     s0 = sets[0]
     B, _, H, _ = s0["q"].shape
-    key = decode_key(io_dtype="bfloat16", state_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[s0["state"].dtype],
-                     num_heads=H, num_v_heads=s0["v"].shape[2], head_k_dim=K, head_v_dim=V, pool_size=B,
-                     gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True, config=config)
-    fn = default_cache().get(key)
+    fn = default_cache().get(bench_key(B, H, s0["v"].shape[2], s0["state"].dtype, config))
     return [lambda s=s: fn(s["q"], s["k"], s["v"], s["a"], s["b"], s["A_log"], s["dt_bias"], s["state"],
                            s["state_indices"], s["out"], K ** -0.5) for s in sets]
 
@@ -85,15 +89,23 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baselines", default="flashinfer,fla")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    ap.add_argument("--sweep", default="", help="rows_per_thread values to time besides the heuristic, e.g. 1,2,4")
+    ap.add_argument("--sweep", default="", help="configs to time besides the heuristic, as "
+                    "rows_per_thread:tiles_per_cta pairs, e.g. 2:1,2:2,4:1")
+    ap.add_argument("--heads", default="16/32,8/16", help="H/HV pairs")
     args = ap.parse_args()
     baselines = [b for b in args.baselines.split(",") if b]
     batches = [int(x) for x in args.batches.split(",")]
     bw = common.copy_bandwidth()
     print(f"{common.environment()['gpu']}: copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
-    sweep_configs = [DecodeConfig(8, 16, int(r)) for r in args.sweep.split(",") if r]
-    for H, HV in HEADS:
+    sweep_configs = [DecodeConfig(8, 16, int(c.split(":")[0]), int(c.split(":")[1]))
+                     for c in args.sweep.split(",") if c]
+    heads = [tuple(int(x) for x in hh.split("/")) for hh in args.heads.split(",")]
+    # Pool size = B is compile-time: compile every kernel of the run up front, in parallel.
+    keys = {bench_key(B, H, HV, sd, cfg) for H, HV in heads for B in batches
+            for sd in (torch.float32, torch.bfloat16) for cfg in [None] + sweep_configs}
+    default_cache().compile(sorted(keys, key=lambda k: k.name), jobs=os.cpu_count() or 1)
+    for H, HV in heads:
         for B in batches:
             for state_dtype in (torch.float32, torch.bfloat16):
                 nbytes = common.decode_bytes(B, HV, V, K, state_dtype)
@@ -101,7 +113,7 @@ def main():
                 sets = [make_set(B, H, HV, state_dtype) for _ in range(n)]
                 impls = {"cute_gdn": cute_calls(sets)}
                 for cfg in sweep_configs:
-                    impls[f"cute_gdn[rows_per_thread={cfg.rows_per_thread}]"] = cute_calls(sets, cfg)
+                    impls[f"cute_gdn[rows={cfg.rows_per_thread},tiles={cfg.tiles_per_cta}]"] = cute_calls(sets, cfg)
                 if "flashinfer" in baselines:
                     impls["flashinfer"] = flashinfer_calls(sets)
                 if "fla" in baselines and state_dtype == torch.float32:
