@@ -2,7 +2,7 @@
 
     python bench/bench_decode.py                      # all baselines, writes bench/results/decode_<gpu>.json
     python bench/bench_decode.py --baselines fla      # without FlashInfer
-    python bench/bench_decode.py --sweep 2:1,2:2,4:1  # also time these rows_per_thread:tiles_per_cta configs
+    python bench/bench_decode.py --sweep 32:4:8       # also time these threads_per_row:rows_per_pass:rows_per_thread configs
 
 Bytes = 2 x state (read + write of each named state); % bw is against the copy bandwidth measured
 in the same run. FLA has no pool: it reads initial states [B, HV, V, K] and writes fresh final
@@ -25,7 +25,7 @@ import common  # noqa: E402
 import cute_gdn  # noqa: E402
 from cute_gdn import reference  # noqa: E402
 from cute_gdn.cache import default_cache  # noqa: E402
-from cute_gdn.kernels.decode import DecodeConfig  # noqa: E402
+from cute_gdn.kernels.decode import DecodeConfig, can_implement  # noqa: E402
 from cute_gdn.ops import decode_key  # noqa: E402
 
 BATCHES = (1, 4, 16, 64, 256, 512)
@@ -51,6 +51,11 @@ def bench_key(B, H, HV, state_dtype, config=None):
     return decode_key(io_dtype="bfloat16", state_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[state_dtype],
                       num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=B, gate_mode="raw",
                       dt_bias_dtype="float32", use_qk_l2norm=True, config=config)
+
+
+def fits(config, state_dtype) -> bool:
+    sd = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[state_dtype]
+    return config is None or can_implement("bfloat16", sd, 1, 1, K, V, "raw", "float32", config) is None
 
 
 def cute_calls(sets, config=None):
@@ -89,8 +94,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baselines", default="flashinfer,fla")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
-    ap.add_argument("--sweep", default="", help="configs to time besides the heuristic, as "
-                    "rows_per_thread:tiles_per_cta pairs, e.g. 2:1,2:2,4:1")
+    ap.add_argument("--sweep", default="", help="DecodeConfigs to time besides the heuristic, as "
+                    "threads_per_row:rows_per_pass:rows_per_thread triples, e.g. 8:16:2,32:4:8")
     ap.add_argument("--heads", default="16/32,8/16", help="H/HV pairs")
     args = ap.parse_args()
     baselines = [b for b in args.baselines.split(",") if b]
@@ -98,12 +103,11 @@ def main():
     bw = common.copy_bandwidth()
     print(f"{common.environment()['gpu']}: copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
-    sweep_configs = [DecodeConfig(8, 16, int(c.split(":")[0]), int(c.split(":")[1]))
-                     for c in args.sweep.split(",") if c]
+    sweep_configs = [DecodeConfig(*(int(x) for x in c.split(":"))) for c in args.sweep.split(",") if c]
     heads = [tuple(int(x) for x in hh.split("/")) for hh in args.heads.split(",")]
     # Pool size = B is compile-time: compile every kernel of the run up front, in parallel.
     keys = {bench_key(B, H, HV, sd, cfg) for H, HV in heads for B in batches
-            for sd in (torch.float32, torch.bfloat16) for cfg in [None] + sweep_configs}
+            for sd in (torch.float32, torch.bfloat16) for cfg in [None] + sweep_configs if fits(cfg, sd)}
     default_cache().compile(sorted(keys, key=lambda k: k.name), jobs=os.cpu_count() or 1)
     for H, HV in heads:
         for B in batches:
@@ -112,8 +116,9 @@ def main():
                 n = common.rotation_count(nbytes // 2)
                 sets = [make_set(B, H, HV, state_dtype) for _ in range(n)]
                 impls = {"cute_gdn": cute_calls(sets)}
-                for cfg in sweep_configs:
-                    impls[f"cute_gdn[rows={cfg.rows_per_thread},tiles={cfg.tiles_per_cta}]"] = cute_calls(sets, cfg)
+                for cfg in (c for c in sweep_configs if fits(c, state_dtype)):
+                    impls[f"cute_gdn[{cfg.threads_per_row}:{cfg.rows_per_pass}:{cfg.rows_per_thread}]"] = \
+                        cute_calls(sets, cfg)
                 if "flashinfer" in baselines:
                     impls["flashinfer"] = flashinfer_calls(sets)
                 if "fla" in baselines and state_dtype == torch.float32:
@@ -126,11 +131,14 @@ def main():
                     print(f"H={H:2d} HV={HV:2d} B={B:4d} {row['state']:8s} {name:34s} {us:9.2f} us "
                           f"{row['tbps']:5.2f} TB/s {row['pct_bw']:5.1f}%", flush=True)
                 if B == 1:
+                    # Eager, host overhead included: the public op, and the bare compiled call under it.
                     s = sets[0]
-                    us = common.time_eager(lambda: cute_gdn.decode(**s))
-                    rows.append(dict(op="decode", impl="cute_gdn eager", H=H, HV=HV, B=B,
-                                     state=str(state_dtype).split(".")[-1], us=us, bytes=nbytes))
-                    print(f"H={H:2d} HV={HV:2d} B={B:4d} {'':8s} {'cute_gdn eager':34s} {us:9.2f} us")
+                    fn = cute_calls(sets[:1], DecodeConfig.heuristic(K, V, str(state_dtype).split(".")[-1]))[0]
+                    for name, call in (("cute_gdn eager", lambda: cute_gdn.decode(**s)), ("kernel call eager", fn)):
+                        us = common.time_eager(call)
+                        rows.append(dict(op="decode", impl=name, H=H, HV=HV, B=B,
+                                         state=str(state_dtype).split(".")[-1], us=us, bytes=nbytes))
+                        print(f"H={H:2d} HV={HV:2d} B={B:4d} {'':8s} {name:34s} {us:9.2f} us")
                 del sets, impls
                 torch.cuda.empty_cache()
     path = common.save("decode", dict(env=common.environment(), copy_bandwidth=bw, rows=rows))

@@ -66,7 +66,8 @@ def time_graph(calls: Sequence[Callable[[], object]], replays: int = 20) -> floa
     with torch.cuda.graph(graph):
         for fn in calls:
             fn()
-    graph.replay()
+    for _ in range(5):  # untimed replays: clocks and TLBs settle before the first timed one
+        graph.replay()
     torch.cuda.synchronize()
     times = []
     for _ in range(replays):

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def decode_table(data: dict) -> str:
     """Markdown table: us (% of copy bandwidth) per B, one column per implementation and state dtype."""
-    rows = [r for r in data["rows"] if "[" not in r["impl"] and r["impl"] != "cute_gdn eager"]
+    rows = [r for r in data["rows"] if "[" not in r["impl"] and "eager" not in r["impl"]]
     cols = []
     for r in rows:
         c = (r["impl"], r["state"])
@@ -35,10 +35,10 @@ def decode_table(data: dict) -> str:
                 m = [r for r in rows if (r["H"], r["HV"], r["B"], r["impl"], r["state"]) == (H, HV, B, impl, state)]
                 cells.append(f"{m[0]['us']:.1f} ({m[0]['pct_bw']:.0f}%)" if m else "")
             out.append(f"| {B} | " + " | ".join(cells) + " |")
-    eager = [r for r in data["rows"] if r["impl"] == "cute_gdn eager"]
+    eager = [r for r in data["rows"] if "eager" in r["impl"]]
     if eager:
         out.append("\nEager call at B = 1 (host overhead included): " + ", ".join(
-            f"H={r['H']}/HV={r['HV']} {r['state']} {r['us']:.1f} us" for r in eager))
+            f"{r['impl']} H={r['H']}/HV={r['HV']} {r['state']} {r['us']:.1f} us" for r in eager))
     return "\n".join(out)
 
 

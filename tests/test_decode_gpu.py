@@ -25,7 +25,6 @@ VARIANT_CASES = [
     ("bfloat16", "bfloat16", "raw", "bfloat16", False),
     ("bfloat16", "float32", "raw", "bfloat16", True),
 ]
-MULTI_TILE_CASES = [("float32", 2, 2), ("float32", 1, 3), ("bfloat16", 4, 2), ("bfloat16", 2, 4)]
 SHAPE_CASES = [
     (4, 4, 128, 128, "float32"),    # GVA ratio 1
     (2, 8, 128, 128, "bfloat16"),   # GVA ratio 4
@@ -51,11 +50,6 @@ def precompiled():
     keys |= {_key(H, HV, K, V, state=st) for H, HV, K, V, st in SHAPE_CASES}
     keys |= {_key(8, 16, 128, 128), _key(16, 32, 128, 128, pool=40), _key(16, 32, 128, 128, pool=21),
              _key(16, 32, 128, 128, state="bfloat16", pool=40), _key(16, 32, 128, 128, state="bfloat16", pool=21)}
-    from cute_gdn.kernels.decode import DecodeConfig
-
-    for state, rows, tiles in MULTI_TILE_CASES:
-        base = _key(4, 16, 128, 128, state=state).kwargs
-        keys |= {decode_key(**{**base, "config": DecodeConfig(8, 16, rows, n)}) for n in (1, tiles)}
     default_cache().compile(sorted(keys, key=lambda k: k.name), jobs=os.cpu_count() or 1)
 
 
@@ -211,36 +205,10 @@ def test_decode_bad_arguments_raise_before_any_write(case):
     slots = torch.arange(B, dtype=torch.int32, device="cuda")
     cute_gdn.decode(**good, state=pool.clone(), state_indices=slots)  # the valid signature is loaded
     name, override = _bad_cases(B)[case]
-    kwargs = dict(good, state=pool, state_indices=slots, **override)
+    kwargs = {**good, "state": pool, "state_indices": slots, **override}
     before = pool.clone()
     with pytest.raises((ValueError, TypeError), match=name):
         cute_gdn.decode(**kwargs)
     torch.cuda.synchronize()
     assert torch.equal(pool, before)
 
-
-@pytest.mark.parametrize("state,rows,tiles", MULTI_TILE_CASES)
-def test_decode_multi_tile_ctas_match_one_tile_ctas(state, rows, tiles):
-    """tiles_per_cta > 1 (software-pipelined CTAs, 1-D grid with a partial last CTA) computes
-    bit-identical results to the one-tile grid, padding and GVA included."""
-    from cute_gdn.kernels.decode import DecodeConfig
-
-    torch.manual_seed(4)
-    B, H, HV, K, V = 7, 4, 16, 128, 128
-    s = make_step_inputs(B, 1, H, HV, K, V)
-    pool = make_pool(POOL, HV, V, K, TORCH_DTYPES[state])
-    slots = torch.randperm(POOL, device="cuda")[:B].to(torch.int32)
-    slots[2] = -1
-    results = []
-    for cfg in (DecodeConfig(8, 16, rows, 1), DecodeConfig(8, 16, rows, tiles)):
-        key = _key(H, HV, K, V, state=state)
-        key = decode_key(**{**key.kwargs, "config": cfg})
-        fn = default_cache().get(key)
-        p = pool.clone()
-        o = torch.full((B, 1, HV, V), float("nan"), device="cuda", dtype=torch.bfloat16)
-        fn(s["q"], s["k"], s["v"], s["a"], s["b"], s["A_log"], s["dt_bias"], p, slots, o, K ** -0.5)
-        results.append((o, p))
-    torch.cuda.synchronize()
-    assert torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
-    assert not torch.isnan(results[1][0]).any()

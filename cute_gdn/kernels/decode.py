@@ -13,14 +13,10 @@ Layouts: q, k [B, 1, H, K]; v, o [B, 1, HV, V]; gates [B, 1, HV]; state [pool_si
 (fp32 or bf16); state_indices [B] int32, < 0 = padding (state untouched, o rows zero).
 q/k/v/gates/o may be strided views (unit stride on the last dim).
 
-A work tile is `tile_rows` rows of one (sequence, head) state; see common/rows.py for the thread
-map. Decode moves each state twice and does ~4 FLOP per element, so it is a bandwidth problem: every
-thread issues all its 16-byte loads before the first use, and the whole update happens in registers
-in one pass over the state.
-Grid: (V / tile_rows, HV, B), one tile per CTA. With tiles_per_cta = N > 1: a 1-D grid of
-ceil(B * HV * tiles_per_head / N) CTAs, CTA c updating tiles cN .. cN + N - 1 (tile id =
-(b * HV + h) * tiles_per_head + tile), software-pipelined: tile i + 1's loads are issued before
-tile i's math and stores, so the CTA keeps loads in flight between its tiles.
+Grid: (V / tile_rows, HV, B). A CTA owns `tile_rows` rows of one (sequence, head) state; see
+common/rows.py for the thread map. Decode moves each state twice and does ~4 FLOP per element, so
+it is a bandwidth problem: every thread issues all its 16-byte loads before the first use, and the
+whole update happens in registers in one pass over the state.
 """
 
 from dataclasses import dataclass
@@ -50,7 +46,6 @@ class DecodeConfig:
     threads_per_row: int = 8
     rows_per_pass: int = 16
     rows_per_thread: int = 2
-    tiles_per_cta: int = 1
 
     @classmethod
     def heuristic(cls, head_k_dim: int, head_v_dim: int, state_dtype: str) -> "DecodeConfig":
@@ -105,8 +100,6 @@ def can_implement(
         return f"threads_per_row * rows_per_pass must be a multiple of 32 up to 1024, got {rm.threads}"
     if head_v_dim % rm.tile_rows != 0:
         return f"tile of {rm.tile_rows} rows does not divide head_v_dim {head_v_dim}"
-    if config.tiles_per_cta < 1:
-        return f"tiles_per_cta must be >= 1, got {config.tiles_per_cta}"
     return None
 
 
@@ -152,12 +145,7 @@ class GdnDecodeSm90:
         stream,
     ):
         batch = mIndices.shape[0]
-        tiles_per_head = self.head_v_dim // self.rowmap.tile_rows
-        n = self.config.tiles_per_cta
-        if cutlass.const_expr(n == 1):
-            grid = (tiles_per_head, self.num_v_heads, batch)
-        else:
-            grid = ((batch * (self.num_v_heads * tiles_per_head) + (n - 1)) // n, 1, 1)
+        grid = (self.head_v_dim // self.rowmap.tile_rows, self.num_v_heads, batch)
         self.kernel(mQ, mK, mV, mGateA, mGateB, mALog, mDtBias, mState, mIndices, mO, scale).launch(
             grid=grid, block=(self.rowmap.threads, 1, 1), stream=stream
         )
@@ -179,75 +167,27 @@ class GdnDecodeSm90:
     ):
         rm = self.rowmap
         tidx, _, _ = cute.arch.thread_idx()
-        tiles = self.work_tiles(mIndices)
+        tile, hv, b = cute.arch.block_idx()
         lane = tidx % rm.threads_per_row
         row_group = tidx // rm.threads_per_row
-        # Software pipeline, unrolled so each tile has its own registers: tile i + 1's loads go out
-        # before tile i's math and stores, so the CTA has loads in flight until its last tile.
-        loaded = self.load_tile(tiles[0], mQ, mK, mV, mGateA, mGateB, mALog, mDtBias, mState, row_group, lane)
-        for i in cutlass.range_constexpr(len(tiles)):
-            ahead = None
-            if cutlass.const_expr(i + 1 < len(tiles)):
-                ahead = self.load_tile(tiles[i + 1], mQ, mK, mV, mGateA, mGateB, mALog, mDtBias, mState,
-                                       row_group, lane)
-            self.update_tile(tiles[i], loaded, mState, mO, scale, row_group, lane)
-            loaded = ahead
-
-    @cute.jit
-    def work_tiles(self, mIndices: cute.Tensor):
-        """(b, hv, row0, slot, live) of each tile this CTA updates. The slots are the first loads:
-        everything else of a tile is requested before its slot is known, and only the state loads
-        wait for it, so a CTA waits for two memory latencies, not four."""
-        rm = self.rowmap
-        n = self.config.tiles_per_cta
-        tiles = []
-        if cutlass.const_expr(n == 1):
-            tile, hv, b = cute.arch.block_idx()
-            tiles.append((b, hv, tile * rm.tile_rows, mIndices[b], True))
-        else:
-            tiles_per_head = self.head_v_dim // rm.tile_rows
-            total = mIndices.shape[0] * (self.num_v_heads * tiles_per_head)
-            cta, _, _ = cute.arch.block_idx()
-            for i in cutlass.range_constexpr(n):
-                tile_id = cta * n + i
-                live = tile_id < total
-                # A tile past the end (last CTA only) addresses the last tile, so every load stays in
-                # bounds, and takes the padding path (slot -1) without writing o.
-                t = cutlass.min(tile_id, total - 1)
-                b = t // (self.num_v_heads * tiles_per_head)
-                hv = t // tiles_per_head % self.num_v_heads
-                slot = mIndices[b] if live else Int32(-1)
-                tiles.append((b, hv, t % tiles_per_head * rm.tile_rows, slot, live))
-        return tiles
-
-    @cute.jit
-    def load_tile(self, work, mQ, mK, mV, mGateA, mGateB, mALog, mDtBias, mState, row_group, lane):
-        """Issue every load of one work tile; nothing here uses a loaded value but the slot."""
-        rm = self.rowmap
-        b, hv, row0, slot, _ = work
+        row0 = tile * rm.tile_rows
         hk = hv // (self.num_v_heads // self.num_heads)
+        # Everything that does not depend on the slot is requested before the slot is known, and
+        # the state loads go out before any math: a CTA waits for two memory latencies, not four.
+        slot = mIndices[b]
         rK_raw = load_columns(rm, mK[b, 0, hk, None], lane)
         rQ_raw = load_columns(rm, mQ[b, 0, hk, None], lane)
-        gates = self.load_gates(mGateA, mGateB, mALog, mDtBias, b, hv)
+        gate_a, gate_b, a_log, dt_bias = self.load_gates(mGateA, mGateB, mALog, mDtBias, b, hv)
         rV = self.load_v_rows(mV[b, 0, hv, None], row0, row_group)
-        rS = make_state_fragment(rm, mState.element_type)
         if slot >= 0:
-            cute.autovec_copy(state_tile_view(rm, mState[slot, hv, None, None], row0, row_group, lane), rS)
-        return rK_raw, rQ_raw, gates, rV, rS
-
-    @cute.jit
-    def update_tile(self, work, loaded, mState: cute.Tensor, mO: cute.Tensor, scale: Float32,
-                    row_group, lane):
-        """The delta-rule update of one loaded tile and its o rows; padding writes zeros to o."""
-        rm = self.rowmap
-        b, hv, row0, slot, live = work
-        rK_raw, rQ_raw, (gate_a, gate_b, a_log, dt_bias), rV, rS = loaded
-        if slot >= 0:
+            tSgS = state_tile_view(rm, mState[slot, hv, None, None], row0, row_group, lane)
+            rS = make_state_fragment(rm, mState.element_type)
+            cute.autovec_copy(tSgS, rS)
             rK, rQ, kq = self.normalize_qk(rK_raw, rQ_raw, scale)
             decay, beta = gate_decay_beta(self.gate_mode, gate_a, gate_b, a_log, dt_bias)
             self.decay_and_update(rS, rK, rQ, kq, decay, beta, rV, mO[b, 0, hv, None], row0, row_group, lane)
-            cute.autovec_copy(rS, state_tile_view(rm, mState[slot, hv, None, None], row0, row_group, lane))
-        elif live:
+            cute.autovec_copy(rS, tSgS)
+        else:
             self.store_zero_output(mO[b, 0, hv, None], row0, row_group, lane)
 
     @cute.jit
