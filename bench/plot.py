@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def decode_table(data: dict) -> str:
     """Markdown table: us (% of copy bandwidth) per B, one column per implementation and state dtype."""
-    rows = [r for r in data["rows"] if "[" not in r["impl"] and "eager" not in r["impl"]]
+    rows = [r for r in data["rows"] if "[" not in r["impl"] and "eager" not in r["impl"] and "us" in r]
     cols = []
     for r in rows:
         c = (r["impl"], r["state"])
