@@ -33,6 +33,9 @@ HEADS = ((16, 32), (8, 16))
 K = V = 128
 
 
+SEQUENTIAL = False  # --order sequential: slot b for sequence b (as FLA, which has no pool, reads states)
+
+
 def make_set(B, H, HV, state_dtype):
     q = torch.randn(B, 1, H, K, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, 1, H, K, device="cuda", dtype=torch.bfloat16)
@@ -42,7 +45,7 @@ def make_set(B, H, HV, state_dtype):
     A_log = torch.rand(HV, device="cuda") - 0.5
     dt_bias = torch.randn(HV, device="cuda")
     pool = (torch.randn(B, HV, V, K, device="cuda") * 0.5).to(state_dtype)
-    slots = torch.randperm(B, device="cuda").to(torch.int32)
+    slots = (torch.arange(B, device="cuda") if SEQUENTIAL else torch.randperm(B, device="cuda")).to(torch.int32)
     out = torch.empty(B, 1, HV, V, device="cuda", dtype=torch.bfloat16)
     return dict(q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=pool, state_indices=slots, out=out)
 
@@ -97,7 +100,11 @@ def main():
     ap.add_argument("--sweep", default="", help="DecodeConfigs to time besides the heuristic, as "
                     "threads_per_row:rows_per_pass:rows_per_thread triples, e.g. 8:16:2,32:4:8")
     ap.add_argument("--heads", default="16/32,8/16", help="H/HV pairs")
+    ap.add_argument("--order", choices=("permuted", "sequential"), default="permuted",
+                    help="state_indices: a random permutation of the pool (serving) or arange(B)")
     args = ap.parse_args()
+    global SEQUENTIAL
+    SEQUENTIAL = args.order == "sequential"
     baselines = [b for b in args.baselines.split(",") if b]
     batches = [int(x) for x in args.batches.split(",")]
     bw = common.copy_bandwidth()
@@ -146,7 +153,8 @@ def main():
                         print(f"H={H:2d} HV={HV:2d} B={B:4d} {'':8s} {name:34s} {us:9.2f} us")
                 del sets, impls
                 torch.cuda.empty_cache()
-    path = common.save("decode", dict(env=common.environment(), copy_bandwidth=bw, rows=rows))
+    name = "decode" if args.order == "permuted" else "decode_sequential"
+    path = common.save(name, dict(env=common.environment(), copy_bandwidth=bw, order=args.order, rows=rows))
     print("wrote", path)
 
 
