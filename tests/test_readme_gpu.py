@@ -1,0 +1,22 @@
+"""The README's API example runs as written and does what it says."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+def test_readme_api_example_runs():
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## API\n\n```python\n(.*?)```", text, re.S).group(1)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    o, pool, slots = scope["o"], scope["pool"], scope["slots"]
+    torch.cuda.synchronize()
+    assert o.shape == (3, 1, 32, 128) and torch.isfinite(o.float()).all()
+    assert torch.equal(o[1], torch.zeros_like(o[1]))  # the padded row
+    assert pool[7].abs().sum() > 0 and pool[3].abs().sum() > 0  # both live slots were written
+    assert scope["kernels"].warm
