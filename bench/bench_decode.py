@@ -50,8 +50,8 @@ def make_set(B, H, HV, state_dtype):
     return dict(q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=pool, state_indices=slots, out=out)
 
 
-def bench_key(B, H, HV, state_dtype, config=None):
-    return decode_key(io_dtype="bfloat16", state_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[state_dtype],
+def bench_key(B, H, HV, state_dtype, config=None, large_batch=False):
+    return decode_key(large_batch=large_batch, io_dtype="bfloat16", state_dtype={torch.float32: "float32", torch.bfloat16: "bfloat16"}[state_dtype],
                       num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=B, gate_mode="raw",
                       dt_bias_dtype="float32", use_qk_l2norm=True, config=config)
 
@@ -113,8 +113,9 @@ def main():
     sweep_configs = [DecodeConfig(*(int(x) for x in c.split(":"))) for c in args.sweep.split(",") if c]
     heads = [tuple(int(x) for x in hh.split("/")) for hh in args.heads.split(",")]
     # Pool size = B is compile-time: compile every kernel of the run up front, in parallel.
-    keys = {bench_key(B, H, HV, sd, cfg) for H, HV in heads for B in batches
-            for sd in (torch.float32, torch.bfloat16) for cfg in [None] + sweep_configs if fits(cfg, sd)}
+    keys = {bench_key(B, H, HV, sd, cfg, large) for H, HV in heads for B in batches
+            for sd in (torch.float32, torch.bfloat16) for cfg in [None] + sweep_configs if fits(cfg, sd)
+            for large in (False, True)}
     default_cache().compile(sorted(keys, key=lambda k: k.name), jobs=os.cpu_count() or 1)
     for H, HV in heads:
         for B in batches:

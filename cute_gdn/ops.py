@@ -16,18 +16,24 @@ import torch
 
 from . import _checks as chk
 from .cache import KernelCache, KernelKey, default_cache
-from .kernels.decode import DecodeConfig
+from .kernels.decode import LARGE_BATCH_HEADS, DecodeConfig
 from .kernels.decode import can_implement as can_implement_decode
 
 
 def decode_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
                head_v_dim: int, pool_size: int, gate_mode: str, dt_bias_dtype: Optional[str],
-               use_qk_l2norm: bool, config: Optional[DecodeConfig] = None) -> KernelKey:
+               use_qk_l2norm: bool, config: Optional[DecodeConfig] = None, large_batch: bool = False) -> KernelKey:
+    """The key of one decode kernel; without `config`, the heuristic tile for small or large batches."""
     return KernelKey.make(
         "decode", io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads,
         num_v_heads=num_v_heads, head_k_dim=head_k_dim, head_v_dim=head_v_dim, pool_size=pool_size,
         gate_mode=gate_mode, dt_bias_dtype=dt_bias_dtype, use_qk_l2norm=bool(use_qk_l2norm),
-        config=config or DecodeConfig.heuristic(head_k_dim, head_v_dim, state_dtype))
+        config=config or DecodeConfig.heuristic(head_k_dim, head_v_dim, state_dtype, large_batch))
+
+
+def decode_keys(**kwargs) -> tuple[KernelKey, KernelKey]:
+    """The (small-batch, large-batch) kernel pair one decode call signature dispatches between."""
+    return decode_key(**kwargs, large_batch=False), decode_key(**kwargs, large_batch=True)
 
 
 def can_implement_key(key: KernelKey) -> None:
@@ -105,9 +111,9 @@ def decode(
     except (AttributeError, ValueError, TypeError):
         validate_decode(*args)
         raise
-    fn = cache.by_signature.get(sig)
-    if fn is None or B > chk.MAX_BATCH:
-        fn = _decode_kernel(cache, sig, args, use_qk_l2norm, _allow_compile, _check_config)
+    fns = cache.by_signature.get(sig)
+    if fns is None or B > chk.MAX_BATCH:
+        fns = _decode_kernels(cache, sig, args, use_qk_l2norm, _allow_compile, _check_config)
     elif chk.DEBUG:
         validate_decode(*args)
         chk.debug_indices("state_indices", state_indices, state.shape[0])
@@ -117,6 +123,7 @@ def decode(
         return out
     if scale is None:
         scale = K ** -0.5
+    fn = fns[B * HV >= LARGE_BATCH_HEADS]
     try:
         if raw:
             fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, out, scale)
@@ -128,17 +135,22 @@ def decode(
     return out
 
 
-def _decode_kernel(cache, sig, args, use_qk_l2norm, allow_compile, check_config):
-    """Slow path, once per call signature: full validation, then load (or compile) the kernel."""
+def _decode_kernels(cache, sig, args, use_qk_l2norm, allow_compile, check_config):
+    """Slow path, once per call signature: full validation, then load (or compile) both tiles."""
     q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out = args
     mode, bias_dtype = validate_decode(*args)
     if check_config is not None:
         check_config(q, state)
-    key = decode_key(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype],
-                     num_heads=q.shape[2], num_v_heads=v.shape[2], head_k_dim=q.shape[3], head_v_dim=v.shape[3],
-                     pool_size=state.shape[0], gate_mode=mode, dt_bias_dtype=bias_dtype,
-                     use_qk_l2norm=use_qk_l2norm)
-    can_implement_key(key)
-    fn = cache.get(key, allow_compile=allow_compile)
-    cache.by_signature[sig] = fn
-    return fn
+    keys = decode_keys(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype],
+                       num_heads=q.shape[2], num_v_heads=v.shape[2], head_k_dim=q.shape[3],
+                       head_v_dim=v.shape[3], pool_size=state.shape[0], gate_mode=mode,
+                       dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm)
+    for key in keys:
+        can_implement_key(key)
+    keys = tuple(dict.fromkeys(keys))
+    if allow_compile:
+        cache.compile(keys, jobs=len(keys))
+    fns = tuple(cache.get(key, allow_compile=allow_compile) for key in keys)
+    fns = fns if len(fns) == 2 else fns * 2
+    cache.by_signature[sig] = fns
+    return fns

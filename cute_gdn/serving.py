@@ -28,11 +28,11 @@ def config_keys(num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: i
     """Every kernel a serving config can need (decode now; verify/prefill join as they land)."""
     keys = []
     for gate_mode, bias in GATE_VARIANTS:
-        keys.append(ops.decode_key(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads,
-                                   num_v_heads=num_v_heads, head_k_dim=head_k_dim, head_v_dim=head_v_dim,
-                                   pool_size=pool_size, gate_mode=gate_mode, dt_bias_dtype=bias,
-                                   use_qk_l2norm=use_qk_l2norm))
-    return keys
+        keys += ops.decode_keys(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads,
+                                num_v_heads=num_v_heads, head_k_dim=head_k_dim, head_v_dim=head_v_dim,
+                                pool_size=pool_size, gate_mode=gate_mode, dt_bias_dtype=bias,
+                                use_qk_l2norm=use_qk_l2norm)
+    return list(dict.fromkeys(keys))  # small and large tiles coincide for some head dims
 
 
 class GDNKernels:

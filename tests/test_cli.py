@@ -21,10 +21,10 @@ def test_cli_builds_then_hits_then_warmup_loads_without_compiling(tmp_path):
     first = cli(*SMALL, cache_dir=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "H=2 HV=4 K=V=64 pool_size=8" in first.stdout
-    assert "0 hit, 3 compiled, 0 failed" in first.stdout
+    assert "0 hit, 6 compiled, 0 failed" in first.stdout
     second = cli(*SMALL, cache_dir=tmp_path)
     assert second.returncode == 0
-    assert "3 hit, 0 compiled, 0 failed" in second.stdout
+    assert "6 hit, 0 compiled, 0 failed" in second.stdout
     assert " compiled " not in second.stdout.split("\n\n")[-2]  # the table: hits only
     warm = subprocess.run([sys.executable, "-c", f"""
 import cutlass.cute as cute
@@ -43,7 +43,7 @@ except KernelNotCompiledError:
     print("frozen")
 """], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert warm.returncode == 0, warm.stderr
-    assert "loads 3 compiles 0" in warm.stdout and "frozen" in warm.stdout
+    assert "loads 6 compiles 0" in warm.stdout and "frozen" in warm.stdout
 
 
 def test_cli_failure_exits_nonzero(tmp_path):

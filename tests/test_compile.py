@@ -16,11 +16,13 @@ VARIANTS = list(itertools.product(
 
 @pytest.mark.parametrize("state,io,gates,l2norm", VARIANTS)
 def test_decode_variant_compiles_for_sm90a(state, io, gates, l2norm):
+    """Both tiles of every variant: the small-batch and the large-batch one."""
     gate_mode, bias = gates
-    fn = compile_decode(io_dtype=io, state_dtype=state, num_heads=16, num_v_heads=32, head_k_dim=128,
-                        head_v_dim=128, pool_size=64, gate_mode=gate_mode, dt_bias_dtype=bias,
-                        use_qk_l2norm=l2norm, config=DecodeConfig.heuristic(128, 128, state))
-    assert callable(fn)
+    for large in (False, True):
+        fn = compile_decode(io_dtype=io, state_dtype=state, num_heads=16, num_v_heads=32, head_k_dim=128,
+                            head_v_dim=128, pool_size=64, gate_mode=gate_mode, dt_bias_dtype=bias,
+                            use_qk_l2norm=l2norm, config=DecodeConfig.heuristic(128, 128, state, large))
+        assert callable(fn)
 
 
 @pytest.mark.parametrize("H,HV,K,V,state", [(2, 8, 64, 32, "float32"), (3, 3, 96, 48, "bfloat16"),
@@ -53,5 +55,6 @@ def test_heuristic_config_is_implementable_for_every_supported_dim():
     for state in ("float32", "bfloat16"):
         for K in range(16, 257, 16):
             for V in range(16, 257, 16):
-                cfg = DecodeConfig.heuristic(K, V, state)
-                assert can_implement("bfloat16", state, 1, 1, K, V, "precomputed", None, cfg) is None, (K, V, cfg)
+                for large in (False, True):
+                    cfg = DecodeConfig.heuristic(K, V, state, large)
+                    assert can_implement("bfloat16", state, 1, 1, K, V, "precomputed", None, cfg) is None, (K, V, cfg)

@@ -9,7 +9,7 @@ import torch
 import cute_gdn
 from cute_gdn import reference
 from cute_gdn.cache import default_cache
-from cute_gdn.ops import decode_key
+from cute_gdn.ops import decode_keys
 from gdn_inputs import make_pool, make_step_inputs, rel_rms
 
 pytestmark = pytest.mark.gpu
@@ -35,8 +35,8 @@ SHAPE_CASES = [
 ]
 
 
-def _key(H, HV, K, V, io="bfloat16", state="float32", gates="raw", bias="float32", l2norm=True, pool=POOL):
-    return decode_key(io_dtype=io, state_dtype=state, num_heads=H, num_v_heads=HV, head_k_dim=K,
+def _keys(H, HV, K, V, io="bfloat16", state="float32", gates="raw", bias="float32", l2norm=True, pool=POOL):
+    return decode_keys(io_dtype=io, state_dtype=state, num_heads=H, num_v_heads=HV, head_k_dim=K,
                       head_v_dim=V, pool_size=pool, gate_mode=gates,
                       dt_bias_dtype=bias if gates == "raw" else None, use_qk_l2norm=l2norm)
 
@@ -44,12 +44,14 @@ def _key(H, HV, K, V, io="bfloat16", state="float32", gates="raw", bias="float32
 @pytest.fixture(scope="module", autouse=True)
 def precompiled():
     """Compile every kernel of this module at once, in parallel spawned workers."""
-    keys = {_key(16, 32, 128, 128, state=s) for s in ("float32", "bfloat16")}
-    keys |= {_key(8, 16, 128, 128, io=io, state=st, gates=gm, bias=bias or "float32", l2norm=l2)
-             for io, st, gm, bias, l2 in VARIANT_CASES}
-    keys |= {_key(H, HV, K, V, state=st) for H, HV, K, V, st in SHAPE_CASES}
-    keys |= {_key(8, 16, 128, 128), _key(16, 32, 128, 128, pool=40), _key(16, 32, 128, 128, pool=21),
-             _key(16, 32, 128, 128, state="bfloat16", pool=40), _key(16, 32, 128, 128, state="bfloat16", pool=21)}
+    keys = {k for s in ("float32", "bfloat16") for k in _keys(16, 32, 128, 128, state=s)}
+    keys |= {k for io, st, gm, bias, l2 in VARIANT_CASES
+             for k in _keys(8, 16, 128, 128, io=io, state=st, gates=gm, bias=bias or "float32", l2norm=l2)}
+    keys |= {k for H, HV, K, V, st in SHAPE_CASES for k in _keys(H, HV, K, V, state=st)}
+    for extra in (dict(), dict(pool=40), dict(pool=21), dict(state="bfloat16", pool=40),
+                  dict(state="bfloat16", pool=21)):
+        keys |= set(_keys(16, 32, 128, 128, **extra))
+    keys |= set(_keys(8, 16, 128, 128))
     default_cache().compile(sorted(keys, key=lambda k: k.name), jobs=os.cpu_count() or 1)
 
 
@@ -98,9 +100,10 @@ def test_decode_qwen3_next_shape(state, B):
     _run_and_check(B, 16, 32, 128, 128, state=state, pad=(B // 2,) if B > 1 else ())
 
 
+@pytest.mark.parametrize("B", [13, 80])  # B * HV = 208 and 1280: the small- and the large-batch tile
 @pytest.mark.parametrize("io,state,gates,bias,l2norm", VARIANT_CASES)
-def test_decode_variants(io, state, gates, bias, l2norm):
-    _run_and_check(13, 8, 16, 128, 128, io=io, state=state, gates=gates, bias=bias or "float32",
+def test_decode_variants(io, state, gates, bias, l2norm, B):
+    _run_and_check(B, 8, 16, 128, 128, io=io, state=state, gates=gates, bias=bias or "float32",
                    l2norm=l2norm, pad=(0, 5))
 
 

@@ -14,7 +14,7 @@ def test_readme_api_example_runs():
     block = re.search(r"## API\n\n```python\n(.*?)```", text, re.S).group(1)
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)
-    o, pool, slots = scope["o"], scope["pool"], scope["slots"]
+    o, pool = scope["o"], scope["pool"]
     torch.cuda.synchronize()
     assert o.shape == (3, 1, 32, 128) and torch.isfinite(o.float()).all()
     assert torch.equal(o[1], torch.zeros_like(o[1]))  # the padded row

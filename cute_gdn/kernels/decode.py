@@ -41,6 +41,14 @@ from .common.rows import (
 MAX_HEAD_DIM = 256
 
 
+# From this many (sequence, head) states on, the large-batch tile is used. Measured on an H200
+# (bench_decode.py --sweep, cold L2, graph replay, HV = 32, permuted slots): the 128-thread,
+# 64-row tile (16 lanes per row, 8 rows per thread) moves B = 64/256/512 from 87.1/90.6/91.3% to
+# 88.6/92.9/93.7% of copy bandwidth with fp32 state and from 79.5/85.7/86.4% to 80.0/86.9/89.0%
+# with bf16, but loses at B = 16 (78.1 vs 79.2% fp32, 64.6 vs 68.1% bf16) and costs 0.8 us at B = 1.
+LARGE_BATCH_HEADS = 1024
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     threads_per_row: int = 8
@@ -48,12 +56,18 @@ class DecodeConfig:
     rows_per_thread: int = 2
 
     @classmethod
-    def heuristic(cls, head_k_dim: int, head_v_dim: int, state_dtype: str) -> "DecodeConfig":
-        # 8 lanes x 16 B per row and 16 row groups: 128 threads. rows_per_thread sets the bytes a
-        # thread has in flight: measured on an H200 (bench_decode.py --sweep 1,2,4, cold L2, graph
-        # replay, HV = 32), fp32 state is flat across 1/2/4 (555-561 us at B = 512) and 2 keeps
-        # 128 CTAs at B = 1; bf16 state wants 4 (289 us vs 294 for 2 and 340 for 1 at B = 512).
+    def heuristic(cls, head_k_dim: int, head_v_dim: int, state_dtype: str,
+                  large_batch: bool = False) -> "DecodeConfig":
+        """The tile for B * HV < LARGE_BATCH_HEADS (large_batch=False) or above.
+
+        Small batches: 8 lanes x 16 B per row and 16 row groups (128 threads) and a 32-row (fp32)
+        or 64-row (bf16) tile, so HV = 32 at B = 1 still yields 64-128 CTAs. rows_per_thread sets the
+        bytes a thread has in flight: at B = 1..16 fp32 is flat across 1/2/4 and bf16 wants 4
+        (bench_decode.py --sweep on an H200). Large batches: 16 lanes per row, 8 rows per thread.
+        """
         vec = 16 // (4 if state_dtype == "float32" else 2)
+        if large_batch and head_k_dim % (vec * 16) == 0 and head_v_dim % 64 == 0:
+            return cls(threads_per_row=16, rows_per_pass=8, rows_per_thread=8)
         tpr = 8
         while head_k_dim % (vec * tpr) != 0:
             tpr //= 2
