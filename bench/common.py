@@ -81,18 +81,22 @@ def time_graph(calls: Sequence[Callable[[], object]], replays: int = 20) -> floa
     return statistics.median(times)
 
 
-def time_eager(fn: Callable[[], object], reps: int = 200) -> float:
-    """Median microseconds of back-to-back eager calls (host overhead included)."""
+def time_eager(fn: Callable[[], object], reps: int = 100, rounds: int = 7) -> float:
+    """Median over rounds of the mean microseconds of back-to-back eager calls (host overhead
+    included); the median of rounds keeps one hiccup of the host from deciding the number."""
     for _ in range(10):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps
+    results = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        results.append(start.elapsed_time(end) * 1e3 / reps)
+    return statistics.median(results)
 
 
 def environment() -> dict:
