@@ -56,6 +56,12 @@ def bench_key(B, H, HV, state_dtype, config=None, large_batch=False):
                       dt_bias_dtype="float32", use_qk_l2norm=True, config=config)
 
 
+def parse_config(text: str) -> DecodeConfig:
+    """threads_per_row:rows_per_pass:rows_per_thread[:smem_staging 0/1]"""
+    f = [int(x) for x in text.split(":")]
+    return DecodeConfig(f[0], f[1], f[2], bool(f[3]) if len(f) > 3 else False)
+
+
 def fits(config, state_dtype) -> bool:
     sd = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[state_dtype]
     return config is None or can_implement("bfloat16", sd, 1, 1, K, V, "raw", "float32", config) is None
@@ -98,7 +104,7 @@ def main():
     ap.add_argument("--baselines", default="flashinfer,fla")
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--sweep", default="", help="DecodeConfigs to time besides the heuristic, as "
-                    "threads_per_row:rows_per_pass:rows_per_thread triples, e.g. 8:16:2,32:4:8")
+                    "threads_per_row:rows_per_pass:rows_per_thread[:smem_staging], e.g. 8:16:2,16:8:8:1")
     ap.add_argument("--heads", default="16/32,8/16", help="H/HV pairs")
     ap.add_argument("--order", choices=("permuted", "sequential"), default="permuted",
                     help="state_indices: a random permutation of the pool (serving) or arange(B)")
@@ -110,7 +116,7 @@ def main():
     bw = common.copy_bandwidth()
     print(f"{common.environment()['gpu']}: copy bandwidth {bw / 1e12:.2f} TB/s")
     rows = []
-    sweep_configs = [DecodeConfig(*(int(x) for x in c.split(":"))) for c in args.sweep.split(",") if c]
+    sweep_configs = [parse_config(c) for c in args.sweep.split(",") if c]
     heads = [tuple(int(x) for x in hh.split("/")) for hh in args.heads.split(",")]
     # Pool size = B is compile-time: compile every kernel of the run up front, in parallel.
     keys = {bench_key(B, H, HV, sd, cfg, large) for H, HV in heads for B in batches
@@ -125,7 +131,8 @@ def main():
                 sets = [make_set(B, H, HV, state_dtype) for _ in range(n)]
                 impls = {"cute_gdn": cute_calls(sets)}
                 for cfg in (c for c in sweep_configs if fits(c, state_dtype)):
-                    impls[f"cute_gdn[{cfg.threads_per_row}:{cfg.rows_per_pass}:{cfg.rows_per_thread}]"] = \
+                    impls[f"cute_gdn[{cfg.threads_per_row}:{cfg.rows_per_pass}:{cfg.rows_per_thread}"
+                          f"{':smem' if cfg.smem_staging else ''}]"] = \
                         cute_calls(sets, cfg)
                 if "flashinfer" in baselines:
                     impls["flashinfer"] = flashinfer_calls(sets)

@@ -54,6 +54,9 @@ class DecodeConfig:
     threads_per_row: int = 8
     rows_per_pass: int = 16
     rows_per_thread: int = 2
+    # Stage the state tile through shared memory with cp.async instead of loading it into
+    # registers: the bytes in flight then cost no registers, so more CTAs fit on an SM.
+    smem_staging: bool = False
 
     @classmethod
     def heuristic(cls, head_k_dim: int, head_v_dim: int, state_dtype: str,
@@ -195,14 +198,55 @@ class GdnDecodeSm90:
         rV = self.load_v_rows(mV[b, 0, hv, None], row0, row_group)
         if slot >= 0:
             tSgS = state_tile_view(rm, mState[slot, hv, None, None], row0, row_group, lane)
-            rS = make_state_fragment(rm, mState.element_type)
-            cute.autovec_copy(tSgS, rS)
+            if cutlass.const_expr(self.config.smem_staging):
+                tSsS = self.stage_state(tSgS, tidx)
+            else:
+                rS = make_state_fragment(rm, mState.element_type)
+                cute.autovec_copy(tSgS, rS)
             rK, rQ, kq = self.normalize_qk(rK_raw, rQ_raw, scale)
             decay, beta = gate_decay_beta(self.gate_mode, gate_a, gate_b, a_log, dt_bias)
-            self.decay_and_update(rS, rK, rQ, kq, decay, beta, rV, mO[b, 0, hv, None], row0, row_group, lane)
-            cute.autovec_copy(rS, tSgS)
+            gO = mO[b, 0, hv, None]
+            if cutlass.const_expr(self.config.smem_staging):
+                cute.arch.cp_async_wait_group(0)
+                for r in cutlass.range_constexpr(rm.rows_per_thread):
+                    rRow = cute.make_rmem_tensor_like(tSsS[r, None, None])
+                    cute.autovec_copy(tSsS[r, None, None], rRow)
+                    self.decay_and_update_row(rRow, rK, rQ, kq, decay, beta, rV[r], gO,
+                                              row0 + r * rm.rows_per_pass + row_group, lane)
+                    cute.autovec_copy(rRow, tSgS[r, None, None])
+            else:
+                for r in cutlass.range_constexpr(rm.rows_per_thread):
+                    self.decay_and_update_row(rS[r, None, None], rK, rQ, kq, decay, beta, rV[r], gO,
+                                              row0 + r * rm.rows_per_pass + row_group, lane)
+                cute.autovec_copy(rS, tSgS)
         else:
             self.store_zero_output(mO[b, 0, hv, None], row0, row_group, lane)
+
+    @cute.jit
+    def stage_state(self, tSgS: cute.Tensor, tidx):
+        """Issue cp.async copies of this thread's state tile (rows_per_thread, vecs_per_thread, vec)
+        into its own slice of shared memory; only this thread reads it back, so cp.async's own
+        wait is the only synchronization. The thread index is the fastest 16-byte unit of the
+        buffer, so a warp's vector reads hit consecutive addresses (no bank conflicts)."""
+        rm = self.rowmap
+        smem = cutlass.memory.SmemAllocator()
+        sStage = smem.allocate_tensor(
+            tSgS.element_type,
+            cute.make_layout(
+                (rm.threads, rm.rows_per_thread, rm.vecs_per_thread, rm.vec),
+                stride=(rm.vec, rm.vecs_per_thread * rm.threads * rm.vec, rm.threads * rm.vec, 1),
+            ),
+            byte_alignment=16,
+        )
+        tSsS = sStage[tidx, None, None, None]
+        # .cg: the state is read once, so it bypasses L1.
+        atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
+                                   tSgS.element_type, num_bits_per_copy=128)
+        vec_first = [2, 0, 1]  # cute.copy takes (vector, rest...)
+        cute.copy(atom, cute.make_tensor(tSgS.iterator, cute.select(tSgS.layout, mode=vec_first)),
+                  cute.make_tensor(tSsS.iterator, cute.select(tSsS.layout, mode=vec_first)))
+        cute.arch.cp_async_commit_group()
+        return tSsS
 
     @cute.jit
     def normalize_qk(self, rK_raw: cute.Tensor, rQ_raw: cute.Tensor, scale: Float32):
@@ -238,28 +282,25 @@ class GdnDecodeSm90:
         return rV
 
     @cute.jit
-    def decay_and_update(self, rS, rK, rQ, kq, decay, beta, rV: cute.Tensor, gO: cute.Tensor,
-                         row0, row_group, lane):
-        """One pass over this thread's rows: S @ k, S @ q, the delta-rule update in place, and o."""
+    def decay_and_update_row(self, rRow: cute.Tensor, rK, rQ, kq, decay, beta, v, gO: cute.Tensor, row, lane):
+        """One state row (vecs_per_thread, vec) of this thread: S @ k and S @ q, the delta-rule
+        update in place, and o[row]."""
         rm = self.rowmap
-        for r in cutlass.range_constexpr(rm.rows_per_thread):
-            row = row0 + r * rm.rows_per_pass + row_group
-            sk = Float32(0.0)
-            sq = Float32(0.0)
-            for j in cutlass.range_constexpr(rm.vecs_per_thread):
-                for e in cutlass.range_constexpr(rm.vec):
-                    s = rS[r, j, e].to(Float32)
-                    sk += s * rK[j * rm.vec + e]
-                    sq += s * rQ[j * rm.vec + e]
-            sk = row_sum(rm, sk)
-            sq = row_sum(rm, sq)
-            u = beta * (rV[r].to(Float32) - decay * sk)
-            for j in cutlass.range_constexpr(rm.vecs_per_thread):
-                for e in cutlass.range_constexpr(rm.vec):
-                    s = rS[r, j, e].to(Float32)
-                    rS[r, j, e] = (decay * s + u * rK[j * rm.vec + e]).to(rS.element_type)
-            if lane == 0:
-                gO[row] = (decay * sq + u * kq).to(gO.element_type)
+        sk = Float32(0.0)
+        sq = Float32(0.0)
+        for j in cutlass.range_constexpr(rm.vecs_per_thread):
+            for e in cutlass.range_constexpr(rm.vec):
+                s = rRow[j, e].to(Float32)
+                sk += s * rK[j * rm.vec + e]
+                sq += s * rQ[j * rm.vec + e]
+        sk = row_sum(rm, sk)
+        sq = row_sum(rm, sq)
+        u = beta * (v.to(Float32) - decay * sk)
+        for j in cutlass.range_constexpr(rm.vecs_per_thread):
+            for e in cutlass.range_constexpr(rm.vec):
+                rRow[j, e] = (decay * rRow[j, e].to(Float32) + u * rK[j * rm.vec + e]).to(rRow.element_type)
+        if lane == 0:
+            gO[row] = (decay * sq + u * kq).to(gO.element_type)
 
     @cute.jit
     def store_zero_output(self, gO: cute.Tensor, row0, row_group, lane):
