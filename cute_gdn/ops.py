@@ -111,10 +111,10 @@ def decode(
     except (AttributeError, ValueError, TypeError):
         validate_decode(*args)
         raise
-    fns = cache.by_signature.get(sig)
-    if fns is None or B > chk.MAX_BATCH:
-        fns = _decode_kernels(cache, sig, args, use_qk_l2norm, _allow_compile, _check_config)
-    elif chk.DEBUG:
+    entry = cache.by_signature.get(sig)  # (large-batch threshold in B * HV, small kernel, large kernel)
+    if entry is None or B > chk.MAX_BATCH:
+        entry = _decode_kernels(cache, sig, args, use_qk_l2norm, _allow_compile, _check_config)
+    if chk.DEBUG:
         validate_decode(*args)
         chk.debug_indices("state_indices", state_indices, state.shape[0])
     if out is None:
@@ -123,7 +123,8 @@ def decode(
         return out
     if scale is None:
         scale = K ** -0.5
-    fn = fns[B * HV >= LARGE_BATCH_HEADS]
+    threshold, small, large = entry
+    fn = large if B * HV >= threshold else small
     try:
         if raw:
             fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, out, scale)
@@ -152,5 +153,6 @@ def _decode_kernels(cache, sig, args, use_qk_l2norm, allow_compile, check_config
         cache.compile(keys, jobs=len(keys))
     fns = tuple(cache.get(key, allow_compile=allow_compile) for key in keys)
     fns = fns if len(fns) == 2 else fns * 2
-    cache.by_signature[sig] = fns
-    return fns
+    entry = (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], *fns)
+    cache.by_signature[sig] = entry
+    return entry

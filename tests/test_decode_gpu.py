@@ -224,8 +224,9 @@ def test_decode_bad_arguments_raise_before_any_write(case):
 
 @pytest.mark.parametrize("state,tile", STAGING_CASES)
 def test_decode_smem_staging_matches_register_path(state, tile):
-    """The cp.async shared-memory staging of the state tile computes bit-identical results to the
-    register path of the same tile (padding and GVA included)."""
+    """The cp.async shared-memory staging of the state tile computes the register path's results
+    (padding and GVA included): o bit-identical, the state to within one ulp of its dtype (the two
+    paths may contract decay * s + u * k into an FMA differently)."""
     torch.manual_seed(5)
     B, H, HV, K, V = 7, 4, 16, 128, 128
     s = make_step_inputs(B, 1, H, HV, K, V)
@@ -243,4 +244,5 @@ def test_decode_smem_staging_matches_register_path(state, tile):
     torch.cuda.synchronize()
     assert not torch.isnan(results[1][0]).any()
     assert torch.equal(results[0][0], results[1][0])
-    assert torch.equal(results[0][1], results[1][1])
+    ulp = torch.finfo(TORCH_DTYPES[state]).eps
+    torch.testing.assert_close(results[1][1].float(), results[0][1].float(), rtol=ulp, atol=1e-6)

@@ -41,12 +41,14 @@ from .common.rows import (
 MAX_HEAD_DIM = 256
 
 
-# From this many (sequence, head) states on, the large-batch tile is used. Measured on an H200
-# (bench_decode.py --sweep, cold L2, graph replay, HV = 32, permuted slots): the 128-thread,
-# 64-row tile (16 lanes per row, 8 rows per thread) moves B = 64/256/512 from 87.1/90.6/91.3% to
-# 88.6/92.9/93.7% of copy bandwidth with fp32 state and from 79.5/85.7/86.4% to 80.0/86.9/89.0%
-# with bf16, but loses at B = 16 (78.1 vs 79.2% fp32, 64.6 vs 68.1% bf16) and costs 0.8 us at B = 1.
-LARGE_BATCH_HEADS = 1024
+# From this many (sequence, head) states on, the large-batch tile is used (per state dtype).
+# Measured on an H200 (bench_decode.py --sweep, cold L2, graph replay, HV = 32, permuted slots):
+# the 64-row tile staged through shared memory (16 lanes per row, 8 rows per thread, cp.async)
+# reaches 89.9/94.1/94.8% of the copy bandwidth at B = 64/256/512 with fp32 state against
+# 88.4/93.4/94.1% for the best register tile, and with bf16 state 71.2/82.7/89.4/90.6% at
+# B = 16/64/256/512 against 67.9/80.8/87.7/87.8% for the small-batch tile. It loses at small B:
+# fp32 B = 16 78.4 vs 79.6%, B = 1 4.4 vs 3.5 us.
+LARGE_BATCH_HEADS = {"float32": 1024, "bfloat16": 512}
 
 
 @dataclass(frozen=True)
@@ -61,23 +63,24 @@ class DecodeConfig:
     @classmethod
     def heuristic(cls, head_k_dim: int, head_v_dim: int, state_dtype: str,
                   large_batch: bool = False) -> "DecodeConfig":
-        """The tile for B * HV < LARGE_BATCH_HEADS (large_batch=False) or above.
+        """The tile for B * HV below LARGE_BATCH_HEADS[state_dtype] (large_batch=False) or above.
 
-        Small batches: 8 lanes x 16 B per row and 16 row groups (128 threads) and a 32-row (fp32)
-        or 64-row (bf16) tile, so HV = 32 at B = 1 still yields 64-128 CTAs. rows_per_thread sets the
-        bytes a thread has in flight: at B = 1..16 fp32 is flat across 1/2/4 and bf16 wants 4
-        (bench_decode.py --sweep on an H200). Large batches: 16 lanes per row, 8 rows per thread.
+        Small batches: 8 lanes x 16 B per row, 16 row groups (128 threads), 2 rows per thread,
+        so HV = 32 at B = 1 still yields 64-128 CTAs; fp32 keeps the tile in registers (3.45 us at
+        B = 1 vs 3.73 staged), bf16 stages it (3.40 vs 3.68). Large batches: 16 lanes per row,
+        8 rows per thread, staged (see LARGE_BATCH_HEADS).
         """
         vec = 16 // (4 if state_dtype == "float32" else 2)
         if large_batch and head_k_dim % (vec * 16) == 0 and head_v_dim % 64 == 0:
-            return cls(threads_per_row=16, rows_per_pass=8, rows_per_thread=8)
+            return cls(threads_per_row=16, rows_per_pass=8, rows_per_thread=8, smem_staging=True)
         tpr = 8
         while head_k_dim % (vec * tpr) != 0:
             tpr //= 2
-        rows_per_thread = 2 if state_dtype == "float32" else 4
+        rows_per_thread = 2
         while head_v_dim % (16 * rows_per_thread) != 0:
             rows_per_thread //= 2
-        return cls(threads_per_row=tpr, rows_per_pass=16, rows_per_thread=rows_per_thread)
+        return cls(threads_per_row=tpr, rows_per_pass=16, rows_per_thread=rows_per_thread,
+                   smem_staging=state_dtype == "bfloat16")
 
     def rowmap(self, head_k_dim: int, state_dtype: str) -> RowMap:
         vec = 16 // (4 if state_dtype == "float32" else 2)
