@@ -16,7 +16,11 @@ q/k/v/gates/o may be strided views (unit stride on the last dim).
 Grid: (V / tile_rows, HV, B). A CTA owns `tile_rows` rows of one (sequence, head) state; see
 common/rows.py for the thread map. Decode moves each state twice and does ~4 FLOP per element, so
 it is a bandwidth problem: every thread issues all its 16-byte loads before the first use, and the
-whole update happens in registers in one pass over the state.
+update happens in one pass over the state. The tile either lands in registers, or (smem_staging)
+in the thread's own slice of shared memory through cp.async, so that the bytes in flight cost no
+registers and more CTAs fit on an SM; rows are then updated one at a time from there. Each
+variant is compiled with a small- and a large-batch tile (`DecodeConfig.heuristic`); the caller
+picks one per call by B * HV (`LARGE_BATCH_HEADS`).
 """
 
 from dataclasses import dataclass
