@@ -43,6 +43,8 @@ from .common.rows import (
 )
 
 MAX_HEAD_DIM = 256
+# Hopper gives a CTA at most 227 KiB of shared memory; staying well under leaves room for 2+ CTAs.
+MAX_STAGED_BYTES = 96 * 1024
 
 
 # From this many (sequence, head) states on, the large-batch tile is used (per state dtype).
@@ -74,7 +76,7 @@ class DecodeConfig:
         B = 1 vs 3.73 staged), bf16 stages it (3.40 vs 3.68). Large batches: 16 lanes per row,
         8 rows per thread, staged (see LARGE_BATCH_HEADS).
         """
-        vec = 16 // (4 if state_dtype == "float32" else 2)
+        vec = _vec(state_dtype)
         if large_batch and head_k_dim % (vec * 16) == 0 and head_v_dim % 64 == 0:
             return cls(threads_per_row=16, rows_per_pass=8, rows_per_thread=8, smem_staging=True)
         tpr = 8
@@ -87,8 +89,13 @@ class DecodeConfig:
                    smem_staging=state_dtype == "bfloat16")
 
     def rowmap(self, head_k_dim: int, state_dtype: str) -> RowMap:
-        vec = 16 // (4 if state_dtype == "float32" else 2)
-        return RowMap(head_k_dim, vec, self.threads_per_row, self.rows_per_pass, self.rows_per_thread)
+        return RowMap(head_k_dim, _vec(state_dtype), self.threads_per_row, self.rows_per_pass, self.rows_per_thread)
+
+
+def _vec(state_dtype: str) -> int:
+    """State elements per 16-byte vector."""
+    return 16 // (4 if state_dtype == "float32" else 2)
+
 
 
 def can_implement(
@@ -124,6 +131,9 @@ def can_implement(
         return f"threads_per_row * rows_per_pass must be a multiple of 32 up to 1024, got {rm.threads}"
     if head_v_dim % rm.tile_rows != 0:
         return f"tile of {rm.tile_rows} rows does not divide head_v_dim {head_v_dim}"
+    tile_bytes = rm.tile_rows * head_k_dim * (4 if state_dtype == "float32" else 2)
+    if config.smem_staging and tile_bytes > MAX_STAGED_BYTES:
+        return f"a staged tile of {tile_bytes} bytes exceeds {MAX_STAGED_BYTES} bytes of shared memory"
     return None
 
 
