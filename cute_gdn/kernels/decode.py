@@ -48,13 +48,13 @@ MAX_STAGED_BYTES = 96 * 1024
 
 
 # From this many (sequence, head) states on, the large-batch tile is used (per state dtype).
-# Measured on an H200 (bench_decode.py --sweep, cold L2, graph replay, HV = 32, permuted slots):
-# the 64-row tile staged through shared memory (16 lanes per row, 8 rows per thread, cp.async)
-# reaches 89.9/94.1/94.8% of the copy bandwidth at B = 64/256/512 with fp32 state against
-# 88.4/93.4/94.1% for the best register tile, and with bf16 state 71.2/82.7/89.4/90.6% at
-# B = 16/64/256/512 against 67.9/80.8/87.7/87.8% for the small-batch tile. It loses at small B:
-# fp32 B = 16 78.4 vs 79.6%, B = 1 4.4 vs 3.5 us.
-LARGE_BATCH_HEADS = {"float32": 1024, "bfloat16": 512}
+# Measured on an H200 (bench_decode.py --sweep, cold L2, graph replay, permuted slots): the 64-row
+# tile staged through shared memory (16 lanes per row, 8 rows per thread, cp.async) reaches
+# 89.9/94.1/94.8% of the copy bandwidth at B = 64/256/512 (HV = 32) with fp32 state against
+# 88.4/93.4/94.1% for the best register tile, but loses at B = 16 (78.4 vs 79.6%) and B = 1
+# (4.4 vs 3.5 us). With bf16 state it wins from 256 states on (HV = 16, B = 16: 7.15 vs 7.62 us;
+# HV = 32, B = 16: 11.2 vs 12.0 us) and ties below (HV = 16, B = 4/8: 4.1/5.1 vs 4.0/5.1 us).
+LARGE_BATCH_HEADS = {"float32": 1024, "bfloat16": 256}
 
 
 @dataclass(frozen=True)
