@@ -215,29 +215,43 @@ class GdnDecodeSm90:
         rV = self.load_v_rows(mV[b, 0, hv, None], row0, row_group)
         if slot >= 0:
             tSgS = state_tile_view(rm, mState[slot, hv, None, None], row0, row_group, lane)
-            if cutlass.const_expr(self.config.smem_staging):
-                tSsS = self.stage_state(tSgS, tidx)
-            else:
-                rS = make_state_fragment(rm, mState.element_type)
-                cute.autovec_copy(tSgS, rS)
+            tS = self.load_state(tSgS, tidx)
             rK, rQ, kq = self.normalize_qk(rK_raw, rQ_raw, scale)
             decay, beta = gate_decay_beta(self.gate_mode, gate_a, gate_b, a_log, dt_bias)
-            gO = mO[b, 0, hv, None]
-            if cutlass.const_expr(self.config.smem_staging):
-                cute.arch.cp_async_wait_group(0)
-                for r in cutlass.range_constexpr(rm.rows_per_thread):
-                    rRow = cute.make_rmem_tensor_like(tSsS[r, None, None])
-                    cute.autovec_copy(tSsS[r, None, None], rRow)
-                    self.decay_and_update_row(rRow, rK, rQ, kq, decay, beta, rV[r], gO,
-                                              row0 + r * rm.rows_per_pass + row_group, lane)
-                    cute.autovec_copy(rRow, tSgS[r, None, None])
-            else:
-                for r in cutlass.range_constexpr(rm.rows_per_thread):
-                    self.decay_and_update_row(rS[r, None, None], rK, rQ, kq, decay, beta, rV[r], gO,
-                                              row0 + r * rm.rows_per_pass + row_group, lane)
-                cute.autovec_copy(rS, tSgS)
+            self.decay_and_update(tS, tSgS, rK, rQ, kq, decay, beta, rV, mO[b, 0, hv, None],
+                                  row0, row_group, lane)
         else:
             self.store_zero_output(mO[b, 0, hv, None], row0, row_group, lane)
+
+    @cute.jit
+    def load_state(self, tSgS: cute.Tensor, tidx):
+        """Issue the loads of this thread's state tile: into registers, or (smem_staging) by
+        cp.async into shared memory. Returns the (rows_per_thread, vecs_per_thread, vec) tile."""
+        if cutlass.const_expr(self.config.smem_staging):
+            return self.stage_state(tSgS, tidx)
+        else:
+            rS = make_state_fragment(self.rowmap, tSgS.element_type)
+            cute.autovec_copy(tSgS, rS)
+            return rS
+
+    @cute.jit
+    def decay_and_update(self, tS: cute.Tensor, tSgS: cute.Tensor, rK, rQ, kq, decay, beta,
+                         rV: cute.Tensor, gO: cute.Tensor, row0, row_group, lane):
+        """The delta-rule update of every row of the loaded tile, stored back to the pool."""
+        rm = self.rowmap
+        if cutlass.const_expr(self.config.smem_staging):
+            cute.arch.cp_async_wait_group(0)
+            for r in cutlass.range_constexpr(rm.rows_per_thread):
+                rRow = cute.make_rmem_tensor_like(tS[r, None, None])
+                cute.autovec_copy(tS[r, None, None], rRow)
+                self.decay_and_update_row(rRow, rK, rQ, kq, decay, beta, rV[r], gO,
+                                          row0 + r * rm.rows_per_pass + row_group, lane)
+                cute.autovec_copy(rRow, tSgS[r, None, None])
+        else:
+            for r in cutlass.range_constexpr(rm.rows_per_thread):
+                self.decay_and_update_row(tS[r, None, None], rK, rQ, kq, decay, beta, rV[r], gO,
+                                          row0 + r * rm.rows_per_pass + row_group, lane)
+            cute.autovec_copy(tS, tSgS)
 
     @cute.jit
     def stage_state(self, tSgS: cute.Tensor, tidx):
