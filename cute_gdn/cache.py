@@ -195,8 +195,8 @@ class KernelCache:
     def __init__(self, cache_dir: str | os.PathLike | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._loaded: dict[KernelKey, Any] = {}
-        # The ops' hot-path index: a tuple of call attributes (dtypes, dims) -> loaded kernel, so an
-        # eager call does not rebuild its KernelKey.
+        # The ops' hot-path index: a tuple of call attributes (dtypes, dims) -> what the op needs to
+        # launch (its loaded kernels), so an eager call does not rebuild its KernelKeys.
         self.by_signature: dict[tuple, Any] = {}
         self._modules: list[Any] = []  # keep the JIT engines alive
         self.compiles = 0   # kernels this process compiled (through spawned workers)
@@ -222,7 +222,8 @@ class KernelCache:
         return self._load(key)
 
     def compile(self, keys: Iterable[KernelKey], jobs: int = 1) -> None:
-        missing = [k for k in keys if not self.on_disk(k)]
+        """Compile the keys missing from disk (each once, however often it is listed)."""
+        missing = [k for k in dict.fromkeys(keys) if not self.on_disk(k)]
         if not missing:
             return
         for key, status, _, err in compile_many(missing, self.cache_dir, jobs):

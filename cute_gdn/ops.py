@@ -32,7 +32,8 @@ def decode_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: 
 
 
 def decode_keys(**kwargs) -> tuple[KernelKey, KernelKey]:
-    """The (small-batch, large-batch) kernel pair one decode call signature dispatches between."""
+    """The (small-batch, large-batch) kernel pair one decode call signature dispatches between;
+    the two keys are equal where a head dim admits only one tile."""
     return decode_key(**kwargs, large_batch=False), decode_key(**kwargs, large_batch=True)
 
 
@@ -148,11 +149,9 @@ def _decode_kernels(cache, sig, args, use_qk_l2norm, allow_compile, check_config
                        dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm)
     for key in keys:
         can_implement_key(key)
-    keys = tuple(dict.fromkeys(keys))
     if allow_compile:
-        cache.compile(keys, jobs=len(keys))
-    fns = tuple(cache.get(key, allow_compile=allow_compile) for key in keys)
-    fns = fns if len(fns) == 2 else fns * 2
-    entry = (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], *fns)
+        cache.compile(keys, jobs=2)
+    small, large = (cache.get(key, allow_compile=allow_compile) for key in keys)
+    entry = (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
     cache.by_signature[sig] = entry
     return entry

@@ -75,9 +75,7 @@ class GDNKernels:
     def warmup(self, jobs: Optional[int] = None) -> "GDNKernels":
         """Load every kernel of this config (compiling the missing ones); then freeze the set."""
         t0 = time.perf_counter()
-        missing = [k for k in self.keys if not self.cache.on_disk(k)]
-        if missing:
-            self.cache.compile(missing, jobs=jobs or min(len(missing), os.cpu_count() or 1))
+        self.cache.compile(self.keys, jobs=jobs or os.cpu_count() or 1)
         for key in self.keys:
             self.cache.get(key, allow_compile=False)
         self.warm = True
