@@ -124,3 +124,19 @@ def output(out, expected: tuple, dtype, device) -> None:
     tensor("out", out, len(expected), (dtype,), device)
     shape("out", out, expected)
     unit_last_stride("out", out)
+
+
+def cache(name: str, x, state: torch.Tensor) -> None:
+    """A verify cache [cache_slots, cache_steps, HV, V, K] that matches the state pool."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != state.dtype:
+        raise TypeError(f"{name} must have the state's dtype {state.dtype}, got {x.dtype}")
+    if x.dim() != 5 or tuple(x.shape[2:]) != tuple(state.shape[1:]) or x.shape[1] < 1:
+        raise ValueError(f"{name} must have shape [cache_slots, cache_steps, {', '.join(map(str, state.shape[1:]))}] "
+                         f"with cache_steps >= 1, got {list(x.shape)}")
+    if x.device != state.device:
+        raise ValueError(f"{name} is on {x.device}, expected {state.device}")
+    contiguous(name, x)
+    if x.data_ptr() % 16:
+        raise ValueError(f"{name} must start on a 16-byte boundary")

@@ -38,6 +38,8 @@ _PKG_DIR = Path(__file__).resolve().parent
 # op name -> "module:function" of its tensor-free compile function.
 COMPILERS = {
     "decode": "cute_gdn.kernels.decode:compile_decode",
+    "verify": "cute_gdn.kernels.verify:compile_verify",
+    "commit": "cute_gdn.kernels.commit:compile_commit",
 }
 
 
@@ -77,7 +79,7 @@ class KernelKey:
 
 _SHORT = {"io_dtype": "io", "state_dtype": "state", "num_heads": "H", "num_v_heads": "HV", "head_k_dim": "K",
           "head_v_dim": "V", "pool_size": "pool", "gate_mode": "gates", "dt_bias_dtype": "dt_bias",
-          "use_qk_l2norm": "l2norm", "config": "tile", "cache_steps": "steps",
+          "use_qk_l2norm": "l2norm", "config": "tile", "cache_steps": "steps", "num_tokens": "T",
           "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 

@@ -10,14 +10,19 @@ Validation is in two tiers so that an eager call costs a few microseconds of hos
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import inspect
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from . import _checks as chk
 from .cache import KernelCache, KernelKey, default_cache
+from .kernels import commit as commit_kernel
+from .kernels import decode as decode_kernel
+from .kernels import verify as verify_kernel
+from .kernels.commit import CommitConfig
 from .kernels.decode import LARGE_BATCH_HEADS, DecodeConfig
-from .kernels.decode import can_implement as can_implement_decode
+from .kernels.verify import MAX_TOKENS, VerifyConfig
 
 
 def decode_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
@@ -37,43 +42,88 @@ def decode_keys(**kwargs) -> tuple[KernelKey, KernelKey]:
     return decode_key(**kwargs, large_batch=False), decode_key(**kwargs, large_batch=True)
 
 
+def verify_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
+               head_v_dim: int, pool_size: int, num_tokens: int, cache_steps: int, gate_mode: str,
+               dt_bias_dtype: Optional[str], use_qk_l2norm: bool, config: Optional[VerifyConfig] = None) -> KernelKey:
+    """The key of one verify kernel (T = num_tokens tokens per sequence); without `config`, the heuristic tile."""
+    return KernelKey.make(
+        "verify", io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads, num_v_heads=num_v_heads,
+        head_k_dim=head_k_dim, head_v_dim=head_v_dim, pool_size=pool_size, num_tokens=num_tokens,
+        cache_steps=cache_steps, gate_mode=gate_mode, dt_bias_dtype=dt_bias_dtype, use_qk_l2norm=bool(use_qk_l2norm),
+        config=config or VerifyConfig.heuristic(head_k_dim, head_v_dim, state_dtype))
+
+
+def commit_key(*, state_dtype: str, num_v_heads: int, head_k_dim: int, head_v_dim: int, pool_size: int,
+               cache_steps: int, layers: str = "tensor", config: Optional[CommitConfig] = None) -> KernelKey:
+    """The key of one commit kernel: one layer's tensors (layers="tensor") or a LayerTable ("table")."""
+    return KernelKey.make(
+        "commit", state_dtype=state_dtype, num_v_heads=num_v_heads, head_k_dim=head_k_dim, head_v_dim=head_v_dim,
+        pool_size=pool_size, cache_steps=cache_steps, layers=layers,
+        config=config or CommitConfig.heuristic(head_k_dim, head_v_dim, state_dtype))
+
+
+_CAN_IMPLEMENT = {"decode": decode_kernel.can_implement, "verify": verify_kernel.can_implement,
+                  "commit": commit_kernel.can_implement}
+
+
 def can_implement_key(key: KernelKey) -> None:
     """The kernel's can_implement, turned into a ValueError."""
-    kw = key.kwargs
-    reason = can_implement_decode(kw["io_dtype"], kw["state_dtype"], kw["num_heads"], kw["num_v_heads"],
-                                  kw["head_k_dim"], kw["head_v_dim"], kw["gate_mode"], kw["dt_bias_dtype"],
-                                  kw["config"])
+    fn = _CAN_IMPLEMENT[key.op]
+    params = inspect.signature(fn).parameters
+    reason = fn(**{name: value for name, value in key.params if name in params})
     if reason is not None:
         raise ValueError(f"unsupported {key.op} configuration: {reason}")
 
 
-def validate_decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out) -> tuple[str, Optional[str]]:
-    """Every check of decode's arguments; returns (gate mode, dt_bias dtype name)."""
+def _validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
+                     op: str, max_tokens: int) -> tuple[str, Optional[str]]:
+    """Checks shared by decode and verify: q/k/v/gates/out [B, T, ...] with 1 <= T <= max_tokens, the
+    state pool and its indices. Returns (gate mode, dt_bias dtype name)."""
     chk.tensor("q", q, 4, chk.IO_DTYPES)
     device = q.device
     if device.type != "cuda":
         raise ValueError(f"q must be on a CUDA device, got {device}")
     B, T, H, K = q.shape
-    if T != 1:
+    if max_tokens == 1 and T != 1:
         raise ValueError(f"decode takes one token per sequence: q must be [B, 1, H, K], got {list(q.shape)}")
+    if not 1 <= T <= max_tokens:
+        raise ValueError(f"{op} takes 1 to {max_tokens} tokens per sequence: q is [B, T, H, K] with T={T}")
     if B > chk.MAX_BATCH:
-        raise ValueError(f"decode supports at most {chk.MAX_BATCH} sequences, got B={B}")
+        raise ValueError(f"{op} supports at most {chk.MAX_BATCH} sequences, got B={B}")
     chk.vector_aligned("q", q)
     chk.tensor("k", k, 4, (q.dtype,), device)
-    chk.shape("k", k, (B, 1, H, K))
+    chk.shape("k", k, (B, T, H, K))
     chk.vector_aligned("k", k)
     chk.tensor("v", v, 4, (q.dtype,), device)
     HV, V = v.shape[2], v.shape[3]
-    chk.shape("v", v, (B, 1, HV, V))
+    chk.shape("v", v, (B, T, HV, V))
     chk.unit_last_stride("v", v)
     if HV % H != 0:
         raise ValueError(f"v heads ({HV}) must be a multiple of q/k heads ({H})")
     mode = chk.gate_mode(a, b, A_log, dt_bias, g, beta)
-    bias_dtype = chk.gates(mode, a, b, A_log, dt_bias, g, beta, (B, 1), HV, q.dtype, device)
+    bias_dtype = chk.gates(mode, a, b, A_log, dt_bias, g, beta, (B, T), HV, q.dtype, device)
     chk.state_pool("state", state, HV, V, K, device)
     chk.indices("state_indices", state_indices, B, device)
     if out is not None:
-        chk.output(out, (B, 1, HV, V), q.dtype, device)
+        chk.output(out, (B, T, HV, V), q.dtype, device)
+    return mode, bias_dtype
+
+
+def validate_decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out) -> tuple[str, Optional[str]]:
+    """Every check of decode's arguments; returns (gate mode, dt_bias dtype name)."""
+    return _validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out, "decode", 1)
+
+
+def validate_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices,
+                    out) -> tuple[str, Optional[str]]:
+    """Every check of verify's arguments; returns (gate mode, dt_bias dtype name)."""
+    mode, bias_dtype = _validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
+                                        "verify", MAX_TOKENS)
+    chk.cache("cache", cache, state)
+    if q.shape[1] > cache.shape[1]:
+        raise ValueError(f"q has T={q.shape[1]} tokens per sequence but cache has only cache_steps={cache.shape[1]}")
+    if cache_indices is not None:
+        chk.indices("cache_indices", cache_indices, q.shape[0], q.device)
     return mode, bias_dtype
 
 
@@ -147,11 +197,261 @@ def _decode_kernels(cache, sig, args, use_qk_l2norm, allow_compile, check_config
                        num_heads=q.shape[2], num_v_heads=v.shape[2], head_k_dim=q.shape[3],
                        head_v_dim=v.shape[3], pool_size=state.shape[0], gate_mode=mode,
                        dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm)
+    small, large = _load(cache, keys, allow_compile)
+    entry = (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
+    cache.by_signature[sig] = entry
+    return entry
+
+
+def _load(cache: KernelCache, keys: Sequence[KernelKey], allow_compile: bool) -> list:
+    """Check, (compile,) load: the loaded functions of `keys`."""
     for key in keys:
         can_implement_key(key)
     if allow_compile:
         cache.compile(keys, jobs=2)
-    small, large = (cache.get(key, allow_compile=allow_compile) for key in keys)
-    entry = (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
-    cache.by_signature[sig] = entry
-    return entry
+    return [cache.get(key, allow_compile=allow_compile) for key in keys]
+
+
+# cache_indices=None means arange(B): one int32 arange per device, grown as needed. Tensors are never
+# freed (a captured CUDA graph may hold one), and none is created for the memo during a capture (it
+# would hold no data until the first replay).
+_IDENTITY: dict[torch.device, torch.Tensor] = {}
+_IDENTITY_KEEP: list[torch.Tensor] = []
+
+
+def _identity_indices(batch: int, device: torch.device) -> torch.Tensor:
+    ids = _IDENTITY.get(device)
+    if ids is None or ids.shape[0] < batch:
+        if torch.cuda.is_current_stream_capturing():
+            return torch.arange(batch, dtype=torch.int32, device=device)
+        ids = torch.arange(max(batch, 256), dtype=torch.int32, device=device)
+        _IDENTITY[device] = ids
+        _IDENTITY_KEEP.append(ids)
+    return ids[:batch]
+
+
+def verify(
+    q: torch.Tensor,  # [B, T, H, K] bf16/fp16, 1 <= T <= cache_steps
+    k: torch.Tensor,  # [B, T, H, K]
+    v: torch.Tensor,  # [B, T, HV, V]
+    a: Optional[torch.Tensor] = None,  # [B, T, HV] raw gate (io dtype)
+    b: Optional[torch.Tensor] = None,  # [B, T, HV] raw beta logit (io dtype)
+    *,
+    A_log: Optional[torch.Tensor] = None,    # [HV] fp32
+    dt_bias: Optional[torch.Tensor] = None,  # [HV] fp32 or bf16
+    g: Optional[torch.Tensor] = None,        # [B, T, HV] fp32 (instead of a, A_log, dt_bias)
+    beta: Optional[torch.Tensor] = None,     # [B, T, HV] fp32 (instead of b)
+    state: torch.Tensor,          # [pool_size, HV, V, K] fp32 or bf16, read only
+    state_indices: torch.Tensor,  # [B] int32; < 0 = padding
+    cache: torch.Tensor,          # [cache_slots, cache_steps, HV, V, K], the state's dtype
+    cache_indices: Optional[torch.Tensor] = None,  # [B] int32; None = arange(B)
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = True,
+    out: Optional[torch.Tensor] = None,  # [B, T, HV, V] io dtype
+    _cache: Optional[KernelCache] = None,
+    _allow_compile: bool = True,
+    _check_config: Optional[Callable] = None,
+) -> torch.Tensor:
+    """Speculative verify of T tokens per sequence: o, and cache[cache_indices[b], t] = the state after
+    token t. The pool is not written; `commit` adopts the accepted step."""
+    kcache = _cache or default_cache()
+    args = (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, out)
+    raw = g is None
+    if raw != (beta is None) or raw == (a is None) or raw == (b is None) or raw == (A_log is None) \
+            or raw == (dt_bias is None):
+        validate_verify(*args)  # not exactly one gate set: raises
+    try:
+        B, T, H, K = q.shape
+        _, _, HV, V = v.shape
+        sig = ("verify", q.dtype, state.dtype, H, K, T, HV, V, state.shape[0], cache.shape[1],
+               dt_bias.dtype if raw else None, bool(use_qk_l2norm), q.get_device() == state.get_device())
+    except (AttributeError, ValueError, TypeError):
+        validate_verify(*args)
+        raise
+    fn = kcache.by_signature.get(sig)
+    if fn is None or B > chk.MAX_BATCH:
+        mode, bias_dtype = validate_verify(*args)
+        if _check_config is not None:
+            _check_config(q, state, cache)
+        key = verify_key(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype], num_heads=H,
+                         num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0], num_tokens=T,
+                         cache_steps=cache.shape[1], gate_mode=mode, dt_bias_dtype=bias_dtype,
+                         use_qk_l2norm=use_qk_l2norm)
+        fn, = _load(kcache, [key], _allow_compile)
+        kcache.by_signature[sig] = fn
+    if chk.DEBUG:
+        validate_verify(*args)
+        chk.debug_indices("state_indices", state_indices, state.shape[0])
+        if cache_indices is not None:
+            chk.debug_indices("cache_indices", cache_indices[state_indices >= 0], cache.shape[0])
+    if out is None:
+        out = torch.empty_like(v)
+    if B == 0:
+        return out
+    if scale is None:
+        scale = K ** -0.5
+    if cache_indices is None:
+        cache_indices = _identity_indices(B, q.device)
+    try:
+        if raw:
+            fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, cache, cache_indices, out, scale)
+        else:
+            fn(q, k, v, g, beta, None, None, state, state_indices, cache, cache_indices, out, scale)
+    except (ValueError, TypeError):
+        validate_verify(*args)
+        raise
+    return out
+
+
+def validate_commit(state, state_indices, cache, cache_indices, accepted_steps) -> None:
+    chk.tensor("state", state, 4, tuple(chk.STATE_DTYPES))
+    if state.device.type != "cuda":
+        raise ValueError(f"state must be on a CUDA device, got {state.device}")
+    chk.state_pool("state", state, *state.shape[1:], state.device)
+    chk.tensor("state_indices", state_indices, 1, (torch.int32,), state.device)
+    _validate_commit_batch(state_indices, cache_indices, accepted_steps, state.device)
+    chk.cache("cache", cache, state)
+
+
+def _validate_commit_batch(state_indices, cache_indices, accepted_steps, device) -> None:
+    B = state_indices.shape[0]
+    if B > chk.MAX_BATCH:
+        raise ValueError(f"commit supports at most {chk.MAX_BATCH} sequences, got B={B}")
+    chk.indices("state_indices", state_indices, B, device)
+    if cache_indices is not None:
+        chk.indices("cache_indices", cache_indices, B, device)
+    chk.indices("accepted_steps", accepted_steps, B, device)
+
+
+def commit(
+    state: torch.Tensor,          # [pool_size, HV, V, K], written in place
+    state_indices: torch.Tensor,  # [B] int32; < 0 = padding
+    cache: torch.Tensor,          # [cache_slots, cache_steps, HV, V, K]
+    cache_indices: Optional[torch.Tensor],  # [B] int32; None = arange(B)
+    accepted_steps: torch.Tensor,  # [B] int32 in [0, cache_steps]; 0 = keep the slot as it is
+    *,
+    _cache: Optional[KernelCache] = None,
+    _allow_compile: bool = True,
+    _check_config: Optional[Callable] = None,
+) -> None:
+    """state[state_indices[b]] = cache[cache_indices[b], accepted_steps[b] - 1] where accepted_steps[b] >= 1."""
+    kcache = _cache or default_cache()
+    args = (state, state_indices, cache, cache_indices, accepted_steps)
+    try:
+        pool, HV, V, K = state.shape
+        B = state_indices.shape[0]
+        sig = ("commit", state.dtype, HV, V, K, pool, cache.shape[1], state.get_device() == cache.get_device())
+    except (AttributeError, ValueError, TypeError):
+        validate_commit(*args)
+        raise
+    fn = kcache.by_signature.get(sig)
+    if fn is None or B > chk.MAX_BATCH:
+        validate_commit(*args)
+        if _check_config is not None:
+            _check_config(None, state, cache)
+        key = commit_key(state_dtype=chk.STATE_DTYPES[state.dtype], num_v_heads=HV, head_k_dim=K, head_v_dim=V,
+                         pool_size=pool, cache_steps=cache.shape[1])
+        fn, = _load(kcache, [key], _allow_compile)
+        kcache.by_signature[sig] = fn
+    if chk.DEBUG:
+        validate_commit(*args)
+        _debug_commit(state_indices, cache_indices, accepted_steps, pool, cache.shape[0], cache.shape[1])
+    if B == 0:
+        return
+    if cache_indices is None:
+        cache_indices = _identity_indices(B, state.device)
+    try:
+        fn(state, state_indices, cache, cache_indices, accepted_steps)
+    except (ValueError, TypeError):
+        validate_commit(*args)
+        raise
+
+
+def _debug_commit(state_indices, cache_indices, accepted_steps, pool_size, cache_slots, cache_steps) -> None:
+    chk.debug_indices("state_indices", state_indices, pool_size)
+    live = state_indices >= 0
+    if cache_indices is not None:
+        chk.debug_indices("cache_indices", cache_indices[live], cache_slots)
+    bad = accepted_steps[live]
+    bad = bad[(bad < 0) | (bad > cache_steps)]
+    if bad.numel():
+        raise ValueError(f"accepted_steps has an entry {int(bad[0])} outside [0, cache_steps={cache_steps}]")
+
+
+class LayerTable:
+    """Many layers' state pools and verify caches, for `commit_layers` (one launch for all layers).
+
+    states: a sequence of per-layer pools [pool_size, HV, V, K] or one stacked tensor [L, pool_size, HV, V,
+    K]; caches likewise ([cache_slots, cache_steps, HV, V, K] per layer). Every layer has the same shapes,
+    dtype and device. Built once (it copies L base addresses to the GPU, so build it before CUDA-graph
+    capture); it holds references to the tensors, so the addresses stay valid while it lives.
+    """
+
+    def __init__(self, states, caches):
+        self.states = list(states.unbind(0)) if isinstance(states, torch.Tensor) else list(states)
+        self.caches = list(caches.unbind(0)) if isinstance(caches, torch.Tensor) else list(caches)
+        if not self.states:
+            raise ValueError("states must hold at least one layer")
+        if len(self.caches) != len(self.states):
+            raise ValueError(f"caches must hold one tensor per layer: {len(self.states)} states, "
+                             f"{len(self.caches)} caches")
+        first = self.states[0]
+        chk.tensor("states[0]", first, 4, tuple(chk.STATE_DTYPES))
+        if first.device.type != "cuda":
+            raise ValueError(f"states must be on a CUDA device, got {first.device}")
+        for i, (state, cache) in enumerate(zip(self.states, self.caches)):
+            chk.tensor(f"states[{i}]", state, 4, (first.dtype,), first.device)
+            chk.shape(f"states[{i}]", state, tuple(first.shape))
+            chk.state_pool(f"states[{i}]", state, *first.shape[1:], first.device)
+            chk.cache(f"caches[{i}]", cache, state)
+            chk.shape(f"caches[{i}]", cache, tuple(self.caches[0].shape))
+        self.dtype = first.dtype
+        self.device = first.device
+        self.pool_size, self.num_v_heads, self.head_v_dim, self.head_k_dim = first.shape
+        self.cache_slots, self.cache_steps = self.caches[0].shape[:2]
+        self.state_ptrs = torch.tensor([t.data_ptr() for t in self.states], dtype=torch.int64, device=self.device)
+        self.cache_ptrs = torch.tensor([t.data_ptr() for t in self.caches], dtype=torch.int64, device=self.device)
+
+    def __len__(self) -> int:
+        return len(self.states)
+
+
+def commit_layers(
+    layers: LayerTable,
+    state_indices: torch.Tensor,   # [B] int32; < 0 = padding
+    cache_indices: Optional[torch.Tensor],  # [B] int32; None = arange(B)
+    accepted_steps: torch.Tensor,  # [B] int32 in [0, cache_steps]
+    *,
+    _cache: Optional[KernelCache] = None,
+    _allow_compile: bool = True,
+) -> None:
+    """`commit` of the same batch in every layer of `layers`, in one launch."""
+    if not isinstance(layers, LayerTable):
+        raise TypeError(f"layers must be a cute_gdn.LayerTable, got {type(layers).__name__}")
+    kcache = _cache or default_cache()
+    sig = ("commit_layers", layers.dtype, layers.num_v_heads, layers.head_v_dim, layers.head_k_dim, layers.pool_size,
+           layers.cache_steps)
+    fn = kcache.by_signature.get(sig)
+    if fn is None or chk.DEBUG or not isinstance(state_indices, torch.Tensor) \
+            or state_indices.shape[0] > chk.MAX_BATCH:
+        chk.tensor("state_indices", state_indices, 1, (torch.int32,), layers.device)
+        _validate_commit_batch(state_indices, cache_indices, accepted_steps, layers.device)
+        if chk.DEBUG:
+            _debug_commit(state_indices, cache_indices, accepted_steps, layers.pool_size, layers.cache_slots,
+                          layers.cache_steps)
+    if fn is None:
+        key = commit_key(state_dtype=chk.STATE_DTYPES[layers.dtype], num_v_heads=layers.num_v_heads,
+                         head_k_dim=layers.head_k_dim, head_v_dim=layers.head_v_dim, pool_size=layers.pool_size,
+                         cache_steps=layers.cache_steps, layers="table")
+        fn, = _load(kcache, [key], _allow_compile)
+        kcache.by_signature[sig] = fn
+    B = state_indices.shape[0]
+    if B == 0:
+        return
+    if cache_indices is None:
+        cache_indices = _identity_indices(B, layers.device)
+    try:
+        fn(layers.state_ptrs, state_indices, layers.cache_ptrs, cache_indices, accepted_steps)
+    except (ValueError, TypeError):
+        _validate_commit_batch(state_indices, cache_indices, accepted_steps, layers.device)
+        raise

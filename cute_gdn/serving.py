@@ -25,14 +25,24 @@ GATE_VARIANTS = (("raw", "float32"), ("raw", "bfloat16"), ("precomputed", None))
 def config_keys(num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, *, pool_size: int,
                 cache_steps: int = 0, state_dtype: str = "float32", io_dtype: str = "bfloat16",
                 use_qk_l2norm: bool = True) -> list[KernelKey]:
-    """Every kernel a serving config can need (decode now; verify/prefill join as they land)."""
+    """Every kernel a serving config can need: decode (both tiles) for every gate variant, and with
+    cache_steps > 0, verify for every T in 1..cache_steps and gate variant, plus commit (one layer and
+    a LayerTable)."""
     keys = []
+    problem = dict(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads, num_v_heads=num_v_heads,
+                   head_k_dim=head_k_dim, head_v_dim=head_v_dim, pool_size=pool_size, use_qk_l2norm=use_qk_l2norm)
     for gate_mode, bias in GATE_VARIANTS:
-        keys += ops.decode_keys(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads,
-                                num_v_heads=num_v_heads, head_k_dim=head_k_dim, head_v_dim=head_v_dim,
-                                pool_size=pool_size, gate_mode=gate_mode, dt_bias_dtype=bias,
-                                use_qk_l2norm=use_qk_l2norm)
-    return list(dict.fromkeys(keys))  # small and large tiles coincide for some head dims
+        keys += ops.decode_keys(gate_mode=gate_mode, dt_bias_dtype=bias, **problem)
+    if cache_steps > 0:
+        for num_tokens in range(1, cache_steps + 1):
+            for gate_mode, bias in GATE_VARIANTS:
+                keys.append(ops.verify_key(num_tokens=num_tokens, cache_steps=cache_steps, gate_mode=gate_mode,
+                                           dt_bias_dtype=bias, **problem))
+        for layers in ("tensor", "table"):
+            keys.append(ops.commit_key(state_dtype=state_dtype, num_v_heads=num_v_heads, head_k_dim=head_k_dim,
+                                       head_v_dim=head_v_dim, pool_size=pool_size, cache_steps=cache_steps,
+                                       layers=layers))
+    return list(dict.fromkeys(keys))  # small and large decode tiles coincide for some head dims
 
 
 class GDNKernels:
@@ -70,7 +80,7 @@ class GDNKernels:
             ops.can_implement_key(key)
         self.warm = False
         self.warmup_seconds: Optional[float] = None
-        self._modes = {"decode": self.decode}
+        self._modes = {"decode": self.decode, "target_verify": self.target_verify}
 
     def warmup(self, jobs: Optional[int] = None) -> "GDNKernels":
         """Load every kernel of this config (compiling the missing ones); then freeze the set."""
@@ -82,12 +92,17 @@ class GDNKernels:
         self.warmup_seconds = time.perf_counter() - t0
         return self
 
-    def _check_config(self, q: torch.Tensor, state: torch.Tensor) -> None:
+    def _check_config(self, q: Optional[torch.Tensor], state: torch.Tensor,
+                      cache: Optional[torch.Tensor] = None) -> None:
         """Slow-path check (first call of a signature): the tensors belong to this config."""
         expected = (self.pool_size, self.num_v_heads, self.head_v_dim, self.head_k_dim)
         if tuple(state.shape) != expected or state.dtype != self.state_dtype:
             raise ValueError(f"state must be {self.state_dtype} of shape {list(expected)} for this config, "
                              f"got {state.dtype} {list(state.shape)}")
+        if cache is not None:
+            self._check_cache_steps(cache.shape[1])
+        if q is None:
+            return
         if q.dtype != self.io_dtype or tuple(q.shape[2:]) != (self.num_heads, self.head_k_dim):
             raise ValueError(f"q must be {self.io_dtype} [B, T, {self.num_heads}, {self.head_k_dim}] for this "
                              f"config, got {q.dtype} {list(q.shape)}")
@@ -99,6 +114,35 @@ class GDNKernels:
                           state_indices=state_indices, scale=scale, use_qk_l2norm=self.use_qk_l2norm,
                           out=out, _cache=self.cache, _allow_compile=not self.warm,
                           _check_config=self._check_config)
+
+    def _check_cache_steps(self, cache_steps: int) -> None:
+        if cache_steps != self.cache_steps:
+            raise ValueError(f"cache has cache_steps={cache_steps}, but this config was built with "
+                             f"cache_steps={self.cache_steps} (GDNKernels(..., cache_steps=N))")
+
+    def target_verify(self, q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, state,
+                      state_indices, cache, cache_indices=None, scale=None, out=None) -> torch.Tensor:
+        """cute_gdn.verify with this config's kernels (see ops.verify for the arguments)."""
+        return ops.verify(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, state=state,
+                          state_indices=state_indices, cache=cache, cache_indices=cache_indices, scale=scale,
+                          use_qk_l2norm=self.use_qk_l2norm, out=out, _cache=self.cache,
+                          _allow_compile=not self.warm, _check_config=self._check_config)
+
+    def commit(self, state, state_indices, cache, cache_indices, accepted_steps) -> None:
+        """cute_gdn.commit with this config's kernel: adopt the accepted step of every sequence."""
+        ops.commit(state, state_indices, cache, cache_indices, accepted_steps, _cache=self.cache,
+                   _allow_compile=not self.warm, _check_config=self._check_config)
+
+    def layer_table(self, states, caches) -> ops.LayerTable:
+        """A LayerTable of this config's per-layer pools and caches, for commit_layers (build it once)."""
+        table = ops.LayerTable(states, caches)
+        self._check_config(None, table.states[0], table.caches[0])
+        return table
+
+    def commit_layers(self, layers: ops.LayerTable, state_indices, cache_indices, accepted_steps) -> None:
+        """commit of the same batch in every layer of `layers` (from layer_table), in one launch."""
+        ops.commit_layers(layers, state_indices, cache_indices, accepted_steps, _cache=self.cache,
+                          _allow_compile=not self.warm)
 
     def forward(self, mode: str, *args, **kwargs) -> torch.Tensor:
         """The dispatcher: one entry per forward mode of the engine."""

@@ -30,8 +30,9 @@ import cutlass
 import cutlass.cute as cute
 from cutlass import Float32, Int32
 
-from .common.dtypes import BIAS_DTYPES, IO_DTYPES, STATE_DTYPES, cutlass_dtype
-from .common.gates import GATE_MODES, gate_decay_beta
+from .common.dtypes import cutlass_dtype
+from .common.gates import gate_decay_beta
+from .common.problem import check_problem, check_rowmap, state_vec
 from .common.rows import (
     RowMap,
     columns_to_f32,
@@ -42,7 +43,6 @@ from .common.rows import (
     state_tile_view,
 )
 
-MAX_HEAD_DIM = 256
 # Hopper gives a CTA at most 227 KiB of shared memory; staying well under leaves room for 2+ CTAs.
 MAX_STAGED_BYTES = 96 * 1024
 
@@ -76,7 +76,7 @@ class DecodeConfig:
         B = 1 vs 3.73 staged), bf16 stages it (3.40 vs 3.68). Large batches: 16 lanes per row,
         8 rows per thread, staged (see LARGE_BATCH_HEADS).
         """
-        vec = _vec(state_dtype)
+        vec = state_vec(state_dtype)
         if large_batch and head_k_dim % (vec * 16) == 0 and head_v_dim % 64 == 0:
             return cls(threads_per_row=16, rows_per_pass=8, rows_per_thread=8, smem_staging=True)
         tpr = 8
@@ -89,13 +89,7 @@ class DecodeConfig:
                    smem_staging=state_dtype == "bfloat16")
 
     def rowmap(self, head_k_dim: int, state_dtype: str) -> RowMap:
-        return RowMap(head_k_dim, _vec(state_dtype), self.threads_per_row, self.rows_per_pass, self.rows_per_thread)
-
-
-def _vec(state_dtype: str) -> int:
-    """State elements per 16-byte vector."""
-    return 16 // (4 if state_dtype == "float32" else 2)
-
+        return RowMap(head_k_dim, state_vec(state_dtype), self.threads_per_row, self.rows_per_pass, self.rows_per_thread)
 
 
 def can_implement(
@@ -110,27 +104,14 @@ def can_implement(
     config: DecodeConfig,
 ) -> Optional[str]:
     """None if the decode kernel supports this shape and dtype set, else the reason."""
-    if io_dtype not in IO_DTYPES:
-        return f"io dtype must be one of {IO_DTYPES}, got {io_dtype}"
-    if state_dtype not in STATE_DTYPES:
-        return f"state dtype must be one of {STATE_DTYPES}, got {state_dtype}"
-    if gate_mode not in GATE_MODES:
-        return f"gate mode must be one of {GATE_MODES}, got {gate_mode}"
-    if gate_mode == "raw" and dt_bias_dtype not in BIAS_DTYPES:
-        return f"dt_bias dtype must be one of {BIAS_DTYPES}, got {dt_bias_dtype}"
-    if num_heads < 1 or num_v_heads < 1 or num_v_heads % num_heads != 0:
-        return f"num_v_heads ({num_v_heads}) must be a positive multiple of num_heads ({num_heads})"
-    for name, d in (("head_k_dim", head_k_dim), ("head_v_dim", head_v_dim)):
-        if d % 16 != 0 or not 16 <= d <= MAX_HEAD_DIM:
-            return f"{name} must be a multiple of 16 in [16, {MAX_HEAD_DIM}], got {d}"
+    reason = check_problem(io_dtype, state_dtype, num_heads, num_v_heads, head_k_dim, head_v_dim, gate_mode,
+                           dt_bias_dtype)
+    if reason is not None:
+        return reason
     rm = config.rowmap(head_k_dim, state_dtype)
-    tpr = config.threads_per_row
-    if tpr & (tpr - 1) or not 1 <= tpr <= 32 or head_k_dim % (rm.vec * tpr) != 0:
-        return f"threads_per_row {tpr} does not tile head_k_dim {head_k_dim}"
-    if rm.threads % 32 != 0 or rm.threads > 1024:
-        return f"threads_per_row * rows_per_pass must be a multiple of 32 up to 1024, got {rm.threads}"
-    if head_v_dim % rm.tile_rows != 0:
-        return f"tile of {rm.tile_rows} rows does not divide head_v_dim {head_v_dim}"
+    reason = check_rowmap(rm, head_v_dim)
+    if reason is not None:
+        return reason
     tile_bytes = rm.tile_rows * head_k_dim * (4 if state_dtype == "float32" else 2)
     if config.smem_staging and tile_bytes > MAX_STAGED_BYTES:
         return f"a staged tile of {tile_bytes} bytes exceeds {MAX_STAGED_BYTES} bytes of shared memory"
@@ -211,10 +192,10 @@ class GdnDecodeSm90:
         slot = mIndices[b]
         rK_raw = load_columns(rm, mK[b, 0, hk, None], lane)
         rQ_raw = load_columns(rm, mQ[b, 0, hk, None], lane)
-        gate_a, gate_b, a_log, dt_bias = self.load_gates(mGateA, mGateB, mALog, mDtBias, b, hv)
+        gate_a, gate_b, a_log, dt_bias = self.load_gates(mGateA, mGateB, mALog, mDtBias, b, 0, hv)
         rV = self.load_v_rows(mV[b, 0, hv, None], row0, row_group)
         if slot >= 0:
-            tSgS = state_tile_view(rm, mState[slot, hv, None, None], row0, row_group, lane)
+            tSgS = state_tile_view(rm, mState[cutlass.Int64(slot), hv, None, None], row0, row_group, lane)
             tS = self.load_state(tSgS, tidx)
             rK, rQ, kq = self.normalize_qk(rK_raw, rQ_raw, scale)
             decay, beta = gate_decay_beta(self.gate_mode, gate_a, gate_b, a_log, dt_bias)
@@ -296,12 +277,12 @@ class GdnDecodeSm90:
         return rK, rQ, dot_columns(rm, rK, rQ)
 
     @cute.jit
-    def load_gates(self, mGateA, mGateB, mALog, mDtBias, b, hv):
-        """The gate inputs of (b, hv) as loaded scalars; A_log and dt_bias are None for precomputed gates."""
+    def load_gates(self, mGateA, mGateB, mALog, mDtBias, b, t, hv):
+        """The gate inputs of (b, t, hv) as loaded scalars; A_log and dt_bias are None for precomputed gates."""
         if cutlass.const_expr(self.gate_mode == "raw"):
-            return mGateA[b, 0, hv], mGateB[b, 0, hv], mALog[hv], mDtBias[hv]
+            return mGateA[b, t, hv], mGateB[b, t, hv], mALog[hv], mDtBias[hv]
         else:
-            return mGateA[b, 0, hv], mGateB[b, 0, hv], None, None
+            return mGateA[b, t, hv], mGateB[b, t, hv], None, None
 
     @cute.jit
     def load_v_rows(self, gV: cute.Tensor, row0, row_group):

@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE,
                    help="state pool slots, as the engine allocates them (compile-time)")
     p.add_argument("--cache-steps", type=int, default=0,
-                   help="MTP verify steps (compile-time); the verify/commit kernels are not in this version")
+                   help="MTP verify steps = the engine's draft tokens per sequence (compile-time); > 0 also "
+                        "builds verify for T = 1..N and commit (default 0: decode only)")
     p.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--io-dtype", choices=("bfloat16", "float16"), default="bfloat16")
     p.add_argument("--no-qk-l2norm", action="store_true", help="the model does not L2-normalize q and k")
@@ -75,11 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     jobs = args.jobs or min(len(keys), os.cpu_count() or 1)
     print(f"cute-gdn-precompile: H={heads} HV={v_heads} K=V={dim} pool_size={args.pool_size} "
+          f"cache_steps={args.cache_steps} "
           f"state={args.state_dtype} io={args.io_dtype} qk_l2norm={not args.no_qk_l2norm} (per rank, tp={args.tp})")
     print(f"cache: {cache_dir}/{fingerprint()}  ({len(keys)} kernels, {jobs} processes)")
-    if args.cache_steps:
-        print(f"note: --cache-steps {args.cache_steps}: verify/commit kernels are not in this version; "
-              "building the decode kernels only")
     t0 = time.perf_counter()
     done = [0]
 
