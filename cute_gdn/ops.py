@@ -22,6 +22,7 @@ from .kernels import decode as decode_kernel
 from .kernels import verify as verify_kernel
 from .kernels.commit import CommitConfig
 from .kernels.decode import LARGE_BATCH_HEADS, DecodeConfig
+from .kernels.verify import LARGE_BATCH_HEADS as VERIFY_LARGE_BATCH_HEADS
 from .kernels.verify import MAX_TOKENS, VerifyConfig
 
 
@@ -44,13 +45,20 @@ def decode_keys(**kwargs) -> tuple[KernelKey, KernelKey]:
 
 def verify_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
                head_v_dim: int, pool_size: int, num_tokens: int, cache_steps: int, gate_mode: str,
-               dt_bias_dtype: Optional[str], use_qk_l2norm: bool, config: Optional[VerifyConfig] = None) -> KernelKey:
-    """The key of one verify kernel (T = num_tokens tokens per sequence); without `config`, the heuristic tile."""
+               dt_bias_dtype: Optional[str], use_qk_l2norm: bool, config: Optional[VerifyConfig] = None,
+               large_batch: bool = False) -> KernelKey:
+    """The key of one verify kernel (T = num_tokens tokens per sequence); without `config`, the heuristic
+    tile for small or large batches."""
     return KernelKey.make(
         "verify", io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads, num_v_heads=num_v_heads,
         head_k_dim=head_k_dim, head_v_dim=head_v_dim, pool_size=pool_size, num_tokens=num_tokens,
         cache_steps=cache_steps, gate_mode=gate_mode, dt_bias_dtype=dt_bias_dtype, use_qk_l2norm=bool(use_qk_l2norm),
-        config=config or VerifyConfig.heuristic(head_k_dim, head_v_dim, state_dtype))
+        config=config or VerifyConfig.heuristic(head_k_dim, head_v_dim, state_dtype, large_batch))
+
+
+def verify_keys(**kwargs) -> tuple[KernelKey, KernelKey]:
+    """The (small-batch, large-batch) kernel pair one verify call signature dispatches between."""
+    return verify_key(**kwargs, large_batch=False), verify_key(**kwargs, large_batch=True)
 
 
 def commit_key(*, state_dtype: str, num_v_heads: int, head_k_dim: int, head_v_dim: int, pool_size: int,
@@ -268,17 +276,18 @@ def verify(
     except (AttributeError, ValueError, TypeError):
         validate_verify(*args)
         raise
-    fn = kcache.by_signature.get(sig)
-    if fn is None or B > chk.MAX_BATCH:
+    entry = kcache.by_signature.get(sig)  # (large-batch threshold in B * HV, small kernel, large kernel)
+    if entry is None or B > chk.MAX_BATCH:
         mode, bias_dtype = validate_verify(*args)
         if _check_config is not None:
             _check_config(q, state, cache)
-        key = verify_key(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype], num_heads=H,
-                         num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0], num_tokens=T,
-                         cache_steps=cache.shape[1], gate_mode=mode, dt_bias_dtype=bias_dtype,
-                         use_qk_l2norm=use_qk_l2norm)
-        fn, = _load(kcache, [key], _allow_compile)
-        kcache.by_signature[sig] = fn
+        keys = verify_keys(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype], num_heads=H,
+                           num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0], num_tokens=T,
+                           cache_steps=cache.shape[1], gate_mode=mode, dt_bias_dtype=bias_dtype,
+                           use_qk_l2norm=use_qk_l2norm)
+        small, large = _load(kcache, keys, _allow_compile)
+        entry = (VERIFY_LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
+        kcache.by_signature[sig] = entry
     if chk.DEBUG:
         validate_verify(*args)
         chk.debug_indices("state_indices", state_indices, state.shape[0])
@@ -292,6 +301,8 @@ def verify(
         scale = K ** -0.5
     if cache_indices is None:
         cache_indices = _identity_indices(B, q.device)
+    threshold, small, large = entry
+    fn = large if B * HV >= threshold else small
     try:
         if raw:
             fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, cache, cache_indices, out, scale)

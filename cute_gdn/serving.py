@@ -25,9 +25,9 @@ GATE_VARIANTS = (("raw", "float32"), ("raw", "bfloat16"), ("precomputed", None))
 def config_keys(num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, *, pool_size: int,
                 cache_steps: int = 0, state_dtype: str = "float32", io_dtype: str = "bfloat16",
                 use_qk_l2norm: bool = True) -> list[KernelKey]:
-    """Every kernel a serving config can need: decode (both tiles) for every gate variant, and with
-    cache_steps > 0, verify for every T in 1..cache_steps and gate variant, plus commit (one layer and
-    a LayerTable)."""
+    """Every kernel a serving config can need: decode and verify in both tiles (small and large batch)
+    for every gate variant, verify for every T in 1..cache_steps (when cache_steps > 0), and commit (one
+    layer and a LayerTable)."""
     keys = []
     problem = dict(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads, num_v_heads=num_v_heads,
                    head_k_dim=head_k_dim, head_v_dim=head_v_dim, pool_size=pool_size, use_qk_l2norm=use_qk_l2norm)
@@ -36,13 +36,13 @@ def config_keys(num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: i
     if cache_steps > 0:
         for num_tokens in range(1, cache_steps + 1):
             for gate_mode, bias in GATE_VARIANTS:
-                keys.append(ops.verify_key(num_tokens=num_tokens, cache_steps=cache_steps, gate_mode=gate_mode,
-                                           dt_bias_dtype=bias, **problem))
+                keys += ops.verify_keys(num_tokens=num_tokens, cache_steps=cache_steps, gate_mode=gate_mode,
+                                        dt_bias_dtype=bias, **problem)
         for layers in ("tensor", "table"):
             keys.append(ops.commit_key(state_dtype=state_dtype, num_v_heads=num_v_heads, head_k_dim=head_k_dim,
                                        head_v_dim=head_v_dim, pool_size=pool_size, cache_steps=cache_steps,
                                        layers=layers))
-    return list(dict.fromkeys(keys))  # small and large decode tiles coincide for some head dims
+    return list(dict.fromkeys(keys))  # small and large tiles coincide for some head dims
 
 
 class GDNKernels:

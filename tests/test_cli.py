@@ -8,7 +8,10 @@ from pathlib import Path
 from cute_gdn.precompile.cli import build_parser, resolve_shape
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--num-heads", "4", "--num-v-heads", "8", "--head-dim", "64", "--tp", "2", "--pool-size", "8", "--jobs", "2"]
+SMALL = ["--num-heads", "4", "--num-v-heads", "8", "--head-dim", "64", "--tp", "2", "--pool-size", "8", "--jobs", "2",
+         "--cache-steps", "2"]
+# decode: 3 gate variants x 2 tiles; verify: T = 1, 2 x 3 gate variants x 2 tiles; commit: one layer, LayerTable
+KERNELS = 6 + 12 + 2
 
 
 def cli(*args, cache_dir):
@@ -20,11 +23,12 @@ def cli(*args, cache_dir):
 def test_cli_builds_then_hits_then_warmup_loads_without_compiling(tmp_path):
     first = cli(*SMALL, cache_dir=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "H=2 HV=4 K=V=64 pool_size=8" in first.stdout
-    assert "0 hit, 6 compiled, 0 failed" in first.stdout
+    assert "H=2 HV=4 K=V=64 pool_size=8 cache_steps=2" in first.stdout
+    assert f"0 hit, {KERNELS} compiled, 0 failed" in first.stdout
+    assert first.stdout.count(" verify ") >= 12 and first.stdout.count(" commit ") >= 2
     second = cli(*SMALL, cache_dir=tmp_path)
     assert second.returncode == 0
-    assert "6 hit, 0 compiled, 0 failed" in second.stdout
+    assert f"{KERNELS} hit, 0 compiled, 0 failed" in second.stdout
     assert " compiled " not in second.stdout.split("\n\n")[-2]  # the table: hits only
     warm = subprocess.run([sys.executable, "-c", f"""
 import cutlass.cute as cute
@@ -33,7 +37,7 @@ def _forbidden(*a, **k):
 cute.compile = _forbidden
 import torch, cute_gdn
 from cute_gdn import KernelNotCompiledError
-k = cute_gdn.GDNKernels(2, 4, 64, 64, pool_size=8, cache_dir={str(tmp_path)!r}, device="cpu").warmup()
+k = cute_gdn.GDNKernels(2, 4, 64, 64, pool_size=8, cache_steps=2, cache_dir={str(tmp_path)!r}, device="cpu").warmup()
 print("loads", k.cache.loads, "compiles", k.cache.compiles, "seconds", round(k.warmup_seconds, 2))
 try:
     k.cache.get(__import__("cute_gdn.ops", fromlist=["x"]).decode_key(io_dtype="float16", state_dtype="float32",
@@ -43,7 +47,7 @@ except KernelNotCompiledError:
     print("frozen")
 """], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
     assert warm.returncode == 0, warm.stderr
-    assert "loads 6 compiles 0" in warm.stdout and "frozen" in warm.stdout
+    assert f"loads {KERNELS} compiles 0" in warm.stdout and "frozen" in warm.stdout
 
 
 def test_cli_failure_exits_nonzero(tmp_path):

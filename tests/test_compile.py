@@ -58,3 +58,76 @@ def test_heuristic_config_is_implementable_for_every_supported_dim():
                 for large in (False, True):
                     cfg = DecodeConfig.heuristic(K, V, state, large)
                     assert can_implement("bfloat16", state, 1, 1, K, V, "precomputed", None, cfg) is None, (K, V, cfg)
+
+
+# ---- verify and commit ----
+
+from cute_gdn.kernels.commit import CommitConfig, compile_commit  # noqa: E402
+from cute_gdn.kernels.commit import can_implement as can_implement_commit  # noqa: E402
+from cute_gdn.kernels.verify import VerifyConfig, compile_verify  # noqa: E402
+from cute_gdn.kernels.verify import can_implement as can_implement_verify  # noqa: E402
+
+
+@pytest.mark.parametrize("state,io,gates,l2norm", VARIANTS)
+def test_verify_variant_compiles_for_sm90a(state, io, gates, l2norm):
+    """Both tiles of every variant at T = 4 (cache_steps 4)."""
+    gate_mode, bias = gates
+    for large in (False, True):
+        assert callable(compile_verify(
+            io_dtype=io, state_dtype=state, num_heads=16, num_v_heads=32, head_k_dim=128, head_v_dim=128,
+            pool_size=64, num_tokens=4, cache_steps=4, gate_mode=gate_mode, dt_bias_dtype=bias, use_qk_l2norm=l2norm,
+            config=VerifyConfig.heuristic(128, 128, state, large)))
+
+
+@pytest.mark.parametrize("T,steps", [(1, 1), (2, 2), (3, 8), (5, 6), (8, 8), (16, 16)])
+def test_verify_token_counts_compile(T, steps):
+    assert compile_verify(io_dtype="bfloat16", state_dtype="bfloat16", num_heads=8, num_v_heads=16, head_k_dim=128,
+                          head_v_dim=128, pool_size=9, num_tokens=T, cache_steps=steps, gate_mode="raw",
+                          dt_bias_dtype="float32", use_qk_l2norm=True, config=VerifyConfig.heuristic(128, 128, "bfloat16"))
+
+
+@pytest.mark.parametrize("H,HV,K,V,state", [(2, 8, 64, 32, "float32"), (3, 3, 96, 48, "bfloat16"),
+                                            (1, 2, 256, 256, "float32"), (2, 2, 16, 16, "bfloat16")])
+def test_verify_awkward_shapes_compile(H, HV, K, V, state):
+    for large in (False, True):
+        assert compile_verify(io_dtype="float16", state_dtype=state, num_heads=H, num_v_heads=HV, head_k_dim=K,
+                              head_v_dim=V, pool_size=5, num_tokens=3, cache_steps=3, gate_mode="precomputed",
+                              dt_bias_dtype=None, use_qk_l2norm=False, config=VerifyConfig.heuristic(K, V, state, large))
+
+
+@pytest.mark.parametrize("T,steps,fragment", [(5, 4, "number of tokens T"), (0, 4, "number of tokens T"),
+                                              (2, 17, "cache_steps")])
+def test_verify_can_implement_names_the_reason(T, steps, fragment):
+    cfg = VerifyConfig.heuristic(128, 128, "float32")
+    reason = can_implement_verify("bfloat16", "float32", 16, 32, 128, 128, "raw", "float32", T, steps, cfg)
+    assert reason is not None and fragment in reason
+    with pytest.raises(ValueError, match=fragment):
+        compile_verify(io_dtype="bfloat16", state_dtype="float32", num_heads=16, num_v_heads=32, head_k_dim=128,
+                       head_v_dim=128, pool_size=4, num_tokens=T, cache_steps=steps, gate_mode="raw",
+                       dt_bias_dtype="float32", use_qk_l2norm=True, config=cfg)
+
+
+def test_verify_heuristic_is_implementable_for_every_supported_dim():
+    for state in ("float32", "bfloat16"):
+        for K in range(16, 257, 16):
+            for V in range(16, 257, 16):
+                for large in (False, True):
+                    cfg = VerifyConfig.heuristic(K, V, state, large)
+                    assert can_implement_verify("bfloat16", state, 1, 1, K, V, "precomputed", None, 4, 4, cfg) is None
+
+
+@pytest.mark.parametrize("state", ["float32", "bfloat16"])
+@pytest.mark.parametrize("layers", ["tensor", "table"])
+@pytest.mark.parametrize("HV,K,V", [(32, 128, 128), (3, 16, 16), (5, 96, 48), (2, 256, 256)])
+def test_commit_compiles_for_sm90a(state, layers, HV, K, V):
+    cfg = CommitConfig.heuristic(K, V, state)
+    assert can_implement_commit(state, HV, K, V, 4, layers, cfg) is None
+    assert compile_commit(state_dtype=state, num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=7, cache_steps=4,
+                          layers=layers, config=cfg)
+
+
+def test_commit_heuristic_is_implementable_for_every_supported_dim():
+    for state in ("float32", "bfloat16"):
+        for K in range(16, 257, 16):
+            for V in range(16, 257, 16):
+                assert can_implement_commit(state, 1, K, V, 2, "table", CommitConfig.heuristic(K, V, state)) is None

@@ -10,7 +10,7 @@ import torch
 import cute_gdn
 from cute_gdn import reference
 from cute_gdn.cache import default_cache
-from cute_gdn.ops import commit_key, verify_key
+from cute_gdn.ops import commit_key, verify_keys
 from gdn_inputs import make_pool, make_step_inputs, rel_rms
 
 pytestmark = pytest.mark.gpu
@@ -37,8 +37,9 @@ SHAPE_CASES = [
 ]
 
 
-def _vkey(H, HV, K, V, T, steps, io="bfloat16", state="float32", gates="raw", bias="float32", l2norm=True):
-    return verify_key(io_dtype=io, state_dtype=state, num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V,
+def _vkeys(H, HV, K, V, T, steps, io="bfloat16", state="float32", gates="raw", bias="float32", l2norm=True):
+    """The small- and the large-batch tile (calls pick one by B * HV)."""
+    return verify_keys(io_dtype=io, state_dtype=state, num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V,
                       pool_size=POOL, num_tokens=T, cache_steps=steps, gate_mode=gates,
                       dt_bias_dtype=bias if gates == "raw" else None, use_qk_l2norm=l2norm)
 
@@ -54,13 +55,13 @@ def precompiled():
     keys = set()
     for state in ("float32", "bfloat16"):
         for T, steps in TOKEN_CASES:
-            keys.add(_vkey(16, 32, 128, 128, T, steps, state=state))
+            keys |= set(_vkeys(16, 32, 128, 128, T, steps, state=state))
             keys |= set(_ckeys(32, 128, 128, steps, state))
     for io, st, gm, bias, l2 in VARIANT_CASES:
-        keys.add(_vkey(8, 16, 128, 128, 4, 4, io=io, state=st, gates=gm, bias=bias or "float32", l2norm=l2))
+        keys |= set(_vkeys(8, 16, 128, 128, 4, 4, io=io, state=st, gates=gm, bias=bias or "float32", l2norm=l2))
         keys |= set(_ckeys(16, 128, 128, 4, st))
     for H, HV, K, V, st in SHAPE_CASES:
-        keys.add(_vkey(H, HV, K, V, 3, 3, state=st))
+        keys |= set(_vkeys(H, HV, K, V, 3, 3, state=st))
         keys |= set(_ckeys(HV, K, V, 3, st))
     default_cache().compile(sorted(keys, key=lambda k: k.name), jobs=os.cpu_count() or 1)
 
@@ -140,10 +141,11 @@ def test_verify_qwen3_next_shape_and_commit(state, T, steps):
     _commit_and_check(pool, cache, slots, cache_idx, T)
 
 
+@pytest.mark.parametrize("B", [9, 40])  # B * HV = 144 and 640: the small- and the large-batch tile
 @pytest.mark.parametrize("io,state,gates,bias,l2norm", VARIANT_CASES)
-def test_verify_variants(io, state, gates, bias, l2norm):
+def test_verify_variants(io, state, gates, bias, l2norm, B):
     _, pool, cache, slots, cache_idx, _ = _run_and_check(
-        9, 4, 4, 8, 16, 128, 128, io=io, state=state, gates=gates, bias=bias or "float32", l2norm=l2norm, pad=(0, 5))
+        B, 4, 4, 8, 16, 128, 128, io=io, state=state, gates=gates, bias=bias or "float32", l2norm=l2norm, pad=(0, 5))
     _commit_and_check(pool, cache, slots, cache_idx, 4, seed=1)
 
 

@@ -37,6 +37,15 @@ from .decode import GdnDecodeSm90
 MAX_TOKENS = 16
 
 
+# From this many (sequence, head) states on, the large-batch tile is used (per state dtype).
+# Measured on an H200 (bench_verify.py --sweep, T = 4, HV = 32, cold L2, graph replay, permuted slots):
+# fp32 state: the 64-row tile of 512 threads (16 lanes per row, 2 rows per thread) writes 3.78/3.88 TB/s
+# at B = 64/256 against 3.65/3.72 for the small tile, which stays ahead at B = 1 and 4 (2.91 vs 2.79 TB/s).
+# bf16 state: 16 lanes per row, 4 rows per thread (32 rows, 128 threads) writes 2.86/3.50/3.70 TB/s at
+# B = 16/64/256 against 2.56/3.11/3.31, and ties at B = 4.
+LARGE_BATCH_HEADS = {"float32": 512, "bfloat16": 256}
+
+
 @dataclass(frozen=True)
 class VerifyConfig:
     threads_per_row: int = 8
@@ -44,10 +53,19 @@ class VerifyConfig:
     rows_per_thread: int = 2
 
     @classmethod
-    def heuristic(cls, head_k_dim: int, head_v_dim: int, state_dtype: str) -> "VerifyConfig":
-        """8 lanes x 16 B per row, 16 row groups (128 threads), 2 rows per thread, reduced where a
-        head dim is too small for that."""
+    def heuristic(cls, head_k_dim: int, head_v_dim: int, state_dtype: str,
+                  large_batch: bool = False) -> "VerifyConfig":
+        """The tile for B * HV below LARGE_BATCH_HEADS[state_dtype] (large_batch=False) or above.
+
+        Small batches: 8 lanes x 16 B per row, 16 row groups (128 threads), 2 rows per thread, reduced
+        where a head dim is too small. Large batches: 16 lanes per row; fp32 takes 32 row groups of 2
+        rows (64-row tile, 512 threads), bf16 8 row groups of 4 rows (32 rows, 128 threads).
+        """
         vec = state_vec(state_dtype)
+        if large_batch:
+            large = cls(16, 32, 2) if state_dtype == "float32" else cls(16, 8, 4)
+            if head_k_dim % (vec * 16) == 0 and head_v_dim % (large.rows_per_pass * large.rows_per_thread) == 0:
+                return large
         tpr = 8
         while head_k_dim % (vec * tpr) != 0:
             tpr //= 2
