@@ -36,6 +36,7 @@ from cute_gdn.ops import commit_key, verify_key  # noqa: E402
 BATCHES = (1, 4, 16, 64, 256)
 HEADS = ((16, 32), (8, 16))
 TOKENS = (4, 2, 8)
+ROUNDS = 2
 K = V = 128
 NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
@@ -147,6 +148,7 @@ def main():
     ap.add_argument("--sweep", default="", help="VerifyConfigs to time besides the heuristic, as "
                     "threads_per_row:rows_per_pass:rows_per_thread, e.g. 8:16:4,16:8:4")
     ap.add_argument("--no-commit", action="store_true")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="timing rounds per verify shape (best is kept)")
     ap.add_argument("--layers", type=int, default=8, help="layers for the commit_layers timing")
     args = ap.parse_args()
     baselines = [b for b in args.baselines.split(",") if b]
@@ -178,9 +180,18 @@ def main():
                             cute_calls(sets, cfg)
                     if "flashinfer" in baselines:
                         impls["flashinfer"] = flashinfer_calls(sets)
-                    for name, calls in impls.items():
+                    # Two rounds over the implementations, best of the two per implementation: the first
+                    # graph timed after the inputs are created can run several % slow (measured: 387 vs
+                    # 356 us for the same bf16 kernel at B = 256), whichever implementation it is.
+                    results = {name: [] for name in impls}
+                    for _ in range(args.rounds):
+                        for name, calls in impls.items():
+                            results[name].append(timed(calls))
+                    for name, runs in results.items():
+                        ok = [r["us"] for r in runs if "us" in r]
+                        result = dict(us=min(ok), rounds_us=ok) if ok else runs[-1]
                         record(rows, dict(op="verify", impl=name, T=T, H=H, HV=HV, B=B, state=NAMES[sd],
-                                          bytes=nbytes, **timed(calls)), bw)
+                                          bytes=nbytes, **result), bw)
                     del sets, impls
                     torch.cuda.empty_cache()
     if not args.no_commit:

@@ -1,6 +1,7 @@
 """Plot a bench JSON (bench/results/<op>_<gpu>.json) to a PNG next to it, and print its README table.
 
     python bench/plot.py bench/results/decode_H200.json
+    python bench/plot.py bench/results/verify_H200.json    # verify (per T) and commit
 """
 
 from __future__ import annotations
@@ -70,7 +71,90 @@ def plot(path: Path) -> Path:
     return out
 
 
+def verify_table(data: dict) -> str:
+    """Markdown tables: verify per T and head config (us, % of copy bandwidth, speedup over FlashInfer),
+    then commit."""
+    rows = [r for r in data["rows"] if "us" in r and "[" not in r["impl"]]
+    out = []
+    ver = [r for r in rows if r["op"] == "verify"]
+
+    def find(op, impl, T, H, HV, B, state):
+        m = [r for r in rows if (r["op"], r["impl"], r["T"], r["H"], r["HV"], r["B"], r["state"]) ==
+             (op, impl, T, H, HV, B, state)]
+        return m[0] if m else None
+
+    for T in sorted({r["T"] for r in ver}):
+        for H, HV in sorted({(r["H"], r["HV"]) for r in ver}, reverse=True):
+            out.append(f"\nVerify T = {T}, H = {H}, HV = {HV}: microseconds (% of copy bandwidth), "
+                       "speedup over FlashInfer\n")
+            out.append("| B | cute_gdn fp32 | FlashInfer fp32 | speedup | cute_gdn bf16 | FlashInfer bf16 | speedup |")
+            out.append("|---|---|---|---|---|---|---|")
+            for B in sorted({r["B"] for r in ver}):
+                cells = []
+                for state in ("float32", "bfloat16"):
+                    ours = find("verify", "cute_gdn", T, H, HV, B, state)
+                    theirs = find("verify", "flashinfer", T, H, HV, B, state)
+                    for r in (ours, theirs):
+                        cells.append(f"{r['us']:.1f} ({r['pct_bw']:.0f}%)" if r else "")
+                    cells.append(f"{theirs['us'] / ours['us']:.2f}x" if ours and theirs else "")
+                out.append(f"| {B} | " + " | ".join(cells) + " |")
+    com = [r for r in rows if r["op"] == "commit"]
+    if com:
+        impls = list(dict.fromkeys(r["impl"] for r in com))
+        for HV in sorted({r["HV"] for r in com}, reverse=True):
+            out.append(f"\nCommit, HV = {HV}: microseconds (% of copy bandwidth)\n")
+            out.append("| B | state | " + " | ".join(impls) + " |")
+            out.append("|---" * (len(impls) + 2) + "|")
+            for B in sorted({r["B"] for r in com}):
+                for state in ("float32", "bfloat16"):
+                    cells = []
+                    for impl in impls:
+                        m = [r for r in com if (r["impl"], r["HV"], r["B"], r["state"]) == (impl, HV, B, state)]
+                        cells.append(f"{m[0]['us']:.1f} ({m[0]['pct_bw']:.0f}%)" if m else "")
+                    out.append(f"| {B} | {state} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot_verify(path: Path) -> Path:
+    data = json.loads(path.read_text())
+    rows = [r for r in data["rows"] if "pct_bw" in r and "[" not in r["impl"]]
+    panels = sorted({("verify", r["T"], r["H"], r["HV"]) for r in rows if r["op"] == "verify"},
+                    key=lambda p: (p[1] != 4, p[1], -p[3]))
+    panels += sorted({("commit", r["T"], 0, r["HV"]) for r in rows if r["op"] == "commit"}, key=lambda p: -p[3])
+    cols = 4
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (op, T, H, HV) in zip(axes.flat, panels):
+        series = defaultdict(list)
+        for r in rows:
+            if r["op"] == op and r["HV"] == HV and (op == "commit" or (r["T"], r["H"]) == (T, H)):
+                series[f"{r['impl']} ({r['state']})"].append((r["B"], r["pct_bw"]))
+        for name, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                    linestyle="-" if name.startswith("cute_gdn") else "--", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (sequences)")
+        ax.set_ylabel("% of copy bandwidth")
+        ax.set_ylim(0, 105)
+        ax.grid(alpha=0.3)
+        title = f"verify T={T} H={H} HV={HV}" if op == "verify" else f"commit HV={HV}"
+        ax.set_title(f"{title}, {data['env']['gpu']}, copy {data['copy_bandwidth'] / 1e12:.2f} TB/s", fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=100)
+    return out
+
+
 if __name__ == "__main__":
     for p in sys.argv[1:]:
-        print(plot(Path(p)))
-        print(decode_table(json.loads(Path(p).read_text())))
+        data = json.loads(Path(p).read_text())
+        if any(r.get("op") == "verify" for r in data["rows"]):
+            print(plot_verify(Path(p)))
+            print(verify_table(data))
+        else:
+            print(plot(Path(p)))
+            print(decode_table(data))

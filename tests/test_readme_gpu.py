@@ -20,3 +20,7 @@ def test_readme_api_example_runs():
     assert torch.equal(o[1], torch.zeros_like(o[1]))  # the padded row
     assert pool[7].abs().sum() > 0 and pool[3].abs().sum() > 0  # both live slots were written
     assert scope["kernels"].warm
+    od, cache = scope["od"], scope["cache"]
+    assert od.shape == (3, 4, 32, 128) and torch.isfinite(od.float()).all()
+    assert torch.equal(od[1], torch.zeros_like(od[1]))
+    assert torch.equal(pool[7], cache[0, 2]) and torch.equal(pool[3], cache[2, 3])  # the committed steps

@@ -38,12 +38,15 @@ MAX_TOKENS = 16
 
 
 # From this many (sequence, head) states on, the large-batch tile is used (per state dtype).
-# Measured on an H200 (bench_verify.py --sweep, T = 4, HV = 32, cold L2, graph replay, permuted slots):
-# fp32 state: the 64-row tile of 512 threads (16 lanes per row, 2 rows per thread) writes 3.78/3.88 TB/s
-# at B = 64/256 against 3.65/3.72 for the small tile, which stays ahead at B = 1 and 4 (2.91 vs 2.79 TB/s).
-# bf16 state: 16 lanes per row, 4 rows per thread (32 rows, 128 threads) writes 2.86/3.50/3.70 TB/s at
-# B = 16/64/256 against 2.56/3.11/3.31, and ties at B = 4.
-LARGE_BATCH_HEADS = {"float32": 512, "bfloat16": 256}
+# Measured on an H200 (bench_verify.py --sweep, cold L2, graph replay, permuted slots), in TB/s written
+# + read: fp32 state, 16 lanes per row, 16 row groups, 2 rows per thread (32 rows, 256 threads) against
+# the small tile: HV = 32, T = 4: 3.45/3.76/3.85 vs 3.38/3.65/3.72 at B = 16/64/256; T = 2 and 8,
+# B = 64: 3.82/3.82 vs 3.72/3.73; HV = 16, B = 16 (256 states): 2.81/3.41 vs 2.72/3.03 at T = 2/8. It
+# ties the small tile at 128 states (HV = 32, B = 4: 2.85 vs 2.91). bf16 state, 16 lanes per row, 8 row
+# groups, 4 rows per thread (32 rows, 128 threads): HV = 32, T = 4: 2.86/3.50/3.70 vs 2.56/3.11/3.31 at
+# B = 16/64/256; at 256 states it ties (HV = 16, B = 16, T = 4: 17.96 vs 17.93 us) or loses (T = 8: 29.5
+# vs 27.3 us).
+LARGE_BATCH_HEADS = {"float32": 256, "bfloat16": 512}
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,12 @@ class VerifyConfig:
         """The tile for B * HV below LARGE_BATCH_HEADS[state_dtype] (large_batch=False) or above.
 
         Small batches: 8 lanes x 16 B per row, 16 row groups (128 threads), 2 rows per thread, reduced
-        where a head dim is too small. Large batches: 16 lanes per row; fp32 takes 32 row groups of 2
-        rows (64-row tile, 512 threads), bf16 8 row groups of 4 rows (32 rows, 128 threads).
+        where a head dim is too small. Large batches: 16 lanes per row and a 32-row tile; fp32 takes 16
+        row groups of 2 rows (256 threads), bf16 8 row groups of 4 rows (128 threads).
         """
         vec = state_vec(state_dtype)
         if large_batch:
-            large = cls(16, 32, 2) if state_dtype == "float32" else cls(16, 8, 4)
+            large = cls(16, 16, 2) if state_dtype == "float32" else cls(16, 8, 4)
             if head_k_dim % (vec * 16) == 0 and head_v_dim % (large.rows_per_pass * large.rows_per_thread) == 0:
                 return large
         tpr = 8
