@@ -292,7 +292,10 @@ def verify(
         validate_verify(*args)
         chk.debug_indices("state_indices", state_indices, state.shape[0])
         if cache_indices is not None:
-            chk.debug_indices("cache_indices", cache_indices[state_indices >= 0], cache.shape[0])
+            live = cache_indices[state_indices >= 0]
+            if bool((live < 0).any()):
+                raise ValueError("cache_indices has a negative entry for a sequence whose state index is not")
+            chk.debug_indices("cache_indices", live, cache.shape[0])
     if out is None:
         out = torch.empty_like(v)
     if B == 0:

@@ -339,3 +339,38 @@ def test_commit_bad_arguments_raise_before_any_write(case):
         cute_gdn.commit(**args)
     torch.cuda.synchronize()
     assert torch.equal(args["state"], before)
+
+
+@pytest.mark.parametrize("case", ["duplicate slots", "slot out of range", "negative cache index",
+                                  "cache index out of range", "accepted above cache_steps"])
+def test_debug_mode_checks_index_preconditions(case, monkeypatch):
+    """CUTE_GDN_DEBUG=1 (here: the flag it sets) checks what is otherwise a caller precondition."""
+    monkeypatch.setattr(cute_gdn._checks, "DEBUG", True)
+    B, T = 4, 4
+    inputs = make_step_inputs(B, T, 8, 16, 128, 128)
+    pool = make_pool(POOL, 16, 128, 128, torch.float32)
+    cache = torch.zeros(B, T, 16, 128, 128, device="cuda")
+    slots = torch.arange(B, dtype=torch.int32, device="cuda")
+    cidx = torch.arange(B, dtype=torch.int32, device="cuda")
+    accepted = torch.ones(B, dtype=torch.int32, device="cuda")
+    name = {"duplicate slots": "state_indices", "slot out of range": "state_indices",
+            "negative cache index": "cache_indices", "cache index out of range": "cache_indices",
+            "accepted above cache_steps": "accepted_steps"}[case]
+    if case == "duplicate slots":
+        slots[1] = slots[0]
+    elif case == "slot out of range":
+        slots[2] = POOL
+    elif case == "negative cache index":
+        cidx[3] = -1
+    elif case == "cache index out of range":
+        cidx[3] = B
+    else:
+        accepted[0] = T + 1
+    before_pool, before_cache = pool.clone(), cache.clone()
+    with pytest.raises(ValueError, match=name):
+        if case == "accepted above cache_steps":
+            cute_gdn.commit(pool, slots, cache, cidx, accepted)
+        else:
+            cute_gdn.verify(**inputs, state=pool, state_indices=slots, cache=cache, cache_indices=cidx)
+    torch.cuda.synchronize()
+    assert torch.equal(pool, before_pool) and torch.equal(cache, before_cache)

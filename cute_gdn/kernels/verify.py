@@ -15,6 +15,8 @@ CTA in shared memory, in flight together with the state load:
   - exp(g_t) and beta_t, one thread per token;
   - v_t at the tile's rows.
 The running state stays fp32 between tokens; each cached state is rounded to the cache dtype once.
+Each variant is compiled with a small- and a large-batch tile (`VerifyConfig.heuristic`); the caller
+picks one per call by B * HV (`LARGE_BATCH_HEADS`).
 
 Padding: state_indices[b] < 0 reads and writes no state and no cache, and writes zero o rows. A
 negative cache index on a live row writes no cache (o is still computed); it is a caller error
