@@ -43,6 +43,21 @@ def decode_table(data: dict) -> str:
     return "\n".join(out)
 
 
+def _bandwidth_panel(ax, series: dict, title: str, data: dict, legend_size: int) -> None:
+    """One panel: % of copy bandwidth over the batch, a line per implementation (ours solid)."""
+    for name, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                linestyle="-" if name.startswith("cute_gdn") else "--", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch (sequences)")
+    ax.set_ylabel("% of copy bandwidth")
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.set_title(f"{title}, {data['env']['gpu']}, copy {data['copy_bandwidth'] / 1e12:.2f} TB/s", fontsize=9)
+    ax.legend(fontsize=legend_size)
+
+
 def plot(path: Path) -> Path:
     data = json.loads(path.read_text())
     rows = [r for r in data["rows"] if "pct_bw" in r and "[" not in r["impl"]]
@@ -53,18 +68,7 @@ def plot(path: Path) -> Path:
         for r in rows:
             if (r["H"], r["HV"]) == (H, HV):
                 series[f"{r['impl']} ({r['state']} state)"].append((r["B"], r["pct_bw"]))
-        for name, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linestyle="-" if name.startswith("cute_gdn") else "--", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch (sequences)")
-        ax.set_ylabel("% of copy bandwidth")
-        ax.set_ylim(0, 105)
-        ax.grid(alpha=0.3)
-        ax.set_title(f"{data['rows'][0]['op']} H={H} HV={HV}, {data['env']['gpu']}, "
-                     f"copy {data['copy_bandwidth'] / 1e12:.2f} TB/s", fontsize=9)
-        ax.legend(fontsize=7)
+        _bandwidth_panel(ax, series, f"{data['rows'][0]['op']} H={H} HV={HV}", data, legend_size=7)
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=110)
@@ -131,18 +135,8 @@ def plot_verify(path: Path) -> Path:
         for r in rows:
             if r["op"] == op and r["HV"] == HV and (op == "commit" or (r["T"], r["H"]) == (T, H)):
                 series[f"{r['impl']} ({r['state']})"].append((r["B"], r["pct_bw"]))
-        for name, pts in sorted(series.items()):
-            pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                    linestyle="-" if name.startswith("cute_gdn") else "--", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("batch (sequences)")
-        ax.set_ylabel("% of copy bandwidth")
-        ax.set_ylim(0, 105)
-        ax.grid(alpha=0.3)
         title = f"verify T={T} H={H} HV={HV}" if op == "verify" else f"commit HV={HV}"
-        ax.set_title(f"{title}, {data['env']['gpu']}, copy {data['copy_bandwidth'] / 1e12:.2f} TB/s", fontsize=9)
-        ax.legend(fontsize=6)
+        _bandwidth_panel(ax, series, title, data, legend_size=6)
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=100)

@@ -83,6 +83,13 @@ def can_implement_key(key: KernelKey) -> None:
         raise ValueError(f"unsupported {key.op} configuration: {reason}")
 
 
+def _one_gate_set(raw: bool, a, b, A_log, dt_bias, beta) -> bool:
+    """Hot-path test that exactly one gate set is given: raw (a, b, A_log, dt_bias; g is None) or
+    precomputed (g, beta). The full check with its error message is chk.gate_mode."""
+    return raw == (beta is None) and raw != (a is None) and raw != (b is None) and raw != (A_log is None) \
+        and raw != (dt_bias is None)
+
+
 def _validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
                      op: str, max_tokens: int) -> tuple[str, Optional[str]]:
     """Checks shared by decode and verify: q/k/v/gates/out [B, T, ...] with 1 <= T <= max_tokens, the
@@ -159,9 +166,8 @@ def decode(
     cache = _cache or default_cache()
     args = (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out)
     raw = g is None
-    if raw != (beta is None) or raw == (a is None) or raw == (b is None) or raw == (A_log is None) \
-            or raw == (dt_bias is None):
-        validate_decode(*args)  # not exactly one gate set: raises
+    if not _one_gate_set(raw, a, b, A_log, dt_bias, beta):
+        validate_decode(*args)  # raises
     try:
         B, _, H, K = q.shape
         _, _, HV, V = v.shape
@@ -265,9 +271,8 @@ def verify(
     kcache = _cache or default_cache()
     args = (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, out)
     raw = g is None
-    if raw != (beta is None) or raw == (a is None) or raw == (b is None) or raw == (A_log is None) \
-            or raw == (dt_bias is None):
-        validate_verify(*args)  # not exactly one gate set: raises
+    if not _one_gate_set(raw, a, b, A_log, dt_bias, beta):
+        validate_verify(*args)  # raises
     try:
         B, T, H, K = q.shape
         _, _, HV, V = v.shape

@@ -6,6 +6,18 @@ import torch
 
 from cute_gdn import reference
 
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Head shapes the recurrent kernels (decode, verify) are tested at besides Qwen's: (H, HV, K, V, state dtype).
+SHAPE_CASES = [
+    (4, 4, 128, 128, "float32"),    # GVA ratio 1
+    (2, 8, 128, 128, "bfloat16"),   # GVA ratio 4
+    (3, 6, 64, 32, "float32"),      # small heads
+    (2, 4, 96, 48, "bfloat16"),     # dims that are not powers of two
+    (1, 2, 256, 256, "float32"),    # largest supported head dim
+    (2, 2, 16, 16, "bfloat16"),     # smallest
+]
+
 
 def make_step_inputs(B, T, H, HV, K, V, *, io_dtype=torch.bfloat16, gates="raw", bias_dtype=torch.float32,
                      packed=False, device="cuda", decay="moderate"):

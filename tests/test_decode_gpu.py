@@ -11,11 +11,10 @@ from cute_gdn import reference
 from cute_gdn.cache import default_cache
 from cute_gdn.kernels.decode import DecodeConfig
 from cute_gdn.ops import decode_key, decode_keys
-from gdn_inputs import make_pool, make_step_inputs, rel_rms
+from gdn_inputs import SHAPE_CASES, TORCH_DTYPES, make_pool, make_step_inputs, rel_rms
 
 pytestmark = pytest.mark.gpu
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POOL = 160  # one pool size for every test: one kernel per variant
 
 QWEN_CASES = [(state, B) for state in ("float32", "bfloat16") for B in (1, 7, 64)]
@@ -27,14 +26,6 @@ VARIANT_CASES = [
     ("bfloat16", "float32", "raw", "bfloat16", True),
 ]
 STAGING_CASES = [("float32", (8, 16, 2)), ("float32", (16, 8, 8)), ("bfloat16", (8, 16, 4)), ("bfloat16", (16, 8, 8))]
-SHAPE_CASES = [
-    (4, 4, 128, 128, "float32"),    # GVA ratio 1
-    (2, 8, 128, 128, "bfloat16"),   # GVA ratio 4
-    (3, 6, 64, 32, "float32"),      # small heads
-    (2, 4, 96, 48, "bfloat16"),     # dims that are not powers of two
-    (1, 2, 256, 256, "float32"),    # largest supported head dim
-    (2, 2, 16, 16, "bfloat16"),     # smallest
-]
 
 
 def _keys(H, HV, K, V, io="bfloat16", state="float32", gates="raw", bias="float32", l2norm=True, pool=POOL):

@@ -11,11 +11,10 @@ import cute_gdn
 from cute_gdn import reference
 from cute_gdn.cache import default_cache
 from cute_gdn.ops import commit_key, verify_keys
-from gdn_inputs import make_pool, make_step_inputs, rel_rms
+from gdn_inputs import SHAPE_CASES, TORCH_DTYPES, make_pool, make_step_inputs, rel_rms
 
 pytestmark = pytest.mark.gpu
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POOL = 96
 
 VARIANT_CASES = [
@@ -27,14 +26,6 @@ VARIANT_CASES = [
     ("bfloat16", "bfloat16", "raw", "bfloat16", False),
 ]
 TOKEN_CASES = [(1, 1), (2, 2), (3, 4), (4, 4), (8, 8)]  # (T, cache_steps)
-SHAPE_CASES = [
-    (4, 4, 128, 128, "float32"),    # GVA ratio 1
-    (2, 8, 128, 128, "bfloat16"),   # GVA ratio 4
-    (3, 6, 64, 32, "float32"),      # small heads
-    (2, 4, 96, 48, "bfloat16"),     # dims that are not powers of two
-    (1, 2, 256, 256, "float32"),    # largest supported head dim
-    (2, 2, 16, 16, "bfloat16"),     # smallest
-]
 
 
 def _vkeys(H, HV, K, V, T, steps, io="bfloat16", state="float32", gates="raw", bias="float32", l2norm=True):

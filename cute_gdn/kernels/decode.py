@@ -31,6 +31,7 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from .common.dtypes import cutlass_dtype
+from .common.fake import fake_token_inputs
 from .common.gates import gate_decay_beta
 from .common.problem import check_problem, check_rowmap, state_vec
 from .common.rows import (
@@ -346,34 +347,10 @@ def compile_decode(
                            gate_mode, dt_bias_dtype, config)
     if reason is not None:
         raise ValueError(reason)
-    io = cutlass_dtype(io_dtype)
     H, HV, K, V = num_heads, num_v_heads, head_k_dim, head_v_dim
     batch = cute.sym_int()
-
-    def strided(dtype, inner, align):
-        # Dynamic strides on every dim but the last (unit-stride), so views of a packed projection
-        # output are read in place. Divisibility 8 keeps 16-byte vectors legal for q and k.
-        div = 8 if align == 16 else 1
-        return cute.runtime.make_fake_tensor(
-            dtype, (batch, 1, *inner),
-            (cute.sym_int64(divisibility=div), cute.sym_int64(divisibility=div),
-             *(cute.sym_int64(divisibility=div) for _ in inner[:-1]), 1),
-            assumed_align=align,
-        )
-
-    q = strided(io, (H, K), 16)
-    k = strided(io, (H, K), 16)
-    v = strided(io, (HV, V), io.width // 8)
-    o = strided(io, (HV, V), io.width // 8)
-    if gate_mode == "raw":
-        gate_a = strided(io, (HV,), io.width // 8)
-        gate_b = strided(io, (HV,), io.width // 8)
-        a_log = cute.runtime.make_fake_compact_tensor(cutlass.Float32, (HV,))
-        dt_bias = cute.runtime.make_fake_compact_tensor(cutlass_dtype(dt_bias_dtype), (HV,))
-    else:
-        gate_a = strided(cutlass.Float32, (HV,), 4)
-        gate_b = strided(cutlass.Float32, (HV,), 4)
-        a_log = dt_bias = None
+    q, k, v, o, gate_a, gate_b, a_log, dt_bias = fake_token_inputs(
+        io_dtype, H, HV, K, V, gate_mode, dt_bias_dtype, batch, 1)
     state = cute.runtime.make_fake_compact_tensor(
         cutlass_dtype(state_dtype), (pool_size, HV, V, K), stride_order=(3, 2, 1, 0), assumed_align=16
     )
