@@ -40,6 +40,7 @@ COMPILERS = {
     "decode": "cute_gdn.kernels.decode:compile_decode",
     "verify": "cute_gdn.kernels.verify:compile_verify",
     "commit": "cute_gdn.kernels.commit:compile_commit",
+    "prefill": "cute_gdn.kernels.prefill:compile_prefill",
 }
 
 

@@ -26,6 +26,27 @@ def softplus(x: Float32) -> Float32:
 
 
 @cute.jit
+def gate_log_decay_beta(
+    gate_mode: cutlass.Constexpr,
+    gate_a,
+    gate_b,
+    a_log,
+    dt_bias,
+):
+    """Returns (g, beta) for one token and value head, in fp32 (g in natural-log space)."""
+    g = Float32(0.0)
+    beta = Float32(0.0)
+    if cutlass.const_expr(gate_mode == "raw"):
+        x = gate_a.to(Float32) + dt_bias.to(Float32)
+        g = -cute.math.exp(a_log.to(Float32)) * softplus(x)
+        beta = Float32(1.0) / (Float32(1.0) + cute.math.exp(-gate_b.to(Float32)))
+    else:
+        g = gate_a.to(Float32)
+        beta = gate_b.to(Float32)
+    return g, beta
+
+
+@cute.jit
 def gate_decay_beta(
     gate_mode: cutlass.Constexpr,
     gate_a,     # "raw": a; "precomputed": g          (scalar, any float dtype)
