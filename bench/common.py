@@ -123,3 +123,18 @@ def save(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     path = out_dir / f"{name}_{gpu_tag()}.json"
     path.write_text(json.dumps(payload, indent=1))
     return path
+
+
+def prefill_flops(tokens: int, seqs: int, HV: int, K: int, V: int, chunk: int = 64) -> int:
+    """FLOP of chunked prefill (chunk C): per chunk and value head, K K^T, Q K^T and W = M (beta
+    e^G k) at 2 C^2 K each, U = M (beta v) and P U at 2 C^2 V, W S^T, Q S^T and the state update
+    at 2 C K V each. About 180 kFLOP per token and head at C = 64, K = V = 128 (ANCHORS.md)."""
+    per_chunk = 2 * chunk * chunk * (3 * K + 2 * V) + 3 * 2 * chunk * K * V
+    chunks = sum(-(-length // chunk) for length in _split(tokens, seqs))
+    return chunks * HV * per_chunk
+
+
+def _split(tokens: int, seqs: int) -> list[int]:
+    lengths = [tokens // seqs] * seqs
+    lengths[-1] += tokens - sum(lengths)
+    return lengths
