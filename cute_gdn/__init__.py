@@ -6,9 +6,9 @@ slot indices; `GDNKernels` is the serving surface (warmup once, then no compilin
 
 from . import reference
 from .cache import KernelCache, KernelNotCompiledError
-from .ops import LayerTable, commit, commit_layers, decode, verify
+from .ops import LayerTable, commit, commit_layers, decode, prefill, verify
 from .serving import GDNKernels
 
-__all__ = ["decode", "verify", "commit", "commit_layers", "LayerTable", "GDNKernels", "KernelCache",
+__all__ = ["prefill", "decode", "verify", "commit", "commit_layers", "LayerTable", "GDNKernels", "KernelCache",
            "KernelNotCompiledError", "reference"]
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ from . import _checks as chk
 from .cache import KernelCache, KernelKey, default_cache
 from .kernels import commit as commit_kernel
 from .kernels import decode as decode_kernel
+from .kernels import prefill as prefill_kernel
 from .kernels import verify as verify_kernel
 from .kernels.commit import CommitConfig
 from .kernels.decode import LARGE_BATCH_HEADS, DecodeConfig
@@ -70,8 +71,18 @@ def commit_key(*, state_dtype: str, num_v_heads: int, head_k_dim: int, head_v_di
         config=config or CommitConfig.heuristic(head_k_dim, head_v_dim, state_dtype))
 
 
+def prefill_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
+                head_v_dim: int, pool_size: int, gate_mode: str, dt_bias_dtype: Optional[str],
+                use_qk_l2norm: bool) -> KernelKey:
+    """The key of one prefill kernel."""
+    return KernelKey.make(
+        "prefill", io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads, num_v_heads=num_v_heads,
+        head_k_dim=head_k_dim, head_v_dim=head_v_dim, pool_size=pool_size, gate_mode=gate_mode,
+        dt_bias_dtype=dt_bias_dtype, use_qk_l2norm=bool(use_qk_l2norm))
+
+
 _CAN_IMPLEMENT = {"decode": decode_kernel.can_implement, "verify": verify_kernel.can_implement,
-                  "commit": commit_kernel.can_implement}
+                  "commit": commit_kernel.can_implement, "prefill": prefill_kernel.can_implement}
 
 
 def can_implement_key(key: KernelKey) -> None:
@@ -474,3 +485,132 @@ def commit_layers(
     except (ValueError, TypeError):
         _validate_commit_batch(state_indices, cache_indices, accepted_steps, layers.device)
         raise
+
+
+def validate_prefill(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state,
+                     out) -> tuple[str, Optional[str]]:
+    """Every check of prefill's arguments; returns (gate mode, dt_bias dtype name)."""
+    chk.tensor("q", q, 4, chk.IO_DTYPES)
+    device = q.device
+    if device.type != "cuda":
+        raise ValueError(f"q must be on a CUDA device, got {device}")
+    if q.shape[0] != 1:
+        raise ValueError(f"prefill packs the sequences along T: q must be [1, T, H, K], got {list(q.shape)}")
+    _, T, H, K = q.shape
+    chk.vector_aligned("q", q)
+    chk.tensor("k", k, 4, (q.dtype,), device)
+    chk.shape("k", k, (1, T, H, K))
+    chk.vector_aligned("k", k)
+    chk.tensor("v", v, 4, (q.dtype,), device)
+    HV, V = v.shape[2], v.shape[3]
+    chk.shape("v", v, (1, T, HV, V))
+    chk.vector_aligned("v", v)
+    if HV % H != 0:
+        raise ValueError(f"v heads ({HV}) must be a multiple of q/k heads ({H})")
+    mode = chk.gate_mode(a, b, A_log, dt_bias, g, beta)
+    bias_dtype = chk.gates(mode, a, b, A_log, dt_bias, g, beta, (1, T), HV, q.dtype, device)
+    chk.tensor("cu_seqlens", cu_seqlens, 1, (torch.int32,), device)
+    chk.contiguous("cu_seqlens", cu_seqlens)
+    if cu_seqlens.shape[0] < 1:
+        raise ValueError("cu_seqlens must have N + 1 >= 1 entries")
+    N = cu_seqlens.shape[0] - 1
+    if N > chk.MAX_BATCH:
+        raise ValueError(f"prefill supports at most {chk.MAX_BATCH} sequences, got N={N}")
+    chk.state_pool("state", state, HV, V, K, device)
+    chk.indices("state_indices", state_indices, N, device)
+    if has_initial_state is not None:
+        chk.tensor("has_initial_state", has_initial_state, 1, (torch.bool,), device)
+        chk.shape("has_initial_state", has_initial_state, (N,))
+        chk.contiguous("has_initial_state", has_initial_state)
+    if out is not None:
+        chk.output(out, (1, T, HV, V), q.dtype, device)
+    return mode, bias_dtype
+
+
+_ONES: dict[torch.device, torch.Tensor] = {}
+_ONES_KEEP: list[torch.Tensor] = []
+
+
+def _all_true(n: int, device: torch.device) -> torch.Tensor:
+    """has_initial_state=None: an int8 ones vector (memoized as _identity_indices is)."""
+    ones = _ONES.get(device)
+    if ones is None or ones.shape[0] < n:
+        if torch.cuda.is_current_stream_capturing():
+            return torch.ones(n, dtype=torch.int8, device=device)
+        ones = torch.ones(max(n, 256), dtype=torch.int8, device=device)
+        _ONES[device] = ones
+        _ONES_KEEP.append(ones)
+    return ones[:n]
+
+
+def prefill(
+    q: torch.Tensor,  # [1, T, H, K] bf16/fp16: the N sequences packed along T
+    k: torch.Tensor,  # [1, T, H, K]
+    v: torch.Tensor,  # [1, T, HV, V]
+    a: Optional[torch.Tensor] = None,  # [1, T, HV] raw gate (io dtype)
+    b: Optional[torch.Tensor] = None,  # [1, T, HV] raw beta logit (io dtype)
+    *,
+    A_log: Optional[torch.Tensor] = None,    # [HV] fp32
+    dt_bias: Optional[torch.Tensor] = None,  # [HV] fp32 or bf16
+    g: Optional[torch.Tensor] = None,        # [1, T, HV] fp32 (instead of a, A_log, dt_bias)
+    beta: Optional[torch.Tensor] = None,     # [1, T, HV] fp32 (instead of b)
+    cu_seqlens: torch.Tensor,     # [N + 1] int32
+    state: torch.Tensor,          # [pool_size, HV, V, K] fp32 or bf16, updated in place
+    state_indices: torch.Tensor,  # [N] int32; < 0 = padding
+    has_initial_state: Optional[torch.Tensor] = None,  # [N] bool; None = all True
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = True,
+    out: Optional[torch.Tensor] = None,  # [1, T, HV, V] io dtype
+    _cache: Optional[KernelCache] = None,
+    _allow_compile: bool = True,
+    _check_config: Optional[Callable] = None,
+) -> torch.Tensor:
+    """Chunked varlen prefill: sequence n (tokens cu_seqlens[n]:cu_seqlens[n+1]) starts from
+    state[state_indices[n]] (zeros where has_initial_state[n] is False) and writes its final state back."""
+    kcache = _cache or default_cache()
+    args = (q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state, out)
+    raw = g is None
+    if raw != (beta is None) or raw == (a is None) or raw == (b is None) or raw == (A_log is None) \
+            or raw == (dt_bias is None):
+        validate_prefill(*args)  # not exactly one gate set: raises
+    try:
+        _, T, H, K = q.shape
+        HV, V = v.shape[2], v.shape[3]
+        N = cu_seqlens.shape[0] - 1
+        sig = ("prefill", q.dtype, state.dtype, H, K, HV, V, state.shape[0], dt_bias.dtype if raw else None,
+               bool(use_qk_l2norm), q.get_device() == state.get_device())
+    except (AttributeError, ValueError, TypeError):
+        validate_prefill(*args)
+        raise
+    fn = kcache.by_signature.get(sig)
+    if fn is None or N > chk.MAX_BATCH:
+        mode, bias_dtype = validate_prefill(*args)
+        if _check_config is not None:
+            _check_config(q, state)
+        key = prefill_key(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype], num_heads=H,
+                          num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0], gate_mode=mode,
+                          dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm)
+        fn, = _load(kcache, [key], _allow_compile)
+        kcache.by_signature[sig] = fn
+    if chk.DEBUG:
+        validate_prefill(*args)
+        chk.debug_indices("state_indices", state_indices, state.shape[0])
+        bounds = cu_seqlens.tolist()
+        if bounds[0] != 0 or bounds[-1] != T or any(x > y for x, y in zip(bounds, bounds[1:])):
+            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {bounds}")
+    if out is None:
+        out = torch.empty_like(v)
+    if N == 0:
+        return out
+    if scale is None:
+        scale = K ** -0.5
+    init = _all_true(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
+    try:
+        if raw:
+            fn(q, k, v, a, b, A_log, dt_bias, cu_seqlens, state, state_indices, init, out, scale)
+        else:
+            fn(q, k, v, g, beta, None, None, cu_seqlens, state, state_indices, init, out, scale)
+    except (ValueError, TypeError):
+        validate_prefill(*args)
+        raise
+    return out

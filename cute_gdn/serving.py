@@ -25,12 +25,16 @@ GATE_VARIANTS = (("raw", "float32"), ("raw", "bfloat16"), ("precomputed", None))
 def config_keys(num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, *, pool_size: int,
                 cache_steps: int = 0, state_dtype: str = "float32", io_dtype: str = "bfloat16",
                 use_qk_l2norm: bool = True) -> list[KernelKey]:
-    """Every kernel a serving config can need: decode and verify in both tiles (small and large batch)
-    for every gate variant, verify for every T in 1..cache_steps (when cache_steps > 0), and commit (one
-    layer and a LayerTable)."""
+    """Every kernel a serving config can need: prefill for every gate variant (where the head dims
+    allow it), decode and verify in both tiles (small and large batch) for every gate variant, verify
+    for every T in 1..cache_steps (when cache_steps > 0), and commit (one layer and a LayerTable)."""
     keys = []
     problem = dict(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads, num_v_heads=num_v_heads,
                    head_k_dim=head_k_dim, head_v_dim=head_v_dim, pool_size=pool_size, use_qk_l2norm=use_qk_l2norm)
+    for gate_mode, bias in GATE_VARIANTS:
+        key = ops.prefill_key(gate_mode=gate_mode, dt_bias_dtype=bias, **problem)
+        if prefill_supported(key):
+            keys.append(key)
     for gate_mode, bias in GATE_VARIANTS:
         keys += ops.decode_keys(gate_mode=gate_mode, dt_bias_dtype=bias, **problem)
     if cache_steps > 0:
@@ -43,6 +47,14 @@ def config_keys(num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: i
                                        head_v_dim=head_v_dim, pool_size=pool_size, cache_steps=cache_steps,
                                        layers=layers))
     return list(dict.fromkeys(keys))  # small and large tiles coincide for some head dims
+
+
+def prefill_supported(key: KernelKey) -> bool:
+    try:
+        ops.can_implement_key(key)
+    except ValueError:
+        return False
+    return True
 
 
 class GDNKernels:
@@ -80,7 +92,7 @@ class GDNKernels:
             ops.can_implement_key(key)
         self.warm = False
         self.warmup_seconds: Optional[float] = None
-        self._modes = {"decode": self.decode, "target_verify": self.target_verify}
+        self._modes = {"extend": self.extend, "decode": self.decode, "target_verify": self.target_verify}
 
     def warmup(self, jobs: Optional[int] = None) -> "GDNKernels":
         """Load every kernel of this config (compiling the missing ones); then freeze the set."""
@@ -106,6 +118,14 @@ class GDNKernels:
         if q.dtype != self.io_dtype or tuple(q.shape[2:]) != (self.num_heads, self.head_k_dim):
             raise ValueError(f"q must be {self.io_dtype} [B, T, {self.num_heads}, {self.head_k_dim}] for this "
                              f"config, got {q.dtype} {list(q.shape)}")
+
+    def extend(self, q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, cu_seqlens, state,
+               state_indices, has_initial_state=None, scale=None, out=None) -> torch.Tensor:
+        """cute_gdn.prefill with this config's kernels (see ops.prefill for the arguments)."""
+        return ops.prefill(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, cu_seqlens=cu_seqlens,
+                           state=state, state_indices=state_indices, has_initial_state=has_initial_state,
+                           scale=scale, use_qk_l2norm=self.use_qk_l2norm, out=out, _cache=self.cache,
+                           _allow_compile=not self.warm, _check_config=self._check_config)
 
     def decode(self, q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, state,
                state_indices, scale=None, out=None) -> torch.Tensor:

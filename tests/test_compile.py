@@ -131,3 +131,50 @@ def test_commit_heuristic_is_implementable_for_every_supported_dim():
         for K in range(16, 257, 16):
             for V in range(16, 257, 16):
                 assert can_implement_commit(state, 1, K, V, 2, "table", CommitConfig.heuristic(K, V, state)) is None
+
+
+# ---- prefill ----
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from cute_gdn.cache import KernelCache  # noqa: E402
+from cute_gdn.kernels.prefill import can_implement as can_implement_prefill  # noqa: E402
+from cute_gdn.ops import prefill_key  # noqa: E402
+
+
+def test_every_prefill_variant_compiles_for_sm90a(tmp_path):
+    """All 24 variants, compiled in parallel spawned processes into a scratch cache."""
+    keys = [prefill_key(io_dtype=io, state_dtype=state, num_heads=16, num_v_heads=32, head_k_dim=128, head_v_dim=128,
+                        pool_size=64, gate_mode=gates[0], dt_bias_dtype=gates[1], use_qk_l2norm=l2norm)
+            for state, io, gates, l2norm in VARIANTS]
+    cache = KernelCache(tmp_path)
+    cache.compile(keys, jobs=os.cpu_count() or 1)
+    assert all(cache.on_disk(k) for k in keys)
+
+
+def test_prefill_ptx_runs_on_warpgroup_mma(tmp_path):
+    """The chunk products are wgmma instructions: m64n64k16 (K K^T, Q K^T, S K^T, S Q^T, X T^T, U P^T)
+    and m64n128k16 (the state update), bf16 in, fp32 accumulate."""
+    code = """
+import os
+from cute_gdn.kernels.prefill import compile_prefill
+compile_prefill(io_dtype="bfloat16", state_dtype="float32", num_heads=2, num_v_heads=4, head_k_dim=128,
+                head_v_dim=128, pool_size=8, gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True)
+"""
+    env = {**os.environ, "CUTE_DSL_ARCH": "sm_90a", "CUTE_DSL_KEEP": "ptx", "CUTE_DSL_DUMP_DIR": str(tmp_path),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    ptx = "\n".join(p.read_text() for p in tmp_path.rglob("*.ptx"))
+    assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in ptx
+    assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
+    assert ptx.count("wgmma.mma_async") >= 44
+
+
+@pytest.mark.parametrize("K,V", [(64, 64), (128, 64), (256, 256)])
+def test_prefill_rejects_other_head_dims_with_the_reason(K, V):
+    reason = can_implement_prefill("bfloat16", "float32", 2, 4, K, V, "raw", "float32")
+    assert reason is not None and "head_k_dim = head_v_dim = 128" in reason

@@ -30,7 +30,7 @@ from typing import Optional
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import BFloat16, Float32, Int32
+from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
@@ -157,7 +157,7 @@ class GdnPrefillSm90:
         sV_layout: cute.ComposedLayout,
         sCC_layout: cute.ComposedLayout,
     ):
-        C, K, V = CHUNK, self.K, self.V
+        C, K = CHUNK, self.K
         tidx, _, _ = cute.arch.thread_idx()
         hv, n, _ = cute.arch.block_idx()
         wg = tidx // 128
@@ -343,18 +343,21 @@ class GdnPrefillSm90:
 
     @cute.jit
     def invert(self, sA, sT, sBeta, tidx):
-        """T = (I + A)^-1 diag(beta) by forward substitution: thread c < 64 owns column c."""
+        """T = (I + A)^-1 diag(beta) by forward substitution: thread c < 64 owns column c, and each
+        row's dot product runs as four independent partial sums."""
         C = CHUNK
         if tidx < C:
             col = tidx
             m = cute.make_rmem_tensor(cute.make_layout(C), Float32)
             for i in cutlass.range_constexpr(C):
+                part = cute.make_rmem_tensor(cute.make_layout(4), Float32)
+                part.fill(0.0)
+                for j in cutlass.range_constexpr(i):
+                    part[j % 4] = part[j % 4] + sA[i, j] * m[j]
                 acc = Float32(0.0)
                 if col == i:
                     acc = Float32(1.0)
-                for j in cutlass.range_constexpr(i):
-                    acc = acc - sA[i, j] * m[j]
-                m[i] = acc
+                m[i] = acc - ((part[0] + part[1]) + (part[2] + part[3]))
             beta = sBeta[col]
             for i in cutlass.range_constexpr(C):
                 sT[i, col] = (m[i] * beta).to(sT.element_type)
