@@ -53,6 +53,12 @@ def _run(lengths, H=2, HV=4, *, io="bfloat16", state="float32", gates="raw", bia
     torch.manual_seed(seed)
     inputs = make_step_inputs(1, sum(lengths), H, HV, 128, 128, io_dtype=TORCH_DTYPES[io], gates=gates,
                               bias_dtype=TORCH_DTYPES[bias], decay=decay, packed=packed)
+    if not l2norm:
+        # A model without the in-kernel L2 norm feeds unit-norm keys (the delta rule diverges
+        # otherwise, in any precision): normalize q and k here.
+        for name in ("q", "k"):
+            x = inputs[name]
+            inputs[name] = (x.float() / x.float().norm(dim=-1, keepdim=True)).to(x.dtype)
     pool = make_pool(POOL, HV, 128, 128, TORCH_DTYPES[state])
     N = len(lengths)
     cu = _cu(lengths)

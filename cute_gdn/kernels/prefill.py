@@ -106,8 +106,9 @@ class GdnPrefillSm90:
         C, K, V = CHUNK, self.K, self.V
         io = self.io_dtype
         # Shared-memory tiles: token-major, the contiguous dim swizzled for wgmma.
-        sQK_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, K), io, 1)      # (C, K, 1)
-        sV_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, V), io, 1)       # (C, V, 1)
+        # q, k, v are double-buffered: chunk c + 1 is in flight (cp.async) while chunk c is computed.
+        sQK_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, K), io, 2)      # (C, K, 2)
+        sV_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, V), io, 2)       # (C, V, 2)
         sCC_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, 1)      # (C, C, 1)
 
         @cute.struct
@@ -168,9 +169,9 @@ class GdnPrefillSm90:
         slot = mIndices[n]
 
         storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
-        sQ = storage.sQ.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)[None, None, 0]
-        sK = storage.sK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)[None, None, 0]
-        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)[None, None, 0]
+        sQs = storage.sQ.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
+        sKs = storage.sK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
+        sVs = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         sT = storage.sT.get_tensor(sCC_layout.outer, swizzle=sCC_layout.inner)[None, None, 0]
         sP = storage.sP.get_tensor(sCC_layout.outer, swizzle=sCC_layout.inner)[None, None, 0]
         sA = storage.sA.get_tensor(cute.make_layout((C, C), stride=(C + 4, 1)))
@@ -186,15 +187,38 @@ class GdnPrefillSm90:
         if slot >= 0:
             self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, v0)
             num_chunks = (eos - bos + C - 1) // C
+            a_log = None
+            dt_bias = None
+            if cutlass.const_expr(self.gate_mode == "raw"):
+                a_log = mALog[hv]
+                dt_bias = mDtBias[hv]
+            # Prologue: chunk 0's q, k, v by cp.async, its raw gates into registers.
+            self.issue_chunk_loads(mQ, mK, mV, sQs, sKs, sVs, bos, eos, 0, hk, hv, tidx)
+            cute.arch.cp_async_commit_group()
+            gate_a, gate_b = self.load_raw_gates(mGateA, mGateB, bos, eos, hv, tidx)
             for c in cutlass.range(num_chunks, unroll=1):
+                stage = c % 2
                 tok0 = bos + c * C
                 valid = eos - tok0
                 if valid > C:
                     valid = C
-                cute.arch.sync_threads()  # the previous chunk is done with every shared tile
-                self.load_chunk(mQ, mK, mV, mGateA, mGateB, mALog, mDtBias, sQ, sK, sV, sG, sBeta,
-                                tok0, valid, hk, hv, tidx)
+                cute.arch.sync_threads()  # chunk c - 1 is done with every shared tile
+                if tidx < C:
+                    g = Float32(0.0)
+                    beta = Float32(0.0)
+                    if tidx < valid:
+                        g, beta = gate_log_decay_beta(self.gate_mode, gate_a, gate_b, a_log, dt_bias)
+                    sG[tidx] = g
+                    sBeta[tidx] = beta
+                if c + 1 < num_chunks:
+                    self.issue_chunk_loads(mQ, mK, mV, sQs, sKs, sVs, tok0 + C, eos, 1 - stage, hk, hv, tidx)
+                    gate_a, gate_b = self.load_raw_gates(mGateA, mGateB, tok0 + C, eos, hv, tidx)
+                cute.arch.cp_async_commit_group()
+                cute.arch.cp_async_wait_group(1)  # chunk c has landed; chunk c + 1 may be in flight
                 cute.arch.sync_threads()
+                sQ = sQs[None, None, stage]
+                sK = sKs[None, None, stage]
+                sV = sVs[None, None, stage]
                 self.prepare_chunk(sQ, sK, sG, scale, tidx)
                 cute.arch.fence_view_async_shared()
                 cute.arch.sync_threads()
@@ -236,18 +260,21 @@ class GdnPrefillSm90:
     # ---- per chunk ----
 
     @cute.jit
-    def load_chunk(self, mQ, mK, mV, mGateA, mGateB, mALog, mDtBias, sQ, sK, sV, sG, sBeta,
-                   tok0, valid, hk, hv, tidx):
-        """q, k, v rows of the chunk into shared memory (zeros past the sequence end); g and beta."""
+    def issue_chunk_loads(self, mQ, mK, mV, sQs, sKs, sVs, tok0, eos, stage, hk, hv, tidx):
+        """cp.async of the chunk's q, k, v rows (16-byte vectors) into shared-memory stage `stage`;
+        rows past the sequence end are zero-filled."""
         C, K = CHUNK, self.K
         vecs_per_row = K // 8
-        dsts = (sQ, sK, sV)
+        valid = eos - tok0
+        atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
+                                   self.io_dtype, num_bits_per_copy=128)
+        dsts = (sQs[None, None, stage], sKs[None, None, stage], sVs[None, None, stage])
         for which in cutlass.range_constexpr(3):
             for i in cutlass.range_constexpr(C * vecs_per_row // THREADS):
                 e = tidx + i * THREADS
                 r = e // vecs_per_row
-                col = (e % vecs_per_row) * 8
-                frag = cute.make_rmem_tensor(cute.make_layout(8), self.io_dtype)
+                j = e % vecs_per_row
+                dst = cute.local_tile(dsts[which], (1, 8), (r, j))[0, None]
                 if r < valid:
                     if cutlass.const_expr(which == 0):
                         src = mQ[0, tok0 + r, hk, None]
@@ -255,24 +282,20 @@ class GdnPrefillSm90:
                         src = mK[0, tok0 + r, hk, None]
                     else:
                         src = mV[0, tok0 + r, hv, None]
-                    cute.autovec_copy(cute.make_tensor((src.iterator + col).align(16), cute.make_layout(8)), frag)
+                    cute.copy(atom, cute.make_tensor((src.iterator + j * 8).align(16), cute.make_layout(8)), dst)
                 else:
-                    frag.fill(0.0)
-                for j in cutlass.range_constexpr(8):
-                    dsts[which][r, col + j] = frag[j]
-        if tidx < C:
-            g = Float32(0.0)
-            beta = Float32(0.0)
-            if tidx < valid:
-                a_log = None
-                dt_bias = None
-                if cutlass.const_expr(self.gate_mode == "raw"):
-                    a_log = mALog[hv]
-                    dt_bias = mDtBias[hv]
-                g, beta = gate_log_decay_beta(self.gate_mode, mGateA[0, tok0 + tidx, hv],
-                                              mGateB[0, tok0 + tidx, hv], a_log, dt_bias)
-            sG[tidx] = g
-            sBeta[tidx] = beta
+                    dst.fill(0.0)
+
+    @cute.jit
+    def load_raw_gates(self, mGateA, mGateB, tok0, eos, hv, tidx):
+        """The raw gate inputs of token tok0 + tidx (threads < CHUNK; zeros past the end), as fp32."""
+        gate_a = Float32(0.0)
+        gate_b = Float32(0.0)
+        if tidx < CHUNK:
+            if tok0 + tidx < eos:
+                gate_a = mGateA[0, tok0 + tidx, hv].to(Float32)
+                gate_b = mGateB[0, tok0 + tidx, hv].to(Float32)
+        return gate_a, gate_b
 
     @cute.jit
     def prepare_chunk(self, sQ, sK, sG, scale, tidx):
