@@ -524,6 +524,7 @@ def validate_prefill(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, 
         chk.contiguous("has_initial_state", has_initial_state)
     if out is not None:
         chk.output(out, (1, T, HV, V), q.dtype, device)
+        chk.vector_aligned("out", out)
     return mode, bias_dtype
 
 

@@ -15,6 +15,9 @@ def test_readme_api_example_runs():
     scope: dict = {}
     exec(compile(block, "README.md", "exec"), scope)
     o, pool = scope["o"], scope["pool"]
+    op = scope["op"]
+    assert op.shape == (1, 407, 32, 128) and torch.isfinite(op.float()).all()
+    assert torch.equal(op[0, 100:107], torch.zeros_like(op[0, 100:107]))  # the padded sequence
     torch.cuda.synchronize()
     assert o.shape == (3, 1, 32, 128) and torch.isfinite(o.float()).all()
     assert torch.equal(o[1], torch.zeros_like(o[1]))  # the padded row

@@ -229,6 +229,8 @@ class GdnPrefillSm90:
                 cute.arch.sync_threads()
                 self.state_chain(mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sG, mO, tok0, valid, hv, v0,
                                  wg_tidx)
+                cute.arch.sync_threads()
+                self.store_output(sV, mO, tok0, valid, hv, tidx)
             self.store_state(acc_S, cS, mState, slot, hv, v0)
         else:
             self.zero_output(mO, bos, eos, hv, tidx)
@@ -285,6 +287,22 @@ class GdnPrefillSm90:
                     cute.copy(atom, cute.make_tensor((src.iterator + j * 8).align(16), cute.make_layout(8)), dst)
                 else:
                     dst.fill(0.0)
+
+    @cute.jit
+    def store_output(self, sO, mO, tok0, valid, hv, tidx):
+        """The chunk's output rows t < valid from shared memory to o, 16 bytes per store."""
+        vecs_per_row = self.V // 8
+        for i in cutlass.range_constexpr(CHUNK * vecs_per_row // THREADS):
+            e = tidx + i * THREADS
+            r = e // vecs_per_row
+            j = e % vecs_per_row
+            if r < valid:
+                frag = cute.make_rmem_tensor(cute.make_layout(8), sO.element_type)
+                src = cute.local_tile(sO, (1, 8), (r, j))[0, None]
+                for x in cutlass.range_constexpr(8):
+                    frag[x] = src[x]
+                dst = mO[0, tok0 + r, hv, None]
+                cute.autovec_copy(frag, cute.make_tensor((dst.iterator + j * 8).align(16), cute.make_layout(8)))
 
     @cute.jit
     def load_raw_gates(self, mGateA, mGateB, tok0, eos, hv, tidx):
@@ -414,10 +432,10 @@ class GdnPrefillSm90:
         rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), self.io_dtype)
         cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(self.io_dtype))
         self.gemm(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
+        # O [t, v] into this stage's v tile (dead from here on), stored row-wise after a sync.
         for i in cutlass.range_constexpr(cute.size(acc_O)):
             r, t = cVT[i]
-            if t < valid:
-                mO[0, tok0 + t, hv, v0 + r] = acc_O[i].to(mO.element_type)
+            sV[t, v0 + r] = acc_O[i].to(sV.element_type)
         # S = exp(G_last) S + (U exp(G_last - G_s)) K
         g_last = sG[C - 1]
         rUd = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), self.io_dtype)
@@ -473,7 +491,7 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
     q = strided(io, (H, K), 16)
     k = strided(io, (H, K), 16)
     v = strided(io, (HV, V), 16)
-    o = strided(io, (HV, V), io.width // 8)
+    o = strided(io, (HV, V), 16)
     if gate_mode == "raw":
         gate_a = strided(io, (HV,), io.width // 8)
         gate_b = strided(io, (HV,), io.width // 8)
