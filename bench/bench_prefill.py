@@ -60,7 +60,7 @@ def prefill_key(H, HV, seqs_pool):
 def cute_call(x, H, HV):
     fn = default_cache().get(prefill_key(H, HV, x["pool"].shape[0]))
     return lambda: fn(x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], x["cu"], x["pool"], x["slots"],
-                      x["has_init"], x["o"], D ** -0.5)
+                      x["has_init"], x["o"], D ** -0.5, None)
 
 
 def flashinfer_call(x):

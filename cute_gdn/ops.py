@@ -608,9 +608,9 @@ def prefill(
     init = _all_true(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
     try:
         if raw:
-            fn(q, k, v, a, b, A_log, dt_bias, cu_seqlens, state, state_indices, init, out, scale)
+            fn(q, k, v, a, b, A_log, dt_bias, cu_seqlens, state, state_indices, init, out, scale, None)
         else:
-            fn(q, k, v, g, beta, None, None, cu_seqlens, state, state_indices, init, out, scale)
+            fn(q, k, v, g, beta, None, None, cu_seqlens, state, state_indices, init, out, scale, None)
     except (ValueError, TypeError):
         validate_prefill(*args)
         raise

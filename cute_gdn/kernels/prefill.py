@@ -75,7 +75,7 @@ def acc_to_a_layout(acc_layout):
 
 class GdnPrefillSm90:
     def __init__(self, *, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
-                 head_v_dim: int, gate_mode: str, use_qk_l2norm: bool):
+                 head_v_dim: int, gate_mode: str, use_qk_l2norm: bool, profile: bool = False):
         self.io_dtype = cutlass_dtype(io_dtype)
         self.state_dtype = cutlass_dtype(state_dtype)
         self.num_heads = num_heads
@@ -84,6 +84,10 @@ class GdnPrefillSm90:
         self.V = head_v_dim
         self.gate_mode = gate_mode
         self.use_qk_l2norm = use_qk_l2norm
+        # profile=True (benchmarks only): thread 0 of each CTA sums the wall time (%globaltimer, ns) of
+        # the chunk phases into mProfile[cta, phase]: 0 wait for loads, 1 prep, 2 aux products,
+        # 3 inverse, 4 state chain, 5 output store.
+        self.profile = profile
 
     @cute.jit
     def __call__(
@@ -101,6 +105,7 @@ class GdnPrefillSm90:
         mHasInit: cute.Tensor,    # [N] int8 (0: start from zeros)
         mO: cute.Tensor,          # [1, T, HV, V]
         scale: Float32,
+        mProfile: Optional[cute.Tensor],  # [HV * N, 8] int64 (profile builds), else None
         stream,
     ):
         C, K, V = CHUNK, self.K, self.V
@@ -132,7 +137,7 @@ class GdnPrefillSm90:
                                                       (1, 1, 1), (64, K), warpgroup.OperandSource.RMEM)
         num_seqs = mIndices.shape[0]
         self.kernel(mQ, mK, mV, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mState, mIndices, mHasInit, mO, scale,
-                    mma_ss, mma_rs, mma_state, sQK_layout, sV_layout, sCC_layout).launch(
+                    mProfile, mma_ss, mma_rs, mma_state, sQK_layout, sV_layout, sCC_layout).launch(
             grid=(self.num_v_heads, num_seqs, 1), block=(THREADS, 1, 1), stream=stream)
 
     @cute.kernel
@@ -151,6 +156,7 @@ class GdnPrefillSm90:
         mHasInit: cute.Tensor,
         mO: cute.Tensor,
         scale: Float32,
+        mProfile: Optional[cute.Tensor],
         mma_ss: cute.TiledMma,
         mma_rs: cute.TiledMma,
         mma_state: cute.TiledMma,
@@ -196,6 +202,9 @@ class GdnPrefillSm90:
             self.issue_chunk_loads(mQ, mK, mV, sQs, sKs, sVs, bos, eos, 0, hk, hv, tidx)
             cute.arch.cp_async_commit_group()
             gate_a, gate_b = self.load_raw_gates(mGateA, mGateB, bos, eos, hv, tidx)
+            prof = cute.make_rmem_tensor(cute.make_layout(6), cutlass.Int64)
+            prof.fill(0)
+            stamp = cute.arch.globaltimer()
             for c in cutlass.range(num_chunks, unroll=1):
                 stage = c % 2
                 tok0 = bos + c * C
@@ -203,6 +212,7 @@ class GdnPrefillSm90:
                 if valid > C:
                     valid = C
                 cute.arch.sync_threads()  # chunk c - 1 is done with every shared tile
+                stamp = self.mark(prof, 5, stamp)
                 if tidx < C:
                     g = Float32(0.0)
                     beta = Float32(0.0)
@@ -216,24 +226,44 @@ class GdnPrefillSm90:
                 cute.arch.cp_async_commit_group()
                 cute.arch.cp_async_wait_group(1)  # chunk c has landed; chunk c + 1 may be in flight
                 cute.arch.sync_threads()
+                stamp = self.mark(prof, 0, stamp)
                 sQ = sQs[None, None, stage]
                 sK = sKs[None, None, stage]
                 sV = sVs[None, None, stage]
                 self.prepare_chunk(sQ, sK, sG, scale, tidx)
                 cute.arch.fence_view_async_shared()
                 cute.arch.sync_threads()
+                stamp = self.mark(prof, 1, stamp)
                 self.aux_products(mma_ss, sQ, sK, sA, sP, sG, sBeta, wg, wg_tidx)
                 cute.arch.sync_threads()
+                stamp = self.mark(prof, 2, stamp)
                 self.invert(sA, sT, sBeta, tidx)
                 cute.arch.fence_view_async_shared()
                 cute.arch.sync_threads()
+                stamp = self.mark(prof, 3, stamp)
                 self.state_chain(mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sG, mO, tok0, valid, hv, v0,
                                  wg_tidx)
                 cute.arch.sync_threads()
+                stamp = self.mark(prof, 4, stamp)
                 self.store_output(sV, mO, tok0, valid, hv, tidx)
+            if cutlass.const_expr(self.profile):
+                if tidx == 0:
+                    cta = n * self.num_v_heads + hv
+                    for i in cutlass.range_constexpr(6):
+                        mProfile[cta, i] = prof[i]
+                    mProfile[cta, 6] = cutlass.Int64(num_chunks)
             self.store_state(acc_S, cS, mState, slot, hv, v0)
         else:
             self.zero_output(mO, bos, eos, hv, tidx)
+
+    @cute.jit
+    def mark(self, prof, phase: cutlass.Constexpr, stamp):
+        """profile builds: add the time since `stamp` to prof[phase]; returns the new stamp."""
+        if cutlass.const_expr(self.profile):
+            now = cute.arch.globaltimer()
+            prof[phase] = prof[phase] + (now - stamp)
+            stamp = now
+        return stamp
 
     # ---- state I/O ----
 
@@ -464,11 +494,12 @@ class GdnPrefillSm90:
 
 def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
                     head_v_dim: int, pool_size: int, gate_mode: str, dt_bias_dtype: Optional[str],
-                    use_qk_l2norm: bool):
+                    use_qk_l2norm: bool, profile: bool = False):
     """Compile the prefill kernel for one key. Tensor-free: never touches a GPU.
 
     The returned tvm-ffi function takes (q, k, v, gate_a, gate_b, A_log, dt_bias, cu_seqlens, state,
-    state_indices, has_initial_state (int8), o, scale).
+    state_indices, has_initial_state (int8), o, scale, profile) where profile is None, or (profile
+    builds, benchmarks only) an int64 [HV * N, 8] tensor that receives per-CTA phase times.
     """
     reason = can_implement(io_dtype, state_dtype, num_heads, num_v_heads, head_k_dim, head_v_dim, gate_mode,
                            dt_bias_dtype)
@@ -507,7 +538,8 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
     indices = cute.runtime.make_fake_compact_tensor(Int32, (seqs,))
     has_init = cute.runtime.make_fake_compact_tensor(cutlass.Int8, (seqs,))
     op = GdnPrefillSm90(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=H, num_v_heads=HV, head_k_dim=K,
-                        head_v_dim=V, gate_mode=gate_mode, use_qk_l2norm=use_qk_l2norm)
+                        head_v_dim=V, gate_mode=gate_mode, use_qk_l2norm=use_qk_l2norm, profile=profile)
+    prof = cute.runtime.make_fake_compact_tensor(cutlass.Int64, (cute.sym_int(), 8)) if profile else None
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     return cute.compile(op, q, k, v, gate_a, gate_b, a_log, dt_bias, cu, state, indices, has_init, o,
-                        Float32(1.0), stream, options="--enable-tvm-ffi")
+                        Float32(1.0), prof, stream, options="--enable-tvm-ffi")
