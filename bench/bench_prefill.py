@@ -45,7 +45,7 @@ def make_inputs(tokens, seqs, H, HV):
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32, device="cuda")
     pool = torch.randn(seqs, HV, D, D, device="cuda") * 0.1
     slots = torch.randperm(seqs, device="cuda").to(torch.int32)
-    has_init = torch.ones(seqs, dtype=torch.int8, device="cuda")
+    has_init = torch.ones(seqs, dtype=torch.bool, device="cuda")
     g, beta = reference.compute_gates(a, b, A_log, dt_bias, dtype=torch.float32)
     return dict(q=q, k=k, v=v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, cu=cu, pool=pool, slots=slots,
                 has_init=has_init, g=g.contiguous(), beta=beta.contiguous(), o=torch.empty_like(v))
@@ -58,9 +58,11 @@ def prefill_key(H, HV, seqs_pool):
 
 
 def cute_call(x, H, HV):
-    fn = default_cache().get(prefill_key(H, HV, x["pool"].shape[0]))
-    return lambda: fn(x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], x["cu"], x["pool"], x["slots"],
-                      x["has_init"], x["o"], D ** -0.5, None)
+    from cute_gdn import ops
+
+    return lambda: ops.prefill(x["q"], x["k"], x["v"], x["a"], x["b"], A_log=x["A_log"], dt_bias=x["dt_bias"],
+                               cu_seqlens=x["cu"], state=x["pool"], state_indices=x["slots"],
+                               has_initial_state=x["has_init"], out=x["o"])
 
 
 def flashinfer_call(x):

@@ -1,5 +1,6 @@
-"""Where a prefill chunk's time goes: a profile build of the kernel records, per CTA, the wall time
-(%globaltimer) of each phase of the chunk loop; this prints the mean per chunk.
+"""Where prefill's time goes: the aux kernel and the chain kernel timed on their own (cold L2,
+median of 10), and, from a profile build of the chain kernel, the wall time (%globaltimer) of each
+phase of its chunk loop per CTA, as the mean per chunk.
 
     python bench/profile_prefill.py [--shapes 8192x1,32768x16] [--heads 16/32]
 """
@@ -15,10 +16,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_prefill import D, make_inputs  # noqa: E402
+from bench_prefill import D, cute_call, make_inputs, time_cold  # noqa: E402
+from cute_gdn import ops  # noqa: E402
 from cute_gdn.cache import KernelKey, default_cache  # noqa: E402
 
-PHASES = ("wait for loads", "prep (norm, scan)", "aux (KK^T, QK^T)", "inverse", "state chain", "output store")
+PHASES = ("wait for loads", "state chain", "output store")
+
+
+def part_key(H, HV, seqs, parts, profile=False):
+    return KernelKey.make("prefill", io_dtype="bfloat16", state_dtype="float32", num_heads=H, num_v_heads=HV,
+                          head_k_dim=D, head_v_dim=D, pool_size=seqs, gate_mode="raw", dt_bias_dtype="float32",
+                          use_qk_l2norm=True, parts=parts, profile=profile)
 
 
 def main():
@@ -26,26 +34,33 @@ def main():
     ap.add_argument("--shapes", default="8192x1,32768x16")
     ap.add_argument("--heads", default="16/32")
     args = ap.parse_args()
-    for hh in args.heads.split(","):
-        H, HV = (int(x) for x in hh.split("/"))
-        for shape in args.shapes.split(","):
-            tokens, seqs = (int(x) for x in shape.split("x"))
-            key = KernelKey.make("prefill", io_dtype="bfloat16", state_dtype="float32", num_heads=H, num_v_heads=HV,
-                                 head_k_dim=D, head_v_dim=D, pool_size=seqs, gate_mode="raw", dt_bias_dtype="float32",
-                                 use_qk_l2norm=True, profile=True)
-            fn = default_cache().get(key)
+    heads = [tuple(int(x) for x in hh.split("/")) for hh in args.heads.split(",")]
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    default_cache().compile(sorted({part_key(H, HV, n, p, p == "chain") for H, HV in heads for _, n in shapes
+                                    for p in ("aux", "chain")}, key=lambda k: k.name), jobs=16)
+    for H, HV in heads:
+        for tokens, seqs in shapes:
             x = make_inputs(tokens, seqs, H, HV)
+            full = cute_call(x, H, HV)
+            full()
+            ws_tp, ws_f = ops.prefill_workspace(tokens, seqs, HV, x["q"].dtype, x["q"].device)
             prof = torch.zeros(HV * seqs, 8, dtype=torch.int64, device="cuda")
-            for _ in range(2):
-                prof.zero_()
-                fn(x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], x["cu"], x["pool"], x["slots"],
-                   x["has_init"], x["o"], D ** -0.5, prof)
+            args_ = lambda p: (x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], x["cu"],  # noqa: E731
+                               x["pool"], x["slots"], x["has_init"].view(torch.int8), x["o"], ws_tp, ws_f, D ** -0.5, p)
+            aux = default_cache().get(part_key(H, HV, seqs, "aux"))
+            chain = default_cache().get(part_key(H, HV, seqs, "chain", True))
+            aux(*args_(None))
+            t_full = time_cold(full)
+            t_aux = time_cold(lambda: aux(*args_(None)))
+            t_chain = time_cold(lambda: chain(*args_(prof)))
+            prof.zero_()
+            chain(*args_(prof))
             torch.cuda.synchronize()
-            chunks = prof[:, 6].sum().item()
-            per_chunk = prof[:, :6].sum(0).double() / max(chunks, 1) / 1e3
-            print(f"H={H} HV={HV} {tokens}x{seqs}: {chunks} chunk-CTAs, us per chunk: "
-                  + ", ".join(f"{name} {t:.2f}" for name, t in zip(PHASES, per_chunk.tolist()))
-                  + f"; total {per_chunk.sum().item():.2f}")
+            chunks = prof[:, 7].sum().item()
+            per_chunk = prof[:, :3].sum(0).double() / max(chunks, 1) / 1e3
+            print(f"H={H} HV={HV} {tokens}x{seqs}: full {t_full:.1f} us = aux {t_aux:.1f} + chain {t_chain:.1f}; "
+                  f"chain per chunk (us): " + ", ".join(f"{name} {t:.2f}" for name, t in zip(PHASES, per_chunk.tolist()))
+                  + f"; total {per_chunk.sum().item():.2f}", flush=True)
 
 
 if __name__ == "__main__":

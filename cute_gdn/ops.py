@@ -544,6 +544,16 @@ def _all_true(n: int, device: torch.device) -> torch.Tensor:
     return ones[:n]
 
 
+def prefill_workspace(tokens: int, num_seqs: int, num_v_heads: int, dtype: torch.dtype,
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-call workspace of prefill: T and P tiles (io dtype) and the per-token factors (fp32)
+    of every chunk, 17 KiB per chunk and value head at bf16 (see kernels/prefill.py)."""
+    rows = prefill_kernel.ws_rows(tokens, num_seqs)
+    C = prefill_kernel.CHUNK
+    return (torch.empty(rows, num_v_heads, 2, C, C, dtype=dtype, device=device),
+            torch.empty(rows, num_v_heads, prefill_kernel.NUM_FACTORS, C, dtype=torch.float32, device=device))
+
+
 def prefill(
     q: torch.Tensor,  # [1, T, H, K] bf16/fp16: the N sequences packed along T
     k: torch.Tensor,  # [1, T, H, K]
@@ -606,11 +616,12 @@ def prefill(
     if scale is None:
         scale = K ** -0.5
     init = _all_true(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
+    ws_tp, ws_f = prefill_workspace(T, N, HV, q.dtype, q.device)
     try:
         if raw:
-            fn(q, k, v, a, b, A_log, dt_bias, cu_seqlens, state, state_indices, init, out, scale, None)
+            fn(q, k, v, a, b, A_log, dt_bias, cu_seqlens, state, state_indices, init, out, ws_tp, ws_f, scale, None)
         else:
-            fn(q, k, v, g, beta, None, None, cu_seqlens, state, state_indices, init, out, scale, None)
+            fn(q, k, v, g, beta, None, None, cu_seqlens, state, state_indices, init, out, ws_tp, ws_f, scale, None)
     except (ValueError, TypeError):
         validate_prefill(*args)
         raise

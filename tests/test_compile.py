@@ -156,8 +156,9 @@ def test_every_prefill_variant_compiles_for_sm90a(tmp_path):
 
 
 def test_prefill_ptx_runs_on_warpgroup_mma(tmp_path):
-    """The chunk products are wgmma instructions: m64n64k16 (K K^T, Q K^T, S K^T, S Q^T, X T^T, U P^T)
-    and m64n128k16 (the state update), bf16 in, fp32 accumulate."""
+    """The chunk products are wgmma instructions, bf16 in, fp32 accumulate: m64n64k16 for K K^T / Q K^T
+    (aux kernel, 8 k-blocks) and S K^T, S Q^T (8 each), X T^T, U P^T (4 each) of the chain kernel, and
+    m64n128k16 for the state update (4)."""
     code = """
 import os
 from cute_gdn.kernels.prefill import compile_prefill
@@ -171,7 +172,8 @@ compile_prefill(io_dtype="bfloat16", state_dtype="float32", num_heads=2, num_v_h
     ptx = "\n".join(p.read_text() for p in tmp_path.rglob("*.ptx"))
     assert "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16" in ptx
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
-    assert ptx.count("wgmma.mma_async") >= 44
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n64k16") >= 8 + 8 + 8 + 4 + 4
+    assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k16") >= 4
 
 
 @pytest.mark.parametrize("K,V", [(64, 64), (128, 64), (256, 256)])

@@ -1,26 +1,38 @@
-"""Chunked varlen prefill of the gated delta rule on Hopper tensor cores (sm_90a). Stage 1.
+"""Chunked varlen prefill of the gated delta rule on Hopper tensor cores (sm_90a).
 
-One CTA per (sequence n, value head h) walks the sequence in chunks of C = 64 tokens; the state
-S = state[state_indices[n], h] ([V, K] fp32) stays in the registers of two warpgroups, each owning
-64 of its V rows, for the whole sequence. Per chunk, with G_t the cumulative log-decay inside the
-chunk (G_t = g_0 + ... + g_t), gamma_t = exp(G_t) and k, q L2-normalized (q scaled):
+Two kernels, launched back to back by one compiled function:
 
-  aux (CUDA cores + wgmma SS, shared by both warpgroups)
-    A[t, s]  = beta_t (k_t . k_s) exp(G_t - G_s)          s < t            (wgmma K K^T)
-    P[t, s]  = (q_t . k_s) exp(G_t - G_s)                  s <= t           (wgmma Q K^T)
-    T[n, s]  = ((I + A)^-1)[n, s] beta_s                  forward substitution, fp32
-  state chain (per warpgroup, "V-major": M = the warpgroup's 64 rows of S; wgmma RS, the A operand
-  converted from the previous accumulator in registers)
-    SK = S K^T,  O1 = S Q^T                               [v, t]
-    X  = V^T - gamma_t SK                                  [v, t]   (X = the delta-rule residual
-    U  = X T^T                                             [v, n]    before the triangular solve)
-    O  = gamma_t O1 + U P^T                                -> o[t, v]
-    S  = exp(G_last) S + (U * exp(G_last - G_s)) K          [v, k]
-which is reference.chunk_gated_delta_rule transposed (U here is that function's `residual`).
+1. `aux` (one CTA per chunk of 64 tokens and value head, all chunks in parallel). Everything of a
+   chunk that does not depend on the state: with G_t the cumulative log-decay inside the chunk,
+   rk_t = 1 / |k_t| and rq_t = scale / |q_t| (the L2 norms folded into per-token factors),
+     A[t, s] = beta_t rk_t rk_s (k_t . k_s) exp(G_t - G_s)   s < t     wgmma K K^T (warpgroup 0)
+     P[t, s] = rq_t rk_s (q_t . k_s) exp(G_t - G_s)           s <= t    wgmma Q K^T (warpgroup 1)
+     T[n, s] = ((I + A)^-1)[n, s] beta_s                      blocked inverse, fp32
+   and the factors f = (exp(G_t) rk_t, exp(G_t) rq_t, exp(G_last - G_t) rk_t, exp(G_last)). T, P
+   (io dtype) and f (fp32) go to a workspace indexed by chunk.
+2. `chain` (one CTA per sequence and value head, sequential over the chunks). The state
+   S = state[state_indices[n], h] ([V, K] fp32) stays in the registers of two warpgroups, each owning
+   64 of its V rows; per chunk, with the raw (unnormalized) q and k as wgmma B operands:
+     SK = S K^T,  O1 = S Q^T                                [v, t]   wgmma RS
+     X  = V^T - f0_t SK                                      [v, t]
+     U  = X T^T                                              [v, n]
+     O  = f1_t O1 + U P^T                                    -> o[t, v]
+     S  = f3 S + (U f2_s) K                                  [v, k]
+   which is reference.chunk_gated_delta_rule transposed (U is that function's `residual`). The
+   chunk's q, k, v, T, P and f arrive by cp.async, double-buffered: chunk c + 1 is in flight while
+   chunk c computes.
+
+Why two kernels: the chain is inherently sequential per sequence, so a single long sequence keeps
+only HV CTAs busy; moving every state-independent product and the triangular solve out of it runs
+them on the whole GPU and leaves the chain with five small GEMMs per chunk. The price is the
+workspace (16 KiB + 1 KiB per chunk and value head at bf16) written once and read once.
 
 Tokens past the end of a sequence in its last chunk are read as zeros with g = 0 and beta = 0, which
 makes them exact no-ops (see the reference). Padding (state_indices[n] < 0) writes zero output
 rows and touches no state. A zero-length sequence writes back its initial state.
+
+Workspace: chunk j of sequence n lives at row cu_seqlens[n] // 64 + n + j, so ws_rows(T, N) =
+T // 64 + N + 1 rows suffice for any lengths (each sequence adds at most one partial chunk).
 
 Supported: K = V = 128 (the shape that must be fast); other head dims are rejected by can_implement.
 """
@@ -39,8 +51,16 @@ from .common.gates import gate_log_decay_beta
 from .common.problem import check_problem
 
 CHUNK = 64
-THREADS = 256  # two warpgroups
+THREADS = 256  # two warpgroups, in both kernels
 SUPPORTED_HEAD_DIM = 128
+NUM_FACTORS = 4  # per-token fp32 factors of a chunk, see the module docstring
+BLOCK = 16       # diagonal block of the inverse
+LDA = CHUNK + 4  # row stride (floats) of the fp32 shared matrices of the inverse
+
+
+def ws_rows(tokens: int, num_seqs: int) -> int:
+    """Workspace rows (chunk slots) needed for `tokens` tokens in `num_seqs` sequences."""
+    return tokens // CHUNK + num_seqs + 1
 
 
 def can_implement(io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
@@ -75,7 +95,7 @@ def acc_to_a_layout(acc_layout):
 
 class GdnPrefillSm90:
     def __init__(self, *, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
-                 head_v_dim: int, gate_mode: str, use_qk_l2norm: bool, profile: bool = False):
+                 head_v_dim: int, gate_mode: str, use_qk_l2norm: bool, parts: str = "both", profile: bool = False):
         self.io_dtype = cutlass_dtype(io_dtype)
         self.state_dtype = cutlass_dtype(state_dtype)
         self.num_heads = num_heads
@@ -84,9 +104,10 @@ class GdnPrefillSm90:
         self.V = head_v_dim
         self.gate_mode = gate_mode
         self.use_qk_l2norm = use_qk_l2norm
-        # profile=True (benchmarks only): thread 0 of each CTA sums the wall time (%globaltimer, ns) of
-        # the chunk phases into mProfile[cta, phase]: 0 wait for loads, 1 prep, 2 aux products,
-        # 3 inverse, 4 state chain, 5 output store.
+        # Benchmarks only: parts = "aux" / "chain" launches one of the two kernels; profile=True makes
+        # thread 0 of each chain CTA sum the wall time (%globaltimer, ns) of the chunk phases into
+        # mProfile[cta, phase]: 0 wait for loads, 1 state chain, 2 output store; [cta, 7] = chunks.
+        self.parts = parts
         self.profile = profile
 
     @cute.jit
@@ -104,31 +125,43 @@ class GdnPrefillSm90:
         mIndices: cute.Tensor,    # [N] int32
         mHasInit: cute.Tensor,    # [N] int8 (0: start from zeros)
         mO: cute.Tensor,          # [1, T, HV, V]
+        mWsTP: cute.Tensor,       # [rows, HV, 2, C, C] io dtype: T, P per chunk
+        mWsF: cute.Tensor,        # [rows, HV, NUM_FACTORS, C] fp32
         scale: Float32,
         mProfile: Optional[cute.Tensor],  # [HV * N, 8] int64 (profile builds), else None
         stream,
     ):
         C, K, V = CHUNK, self.K, self.V
         io = self.io_dtype
-        # Shared-memory tiles: token-major, the contiguous dim swizzled for wgmma.
-        # q, k, v are double-buffered: chunk c + 1 is in flight (cp.async) while chunk c is computed.
-        sQK_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, K), io, 2)      # (C, K, 2)
-        sV_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, V), io, 2)       # (C, V, 2)
-        sCC_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, 1)      # (C, C, 1)
+        # Token-major shared tiles, the contiguous dim 128B-swizzled for wgmma.
+        sQK_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, K), io, 2)  # (C, K, 2)
+        sV_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, V), io, 2)   # (C, V, 2)
+        sCC_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, 2)  # (C, C, 2)
 
         @cute.struct
-        class SharedStorage:
+        class AuxStorage:
+            sQK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]  # stage 0 q, 1 k
+            sA: cute.struct.Align[cute.struct.MemRange[Float32, C * LDA], 16]
+            sX: cute.struct.Align[cute.struct.MemRange[Float32, C * LDA], 16]
+            sY: cute.struct.Align[cute.struct.MemRange[Float32, C * LDA], 16]
+            sP: cute.struct.Align[cute.struct.MemRange[io, C * (C + 8)], 16]
+            sG: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
+            sBeta: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
+            sRK: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
+            sRQ: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
+
+        @cute.struct
+        class ChainStorage:
             sQ: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layout)], 1024]
             sT: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sCC_layout)], 1024]
             sP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sCC_layout)], 1024]
-            sA: cute.struct.Align[cute.struct.MemRange[Float32, C * (C + 4)], 16]
-            sG: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
-            sBeta: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
+            sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
 
-        self.shared_storage = SharedStorage
-        # wgmma tilings (one warpgroup each): SS products of the aux path, RS products of the state chain.
+        self.aux_storage = AuxStorage
+        self.chain_storage = ChainStorage
+        # wgmma tilings (one warpgroup each): SS products of aux, RS products of the chain.
         mma_ss = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
                                                    (1, 1, 1), (C, C))
         mma_rs = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
@@ -136,28 +169,205 @@ class GdnPrefillSm90:
         mma_state = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
                                                       (1, 1, 1), (64, K), warpgroup.OperandSource.RMEM)
         num_seqs = mIndices.shape[0]
-        self.kernel(mQ, mK, mV, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mState, mIndices, mHasInit, mO, scale,
-                    mProfile, mma_ss, mma_rs, mma_state, sQK_layout, sV_layout, sCC_layout).launch(
-            grid=(self.num_v_heads, num_seqs, 1), block=(THREADS, 1, 1), stream=stream)
+        if cutlass.const_expr(self.parts != "chain"):
+            self.aux_kernel(mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, scale,
+                            mma_ss, sQK_layout).launch(
+                grid=(mWsTP.shape[0], self.num_v_heads, 1), block=(THREADS, 1, 1), stream=stream)
+        if cutlass.const_expr(self.parts != "aux"):
+            self.chain_kernel(mQ, mK, mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsTP, mWsF, mProfile,
+                              mma_rs, mma_state, sQK_layout, sV_layout, sCC_layout).launch(
+                grid=(self.num_v_heads, num_seqs, 1), block=(THREADS, 1, 1), stream=stream)
+
+    # ================================ aux: one chunk, all of it off the state ================================
 
     @cute.kernel
-    def kernel(
+    def aux_kernel(
         self,
         mQ: cute.Tensor,
         mK: cute.Tensor,
-        mV: cute.Tensor,
         mGateA: cute.Tensor,
         mGateB: cute.Tensor,
         mALog: Optional[cute.Tensor],
         mDtBias: Optional[cute.Tensor],
         mCuSeqlens: cute.Tensor,
+        mIndices: cute.Tensor,
+        mWsTP: cute.Tensor,
+        mWsF: cute.Tensor,
+        scale: Float32,
+        mma_ss: cute.TiledMma,
+        sQK_layout: cute.ComposedLayout,
+    ):
+        C = CHUNK
+        tidx, _, _ = cute.arch.thread_idx()
+        row, hv, _ = cute.arch.block_idx()
+        wg = tidx // 128
+        wg_tidx = tidx % 128
+        hk = hv // (self.num_v_heads // self.num_heads)
+        # The sequence n owning workspace row `row`: the largest n with cu[n] // C + n <= row.
+        num_seqs = mIndices.shape[0]
+        steps = Int32(0)
+        span = Int32(1)
+        for _ in cutlass.range_constexpr(20):
+            if span < num_seqs:
+                steps = steps + 1
+                span = span * 2
+        lo = Int32(0)
+        hi = num_seqs
+        for _ in cutlass.range(steps, unroll=1):
+            mid = (lo + hi) // 2
+            if mCuSeqlens[mid] // C + mid <= row:
+                lo = mid
+            else:
+                hi = mid
+        n = lo
+        bos = mCuSeqlens[n]
+        eos = mCuSeqlens[n + 1]
+        chunk = row - (bos // C + n)
+        tok0 = bos + chunk * C
+        if tok0 < eos and mIndices[n] >= 0:
+            storage = cutlass.memory.SmemAllocator().allocate(self.aux_storage)
+            sQK = storage.sQK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
+            sA = storage.sA.get_tensor(cute.make_layout((C, C), stride=(LDA, 1)))
+            sX = storage.sX.get_tensor(cute.make_layout((C, C), stride=(LDA, 1)))
+            sY = storage.sY.get_tensor(cute.make_layout((C, C), stride=(LDA, 1)))
+            sP = storage.sP.get_tensor(cute.make_layout((C, C), stride=(C + 8, 1)))
+            sG = storage.sG.get_tensor(cute.make_layout(C))
+            sBeta = storage.sBeta.get_tensor(cute.make_layout(C))
+            sRK = storage.sRK.get_tensor(cute.make_layout(C))
+            sRQ = storage.sRQ.get_tensor(cute.make_layout(C))
+
+            load_rows(self.io_dtype, self.K, mQ, sQK[None, None, 0], tok0, eos, hk, tidx)
+            load_rows(self.io_dtype, self.K, mK, sQK[None, None, 1], tok0, eos, hk, tidx)
+            cute.arch.cp_async_commit_group()
+            if tidx < C:
+                g = Float32(0.0)
+                beta = Float32(0.0)
+                if tok0 + tidx < eos:
+                    a_log = None
+                    dt_bias = None
+                    if cutlass.const_expr(self.gate_mode == "raw"):
+                        a_log = mALog[hv]
+                        dt_bias = mDtBias[hv]
+                    g, beta = gate_log_decay_beta(self.gate_mode, mGateA[0, tok0 + tidx, hv],
+                                                  mGateB[0, tok0 + tidx, hv], a_log, dt_bias)
+                sG[tidx] = g
+                sBeta[tidx] = beta
+            cute.arch.cp_async_wait_group(0)
+            cute.arch.fence_view_async_shared()
+            cute.arch.sync_threads()
+
+            # Warpgroup 0: K K^T; warpgroup 1: Q K^T (A operand = stage 1 - wg). Issued now, waited for
+            # after the norms and the g scan.
+            thr = mma_ss.get_slice(wg_tidx)
+            acc = cute.make_rmem_tensor(thr.partition_shape_C((C, C)), Float32)
+            tA = mma_ss.make_fragment_A(thr.partition_A(sQK[None, None, 1 - wg]))
+            tB = mma_ss.make_fragment_B(thr.partition_B(sQK[None, None, 1]))
+            mma_ss.set(warpgroup.Field.ACCUMULATE, False)
+            warpgroup.fence()
+            for kb in cutlass.range_constexpr(cute.size(tA, mode=[2])):
+                cute.gemm(mma_ss, acc, tA[None, None, kb], tB[None, None, kb], acc)
+                mma_ss.set(warpgroup.Field.ACCUMULATE, True)
+            warpgroup.commit_group()
+
+            self.row_norms(sQK, sRQ, sRK, scale, tidx)
+            if tidx < 32:
+                inclusive_scan_64(sG, tidx)
+            warpgroup.wait_group(0)
+            cute.arch.sync_threads()
+
+            cC = thr.partition_C(cute.make_identity_tensor((C, C)))
+            if wg == 0:
+                for i in cutlass.range_constexpr(cute.size(acc)):
+                    t, s = cC[i]
+                    val = Float32(0.0)
+                    if s < t:
+                        val = (sBeta[t] * sRK[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
+                    sA[t, s] = val
+            else:
+                for i in cutlass.range_constexpr(cute.size(acc)):
+                    t, s = cC[i]
+                    val = Float32(0.0)
+                    if s <= t:
+                        val = (sRQ[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
+                    sP[t, s] = val.to(sP.element_type)
+            if tidx < C:
+                g_t = sG[tidx]
+                g_last = sG[C - 1]
+                gamma = cute.math.exp(g_t)
+                mWsF[row, hv, 0, tidx] = gamma * sRK[tidx]
+                mWsF[row, hv, 1, tidx] = gamma * sRQ[tidx]
+                mWsF[row, hv, 2, tidx] = cute.math.exp(g_last - g_t) * sRK[tidx]
+                mWsF[row, hv, 3, tidx] = cute.math.exp(g_last)
+            cute.arch.sync_threads()
+            invert_blocked(sA, sX, sY, tidx)
+            self.store_tp(sX, sBeta, sP, mWsTP, row, hv, tidx)
+
+    @cute.jit
+    def row_norms(self, sQK, sRQ, sRK, scale, tidx):
+        """sRQ[t] = scale / |q_t|, sRK[t] = 1 / |k_t| (scale and 1 without the L2 norm): four threads
+        per row, 16-byte shared loads."""
+        K = self.K
+        r = tidx // 4
+        part = tidx % 4
+        vecs = K // 8 // 4
+        for which in cutlass.range_constexpr(2):
+            ss = Float32(0.0)
+            if cutlass.const_expr(self.use_qk_l2norm):
+                src = sQK[None, None, which]
+                for i in cutlass.range_constexpr(vecs):
+                    frag = cute.make_rmem_tensor(cute.make_layout(8), self.io_dtype)
+                    cute.autovec_copy(cute.local_tile(src, (1, 8), (r, part * vecs + i))[0, None], frag)
+                    x = frag.load().to(Float32)
+                    ss += (x * x).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                ss += cute.arch.shuffle_sync_bfly(ss, 1)
+                ss += cute.arch.shuffle_sync_bfly(ss, 2)
+            factor = Float32(1.0)
+            if cutlass.const_expr(self.use_qk_l2norm):
+                factor = cute.math.rsqrt(ss + 1e-6)
+            if part == 0:
+                if cutlass.const_expr(which == 0):
+                    sRQ[r] = factor * scale
+                else:
+                    sRK[r] = factor
+
+    @cute.jit
+    def store_tp(self, sX, sBeta, sP, mWsTP, row, hv, tidx):
+        """T = X diag(beta) (zero above the diagonal blocks) and P to the workspace, 16 bytes per store."""
+        C = CHUNK
+        io = self.io_dtype
+        for i in cutlass.range_constexpr(C * C // 8 // THREADS):
+            e = tidx + i * THREADS
+            r = e // (C // 8)
+            j = e % (C // 8)
+            frag = cute.make_rmem_tensor(cute.make_layout(8), io)
+            if j * 8 // BLOCK > r // BLOCK:
+                frag.fill(0.0)
+            else:
+                for x in cutlass.range_constexpr(8):
+                    frag[x] = (sX[r, j * 8 + x] * sBeta[j * 8 + x]).to(io)
+            dst = mWsTP[row, hv, 0, r, None]
+            cute.autovec_copy(frag, cute.make_tensor((dst.iterator + j * 8).align(16), cute.make_layout(8)))
+            pfrag = cute.make_rmem_tensor(cute.make_layout(8), io)
+            cute.autovec_copy(cute.make_tensor((sP[r, None].iterator + j * 8).align(16), cute.make_layout(8)), pfrag)
+            dst = mWsTP[row, hv, 1, r, None]
+            cute.autovec_copy(pfrag, cute.make_tensor((dst.iterator + j * 8).align(16), cute.make_layout(8)))
+
+    # ================================ chain: the state through the chunks ================================
+
+    @cute.kernel
+    def chain_kernel(
+        self,
+        mQ: cute.Tensor,
+        mK: cute.Tensor,
+        mV: cute.Tensor,
+        mCuSeqlens: cute.Tensor,
         mState: cute.Tensor,
         mIndices: cute.Tensor,
         mHasInit: cute.Tensor,
         mO: cute.Tensor,
-        scale: Float32,
+        mWsTP: cute.Tensor,
+        mWsF: cute.Tensor,
         mProfile: Optional[cute.Tensor],
-        mma_ss: cute.TiledMma,
         mma_rs: cute.TiledMma,
         mma_state: cute.TiledMma,
         sQK_layout: cute.ComposedLayout,
@@ -173,16 +383,15 @@ class GdnPrefillSm90:
         bos = mCuSeqlens[n]
         eos = mCuSeqlens[n + 1]
         slot = mIndices[n]
+        ws_row0 = bos // C + n
 
-        storage = cutlass.memory.SmemAllocator().allocate(self.shared_storage)
+        storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage)
         sQs = storage.sQ.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
         sKs = storage.sK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
         sVs = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
-        sT = storage.sT.get_tensor(sCC_layout.outer, swizzle=sCC_layout.inner)[None, None, 0]
-        sP = storage.sP.get_tensor(sCC_layout.outer, swizzle=sCC_layout.inner)[None, None, 0]
-        sA = storage.sA.get_tensor(cute.make_layout((C, C), stride=(C + 4, 1)))
-        sG = storage.sG.get_tensor(cute.make_layout(C))
-        sBeta = storage.sBeta.get_tensor(cute.make_layout(C))
+        sTs = storage.sT.get_tensor(sCC_layout.outer, swizzle=sCC_layout.inner)
+        sPs = storage.sP.get_tensor(sCC_layout.outer, swizzle=sCC_layout.inner)
+        sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, 2), stride=(C, 1, NUM_FACTORS * C)))
 
         # The warpgroup's 64 rows of S, [64, K] fp32 accumulator of mma_state.
         thr_state = mma_state.get_slice(wg_tidx)
@@ -193,16 +402,11 @@ class GdnPrefillSm90:
         if slot >= 0:
             self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, v0)
             num_chunks = (eos - bos + C - 1) // C
-            a_log = None
-            dt_bias = None
-            if cutlass.const_expr(self.gate_mode == "raw"):
-                a_log = mALog[hv]
-                dt_bias = mDtBias[hv]
-            # Prologue: chunk 0's q, k, v by cp.async, its raw gates into registers.
-            self.issue_chunk_loads(mQ, mK, mV, sQs, sKs, sVs, bos, eos, 0, hk, hv, tidx)
+            if num_chunks > 0:
+                self.issue_chunk_loads(mQ, mK, mV, mWsTP, mWsF, sQs, sKs, sVs, sTs, sPs, sFs, bos, eos, ws_row0, 0,
+                                       hk, hv, tidx)
             cute.arch.cp_async_commit_group()
-            gate_a, gate_b = self.load_raw_gates(mGateA, mGateB, bos, eos, hv, tidx)
-            prof = cute.make_rmem_tensor(cute.make_layout(6), cutlass.Int64)
+            prof = cute.make_rmem_tensor(cute.make_layout(4), cutlass.Int64)
             prof.fill(0)
             stamp = cute.arch.globaltimer()
             for c in cutlass.range(num_chunks, unroll=1):
@@ -212,46 +416,27 @@ class GdnPrefillSm90:
                 if valid > C:
                     valid = C
                 cute.arch.sync_threads()  # chunk c - 1 is done with every shared tile
-                stamp = self.mark(prof, 5, stamp)
-                if tidx < C:
-                    g = Float32(0.0)
-                    beta = Float32(0.0)
-                    if tidx < valid:
-                        g, beta = gate_log_decay_beta(self.gate_mode, gate_a, gate_b, a_log, dt_bias)
-                    sG[tidx] = g
-                    sBeta[tidx] = beta
+                stamp = self.mark(prof, 2, stamp)
                 if c + 1 < num_chunks:
-                    self.issue_chunk_loads(mQ, mK, mV, sQs, sKs, sVs, tok0 + C, eos, 1 - stage, hk, hv, tidx)
-                    gate_a, gate_b = self.load_raw_gates(mGateA, mGateB, tok0 + C, eos, hv, tidx)
+                    self.issue_chunk_loads(mQ, mK, mV, mWsTP, mWsF, sQs, sKs, sVs, sTs, sPs, sFs, tok0 + C, eos,
+                                           ws_row0 + c + 1, 1 - stage, hk, hv, tidx)
                 cute.arch.cp_async_commit_group()
                 cute.arch.cp_async_wait_group(1)  # chunk c has landed; chunk c + 1 may be in flight
+                cute.arch.fence_view_async_shared()
                 cute.arch.sync_threads()
                 stamp = self.mark(prof, 0, stamp)
-                sQ = sQs[None, None, stage]
-                sK = sKs[None, None, stage]
                 sV = sVs[None, None, stage]
-                self.prepare_chunk(sQ, sK, sG, scale, tidx)
-                cute.arch.fence_view_async_shared()
+                self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage], sV,
+                                 sTs[None, None, stage], sPs[None, None, stage], sFs[None, None, stage], v0, wg_tidx)
                 cute.arch.sync_threads()
                 stamp = self.mark(prof, 1, stamp)
-                self.aux_products(mma_ss, sQ, sK, sA, sP, sG, sBeta, wg, wg_tidx)
-                cute.arch.sync_threads()
-                stamp = self.mark(prof, 2, stamp)
-                self.invert(sA, sT, sBeta, tidx)
-                cute.arch.fence_view_async_shared()
-                cute.arch.sync_threads()
-                stamp = self.mark(prof, 3, stamp)
-                self.state_chain(mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sG, mO, tok0, valid, hv, v0,
-                                 wg_tidx)
-                cute.arch.sync_threads()
-                stamp = self.mark(prof, 4, stamp)
                 self.store_output(sV, mO, tok0, valid, hv, tidx)
             if cutlass.const_expr(self.profile):
                 if tidx == 0:
                     cta = n * self.num_v_heads + hv
-                    for i in cutlass.range_constexpr(6):
+                    for i in cutlass.range_constexpr(3):
                         mProfile[cta, i] = prof[i]
-                    mProfile[cta, 6] = cutlass.Int64(num_chunks)
+                    mProfile[cta, 7] = cutlass.Int64(num_chunks)
             self.store_state(acc_S, cS, mState, slot, hv, v0)
         else:
             self.zero_output(mO, bos, eos, hv, tidx)
@@ -264,8 +449,6 @@ class GdnPrefillSm90:
             prof[phase] = prof[phase] + (now - stamp)
             stamp = now
         return stamp
-
-    # ---- state I/O ----
 
     @cute.jit
     def load_state(self, acc_S, cS, mState, mHasInit, slot, n, hv, v0):
@@ -289,34 +472,35 @@ class GdnPrefillSm90:
         for t in cutlass.range(bos + tidx // 128, eos, 2, unroll=1):
             mO[0, t, hv, tidx % 128] = Float32(0.0).to(mO.element_type)
 
-    # ---- per chunk ----
-
     @cute.jit
-    def issue_chunk_loads(self, mQ, mK, mV, sQs, sKs, sVs, tok0, eos, stage, hk, hv, tidx):
-        """cp.async of the chunk's q, k, v rows (16-byte vectors) into shared-memory stage `stage`;
-        rows past the sequence end are zero-filled."""
-        C, K = CHUNK, self.K
-        vecs_per_row = K // 8
-        valid = eos - tok0
-        atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
-                                   self.io_dtype, num_bits_per_copy=128)
-        dsts = (sQs[None, None, stage], sKs[None, None, stage], sVs[None, None, stage])
-        for which in cutlass.range_constexpr(3):
-            for i in cutlass.range_constexpr(C * vecs_per_row // THREADS):
+    def issue_chunk_loads(self, mQ, mK, mV, mWsTP, mWsF, sQs, sKs, sVs, sTs, sPs, sFs, tok0, eos, ws_row, stage, hk,
+                          hv, tidx):
+        """cp.async of the chunk's q, k, v rows (zero past the sequence end), its T and P tiles and its
+        factors into shared-memory stage `stage`."""
+        io = self.io_dtype
+        load_rows(io, self.K, mQ, sQs[None, None, stage], tok0, eos, hk, tidx)
+        load_rows(io, self.K, mK, sKs[None, None, stage], tok0, eos, hk, tidx)
+        load_rows(io, self.V, mV, sVs[None, None, stage], tok0, eos, hv, tidx)
+        atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL), io,
+                                   num_bits_per_copy=128)
+        dsts = (sTs[None, None, stage], sPs[None, None, stage])
+        for which in cutlass.range_constexpr(2):
+            for i in cutlass.range_constexpr(CHUNK * CHUNK // 8 // THREADS):
                 e = tidx + i * THREADS
-                r = e // vecs_per_row
-                j = e % vecs_per_row
-                dst = cute.local_tile(dsts[which], (1, 8), (r, j))[0, None]
-                if r < valid:
-                    if cutlass.const_expr(which == 0):
-                        src = mQ[0, tok0 + r, hk, None]
-                    elif cutlass.const_expr(which == 1):
-                        src = mK[0, tok0 + r, hk, None]
-                    else:
-                        src = mV[0, tok0 + r, hv, None]
-                    cute.copy(atom, cute.make_tensor((src.iterator + j * 8).align(16), cute.make_layout(8)), dst)
-                else:
-                    dst.fill(0.0)
+                r = e // (CHUNK // 8)
+                j = e % (CHUNK // 8)
+                tile_src = mWsTP[ws_row, hv, which, r, None]
+                cute.copy(atom, cute.make_tensor((tile_src.iterator + j * 8).align(16), cute.make_layout(8)),
+                          cute.local_tile(dsts[which], (1, 8), (r, j))[0, None])
+        f_atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
+                                     Float32, num_bits_per_copy=128)
+        if tidx < NUM_FACTORS * CHUNK // 4:
+            f = tidx // (CHUNK // 4)
+            j = tidx % (CHUNK // 4)
+            f_src = mWsF[ws_row, hv, f, None]
+            f_dst = sFs[f, None, stage]
+            cute.copy(f_atom, cute.make_tensor((f_src.iterator + j * 4).align(16), cute.make_layout(4)),
+                      cute.make_tensor((f_dst.iterator + j * 4).align(16), cute.make_layout(4)))
 
     @cute.jit
     def store_output(self, sO, mO, tok0, valid, hv, tidx):
@@ -328,183 +512,167 @@ class GdnPrefillSm90:
             j = e % vecs_per_row
             if r < valid:
                 frag = cute.make_rmem_tensor(cute.make_layout(8), sO.element_type)
-                src = cute.local_tile(sO, (1, 8), (r, j))[0, None]
-                for x in cutlass.range_constexpr(8):
-                    frag[x] = src[x]
+                cute.autovec_copy(cute.local_tile(sO, (1, 8), (r, j))[0, None], frag)
                 dst = mO[0, tok0 + r, hv, None]
                 cute.autovec_copy(frag, cute.make_tensor((dst.iterator + j * 8).align(16), cute.make_layout(8)))
 
     @cute.jit
-    def load_raw_gates(self, mGateA, mGateB, tok0, eos, hv, tidx):
-        """The raw gate inputs of token tok0 + tidx (threads < CHUNK; zeros past the end), as fp32."""
-        gate_a = Float32(0.0)
-        gate_b = Float32(0.0)
-        if tidx < CHUNK:
-            if tok0 + tidx < eos:
-                gate_a = mGateA[0, tok0 + tidx, hv].to(Float32)
-                gate_b = mGateB[0, tok0 + tidx, hv].to(Float32)
-        return gate_a, gate_b
-
-    @cute.jit
-    def prepare_chunk(self, sQ, sK, sG, scale, tidx):
-        """L2-normalize (optionally) and scale q, normalize k, in place; cumulative g (warp 0)."""
-        K = self.K
-        warp = tidx // 32
-        lane = tidx % 32
-        per_lane = K // 32
-        dsts = (sQ, sK)
-        for rr in cutlass.range_constexpr(CHUNK // 8):
-            r = warp + 8 * rr
-            for which in cutlass.range_constexpr(2):
-                dst = dsts[which]
-                x = cute.make_rmem_tensor(cute.make_layout(per_lane), Float32)
-                ss = Float32(0.0)
-                for i in cutlass.range_constexpr(per_lane):
-                    x[i] = dst[r, lane + 32 * i].to(Float32)
-                    ss += x[i] * x[i]
-                factor = Float32(1.0)
-                if cutlass.const_expr(self.use_qk_l2norm):
-                    factor = cute.math.rsqrt(cute.arch.warp_reduction_sum(ss) + 1e-6)
-                if cutlass.const_expr(which == 0):
-                    factor = factor * scale
-                for i in cutlass.range_constexpr(per_lane):
-                    dst[r, lane + 32 * i] = (x[i] * factor).to(dst.element_type)
-        if warp == 0:
-            # Inclusive scan of g over the 64 tokens: two per lane.
-            g0 = sG[2 * lane]
-            g1 = sG[2 * lane + 1]
-            pair = g0 + g1
-            incl = pair
-            for off in cutlass.range_constexpr(5):
-                other = cute.arch.shuffle_sync_up(incl, 1 << off)
-                if lane >= (1 << off):
-                    incl = incl + other
-            excl = incl - pair
-            cute.arch.sync_warp()
-            sG[2 * lane] = excl + g0
-            sG[2 * lane + 1] = incl
-
-    @cute.jit
-    def aux_products(self, mma_ss, sQ, sK, sA, sP, sG, sBeta, wg, wg_tidx):
-        """Warpgroup 0: A = beta_t (k_t . k_s) exp(G_t - G_s), s < t, fp32 into sA.
-        Warpgroup 1: P = (q_t . k_s) exp(G_t - G_s), s <= t, into sP."""
+    def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sF, v0, wg_tidx):
         C = CHUNK
-        thr = mma_ss.get_slice(wg_tidx)
-        acc = cute.make_rmem_tensor(thr.partition_shape_C((C, C)), Float32)
-        cC = thr.partition_C(cute.make_identity_tensor((C, C)))
-        tB = mma_ss.make_fragment_B(thr.partition_B(sK))
-        if wg == 0:
-            tA = mma_ss.make_fragment_A(thr.partition_A(sK))
-            self.gemm(mma_ss, acc, tA, tB)
-            for i in cutlass.range_constexpr(cute.size(acc)):
-                t, s = cC[i]
-                val = Float32(0.0)
-                if s < t:
-                    val = sBeta[t] * acc[i] * cute.math.exp(sG[t] - sG[s])
-                sA[t, s] = val
-        else:
-            tA = mma_ss.make_fragment_A(thr.partition_A(sQ))
-            self.gemm(mma_ss, acc, tA, tB)
-            for i in cutlass.range_constexpr(cute.size(acc)):
-                t, s = cC[i]
-                val = Float32(0.0)
-                if s <= t:
-                    val = acc[i] * cute.math.exp(sG[t] - sG[s])
-                sP[t, s] = val.to(sP.element_type)
-
-    @cute.jit
-    def invert(self, sA, sT, sBeta, tidx):
-        """T = (I + A)^-1 diag(beta) by forward substitution: thread c < 64 owns column c, and each
-        row's dot product runs as four independent partial sums."""
-        C = CHUNK
-        if tidx < C:
-            col = tidx
-            m = cute.make_rmem_tensor(cute.make_layout(C), Float32)
-            for i in cutlass.range_constexpr(C):
-                part = cute.make_rmem_tensor(cute.make_layout(4), Float32)
-                part.fill(0.0)
-                for j in cutlass.range_constexpr(i):
-                    part[j % 4] = part[j % 4] + sA[i, j] * m[j]
-                acc = Float32(0.0)
-                if col == i:
-                    acc = Float32(1.0)
-                m[i] = acc - ((part[0] + part[1]) + (part[2] + part[3]))
-            beta = sBeta[col]
-            for i in cutlass.range_constexpr(C):
-                sT[i, col] = (m[i] * beta).to(sT.element_type)
-
-    @cute.jit
-    def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sG, mO, tok0, valid, hv, v0, wg_tidx):
-        C = CHUNK
+        io = self.io_dtype
         thr = mma_rs.get_slice(wg_tidx)
         cVT = thr.partition_C(cute.make_identity_tensor((64, C)))
-        # S (fp32 accumulator) as the bf16 register A operand.
-        rS = cute.make_rmem_tensor(acc_to_a_layout(acc_S.layout), self.io_dtype)
-        cute.make_tensor(rS.iterator, acc_S.layout).store(acc_S.load().to(self.io_dtype))
+        # S (fp32 accumulator) as the 16-bit register A operand.
+        rS = cute.make_rmem_tensor(acc_to_a_layout(acc_S.layout), io)
+        cute.make_tensor(rS.iterator, acc_S.layout).store(acc_S.load().to(io))
 
         acc_SK = cute.make_rmem_tensor(thr.partition_shape_C((64, C)), Float32)
         acc_O = cute.make_rmem_tensor(thr.partition_shape_C((64, C)), Float32)
-        self.gemm(mma_rs, acc_SK, rS, mma_rs.make_fragment_B(thr.partition_B(sK)))
-        self.gemm(mma_rs, acc_O, rS, mma_rs.make_fragment_B(thr.partition_B(sQ)))
+        gemm(mma_rs, acc_SK, rS, mma_rs.make_fragment_B(thr.partition_B(sK)))
+        gemm(mma_rs, acc_O, rS, mma_rs.make_fragment_B(thr.partition_B(sQ)))
 
-        # X[v, t] = v_t[v] - gamma_t SK[v, t]
-        rX = cute.make_rmem_tensor(acc_to_a_layout(acc_SK.layout), self.io_dtype)
+        # X[v, t] = v_t[v] - f0_t SK[v, t];  O1 scaled by f1_t
+        rX = cute.make_rmem_tensor(acc_to_a_layout(acc_SK.layout), io)
         rX_acc = cute.make_tensor(rX.iterator, acc_SK.layout)
         for i in cutlass.range_constexpr(cute.size(acc_SK)):
             r, t = cVT[i]
-            gamma = cute.math.exp(sG[t])
-            rX_acc[i] = (sV[t, v0 + r].to(Float32) - gamma * acc_SK[i]).to(self.io_dtype)
-            acc_O[i] = acc_O[i] * gamma
+            rX_acc[i] = (sV[t, v0 + r].to(Float32) - sF[0, t] * acc_SK[i]).to(io)
+            acc_O[i] = acc_O[i] * sF[1, t]
         # U[v, n] = sum_s X[v, s] T[n, s]
         acc_U = cute.make_rmem_tensor(thr.partition_shape_C((64, C)), Float32)
-        self.gemm(mma_rs, acc_U, rX, mma_rs.make_fragment_B(thr.partition_B(sT)))
+        gemm(mma_rs, acc_U, rX, mma_rs.make_fragment_B(thr.partition_B(sT)))
         # O += U P^T
-        rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), self.io_dtype)
-        cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(self.io_dtype))
-        self.gemm(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
+        rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
+        cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(io))
+        gemm(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
         # O [t, v] into this stage's v tile (dead from here on), stored row-wise after a sync.
         for i in cutlass.range_constexpr(cute.size(acc_O)):
             r, t = cVT[i]
             sV[t, v0 + r] = acc_O[i].to(sV.element_type)
-        # S = exp(G_last) S + (U exp(G_last - G_s)) K
-        g_last = sG[C - 1]
-        rUd = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), self.io_dtype)
+        # S = f3 S + (U f2_s) K
+        rUd = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
         rUd_acc = cute.make_tensor(rUd.iterator, acc_U.layout)
         for i in cutlass.range_constexpr(cute.size(acc_U)):
             r, s = cVT[i]
-            rUd_acc[i] = (acc_U[i] * cute.math.exp(g_last - sG[s])).to(self.io_dtype)
-        decay = cute.math.exp(g_last)
+            rUd_acc[i] = (acc_U[i] * sF[2, s]).to(io)
+        decay = sF[3, 0]
         for i in cutlass.range_constexpr(cute.size(acc_S)):
             acc_S[i] = acc_S[i] * decay
         thr_s = mma_state.get_slice(wg_tidx)
-        self.gemm(mma_state, acc_S, rUd, mma_state.make_fragment_B(thr_s.partition_B(transpose_view(sK))),
-                  accumulate=True)
+        gemm(mma_state, acc_S, rUd, mma_state.make_fragment_B(thr_s.partition_B(transpose_view(sK))),
+             accumulate=True)
 
-    @cute.jit
-    def gemm(self, tiled_mma: cute.TiledMma, acc, tA, tB, accumulate: cutlass.Constexpr = False):
-        """acc (+)= A B^T over every k-block, issued and waited for by the calling warpgroup."""
-        tiled_mma.set(warpgroup.Field.ACCUMULATE, accumulate)
-        warpgroup.fence()
-        for kb in cutlass.range_constexpr(cute.size(tA, mode=[2])):
-            cute.gemm(tiled_mma, acc, tA[None, None, kb], tB[None, None, kb], acc)
-            tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
-        warpgroup.commit_group()
-        warpgroup.wait_group(0)
+
+# ================================ shared pieces ================================
+
+@cute.jit
+def gemm(tiled_mma: cute.TiledMma, acc, tA, tB, accumulate: cutlass.Constexpr = False):
+    """acc (+)= A B^T over every k-block, issued and waited for by the calling warpgroup."""
+    tiled_mma.set(warpgroup.Field.ACCUMULATE, accumulate)
+    warpgroup.fence()
+    for kb in cutlass.range_constexpr(cute.size(tA, mode=[2])):
+        cute.gemm(tiled_mma, acc, tA[None, None, kb], tB[None, None, kb], acc)
+        tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+    warpgroup.commit_group()
+    warpgroup.wait_group(0)
+
+
+@cute.jit
+def load_rows(io: cutlass.Constexpr, width: cutlass.Constexpr, mX, sX, tok0, eos, head, tidx):
+    """cp.async of rows tok0 .. tok0 + CHUNK of mX[0, :, head, :] (16-byte vectors) into the swizzled
+    tile sX [CHUNK, width]; rows at or past eos are zero-filled."""
+    vecs_per_row = width // 8
+    atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL), io,
+                               num_bits_per_copy=128)
+    for i in cutlass.range_constexpr(CHUNK * vecs_per_row // THREADS):
+        e = tidx + i * THREADS
+        r = e // vecs_per_row
+        j = e % vecs_per_row
+        dst = cute.local_tile(sX, (1, 8), (r, j))[0, None]
+        if tok0 + r < eos:
+            src = mX[0, tok0 + r, head, None]
+            cute.copy(atom, cute.make_tensor((src.iterator + j * 8).align(16), cute.make_layout(8)), dst)
+        else:
+            dst.fill(0.0)
+
+
+@cute.jit
+def inclusive_scan_64(sG, lane):
+    """In-place inclusive prefix sum of the 64 floats of sG by one warp (two per lane)."""
+    g0 = sG[2 * lane]
+    g1 = sG[2 * lane + 1]
+    pair = g0 + g1
+    incl = pair
+    for off in cutlass.range_constexpr(5):
+        other = cute.arch.shuffle_sync_up(incl, 1 << off)
+        if lane >= (1 << off):
+            incl = incl + other
+    cute.arch.sync_warp()
+    sG[2 * lane] = incl - pair + g0
+    sG[2 * lane + 1] = incl
+
+
+@cute.jit
+def invert_blocked(sA, sX, sY, tidx):
+    """sX = (I + A)^-1 for strictly lower-triangular A (fp32, CHUNK x CHUNK), all THREADS threads.
+
+    The 16 x 16 diagonal blocks by forward substitution (a thread per column of a block), then the
+    block sub-diagonals d = 1, 2, 3 in turn: X_ij = -X_ii (sum_{j <= m < i} A_im X_mj), where the
+    inner sum is one dot product over the columns 16 j .. 16 i of A's row. Entries above the
+    diagonal blocks are not written (the caller treats them as zero)."""
+    nb = CHUNK // BLOCK
+    if tidx < CHUNK:
+        b = tidx // BLOCK
+        col = tidx % BLOCK
+        m = cute.make_rmem_tensor(cute.make_layout(BLOCK), Float32)
+        for i in cutlass.range_constexpr(BLOCK):
+            acc = Float32(0.0)
+            if col == i:
+                acc = Float32(1.0)
+            for j in cutlass.range_constexpr(i):
+                acc = acc - sA[b * BLOCK + i, b * BLOCK + j] * m[j]
+            m[i] = acc
+        for i in cutlass.range_constexpr(BLOCK):
+            sX[b * BLOCK + i, b * BLOCK + col] = m[i]
+    cute.arch.sync_threads()
+    r = tidx // BLOCK
+    col = tidx % BLOCK
+    for d in cutlass.range_constexpr(1, nb):
+        for blk in cutlass.range_constexpr(nb - d):
+            bi = blk + d
+            bj = blk
+            acc = Float32(0.0)
+            for x in cutlass.range_constexpr(bj * BLOCK, bi * BLOCK):
+                acc += sA[bi * BLOCK + r, x] * sX[x, bj * BLOCK + col]
+            sY[bi * BLOCK + r, bj * BLOCK + col] = acc
+        cute.arch.sync_threads()
+        for blk in cutlass.range_constexpr(nb - d):
+            bi = blk + d
+            bj = blk
+            acc = Float32(0.0)
+            for x in cutlass.range_constexpr(BLOCK):
+                acc += sX[bi * BLOCK + r, bi * BLOCK + x] * sY[bi * BLOCK + x, bj * BLOCK + col]
+            sX[bi * BLOCK + r, bj * BLOCK + col] = -acc
+        cute.arch.sync_threads()
 
 
 def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
                     head_v_dim: int, pool_size: int, gate_mode: str, dt_bias_dtype: Optional[str],
-                    use_qk_l2norm: bool, profile: bool = False):
-    """Compile the prefill kernel for one key. Tensor-free: never touches a GPU.
+                    use_qk_l2norm: bool, parts: str = "both", profile: bool = False):
+    """Compile the prefill kernels for one key. Tensor-free: never touches a GPU.
 
     The returned tvm-ffi function takes (q, k, v, gate_a, gate_b, A_log, dt_bias, cu_seqlens, state,
-    state_indices, has_initial_state (int8), o, scale, profile) where profile is None, or (profile
-    builds, benchmarks only) an int64 [HV * N, 8] tensor that receives per-CTA phase times.
+    state_indices, has_initial_state (int8), o, ws_tp, ws_f, scale, profile): ws_tp [rows, HV, 2, 64,
+    64] (io dtype) and ws_f [rows, HV, 4, 64] (fp32) are the workspace with rows >= ws_rows(T, N);
+    profile is None, or (profile builds, benchmarks only) an int64 [HV * N, 8] tensor that receives
+    per-CTA phase times of the chain kernel.
     """
     reason = can_implement(io_dtype, state_dtype, num_heads, num_v_heads, head_k_dim, head_v_dim, gate_mode,
                            dt_bias_dtype)
     if reason is not None:
         raise ValueError(reason)
+    if parts not in ("both", "aux", "chain"):
+        raise ValueError(f"parts must be 'both', 'aux' or 'chain', got {parts!r}")
     io = cutlass_dtype(io_dtype)
     H, HV, K, V = num_heads, num_v_heads, head_k_dim, head_v_dim
     tokens = cute.sym_int()
@@ -537,9 +705,15 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
                                                   stride_order=(3, 2, 1, 0), assumed_align=16)
     indices = cute.runtime.make_fake_compact_tensor(Int32, (seqs,))
     has_init = cute.runtime.make_fake_compact_tensor(cutlass.Int8, (seqs,))
+    rows = cute.sym_int()
+    ws_tp = cute.runtime.make_fake_compact_tensor(io, (rows, HV, 2, CHUNK, CHUNK), stride_order=(4, 3, 2, 1, 0),
+                                                  assumed_align=16)
+    ws_f = cute.runtime.make_fake_compact_tensor(Float32, (rows, HV, NUM_FACTORS, CHUNK), stride_order=(3, 2, 1, 0),
+                                                 assumed_align=16)
     op = GdnPrefillSm90(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=H, num_v_heads=HV, head_k_dim=K,
-                        head_v_dim=V, gate_mode=gate_mode, use_qk_l2norm=use_qk_l2norm, profile=profile)
-    prof = cute.runtime.make_fake_compact_tensor(cutlass.Int64, (cute.sym_int(), 8)) if profile else None
+                        head_v_dim=V, gate_mode=gate_mode, use_qk_l2norm=use_qk_l2norm, parts=parts, profile=profile)
+    prof = (cute.runtime.make_fake_compact_tensor(cutlass.Int64, (cute.sym_int(), 8), stride_order=(1, 0))
+            if profile else None)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-    return cute.compile(op, q, k, v, gate_a, gate_b, a_log, dt_bias, cu, state, indices, has_init, o,
+    return cute.compile(op, q, k, v, gate_a, gate_b, a_log, dt_bias, cu, state, indices, has_init, o, ws_tp, ws_f,
                         Float32(1.0), prof, stream, options="--enable-tvm-ffi")
