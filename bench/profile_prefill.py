@@ -20,13 +20,23 @@ from bench_prefill import D, cute_call, make_inputs, time_cold  # noqa: E402
 from cute_gdn import ops  # noqa: E402
 from cute_gdn.cache import KernelKey, default_cache  # noqa: E402
 
-PHASES = ("wait for loads", "state chain", "output store")
+PHASES = ("issue + wait for loads", "state chain", "output store", "barrier")
+AUX_PHASES = ("issue loads, gates", "loads landed", "products, norms, scan", "epilogues", "inverse", "T/P stores")
 
 
 def part_key(H, HV, seqs, parts, profile=False):
     return KernelKey.make("prefill", io_dtype="bfloat16", state_dtype="float32", num_heads=H, num_v_heads=HV,
                           head_k_dim=D, head_v_dim=D, pool_size=seqs, gate_mode="raw", dt_bias_dtype="float32",
                           use_qk_l2norm=True, parts=parts, profile=profile)
+
+
+def aux_phases(H, HV, seqs, args_, ws_rows):
+    """Mean per-CTA phase times (us) of the aux kernel's profile build."""
+    prof = torch.zeros(ws_rows * HV, 8, dtype=torch.int64, device="cuda")
+    default_cache().get(part_key(H, HV, seqs, "aux", True))(*args_(prof))
+    torch.cuda.synchronize()
+    live = prof[prof[:, :6].sum(1) > 0, :6]
+    return live.double().mean(0) / 1e3
 
 
 def main():
@@ -37,14 +47,14 @@ def main():
     heads = [tuple(int(x) for x in hh.split("/")) for hh in args.heads.split(",")]
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     default_cache().compile(sorted({part_key(H, HV, n, p, p == "chain") for H, HV in heads for _, n in shapes
-                                    for p in ("aux", "chain")}, key=lambda k: k.name), jobs=16)
+                                    for p in ("aux", "chain")} | {part_key(H, HV, n, "aux", True) for H, HV in heads for _, n in shapes}, key=lambda k: k.name), jobs=16)
     for H, HV in heads:
         for tokens, seqs in shapes:
             x = make_inputs(tokens, seqs, H, HV)
             full = cute_call(x, H, HV)
             full()
             ws_tp, ws_f = ops.prefill_workspace(tokens, seqs, HV, x["q"].dtype, x["q"].device)
-            prof = torch.zeros(HV * seqs, 8, dtype=torch.int64, device="cuda")
+            prof = torch.zeros(HV * seqs * 2, 8, dtype=torch.int64, device="cuda")
             args_ = lambda p: (x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], x["cu"],  # noqa: E731
                                x["pool"], x["slots"], x["has_init"].view(torch.int8), x["o"], ws_tp, ws_f, D ** -0.5, p)
             aux = default_cache().get(part_key(H, HV, seqs, "aux"))
@@ -57,10 +67,13 @@ def main():
             chain(*args_(prof))
             torch.cuda.synchronize()
             chunks = prof[:, 7].sum().item()
-            per_chunk = prof[:, :3].sum(0).double() / max(chunks, 1) / 1e3
+            per_chunk = prof[:, :4].sum(0).double() / max(chunks, 1) / 1e3
             print(f"H={H} HV={HV} {tokens}x{seqs}: full {t_full:.1f} us = aux {t_aux:.1f} + chain {t_chain:.1f}; "
                   f"chain per chunk (us): " + ", ".join(f"{name} {t:.2f}" for name, t in zip(PHASES, per_chunk.tolist()))
                   + f"; total {per_chunk.sum().item():.2f}", flush=True)
+            aux_t = aux_phases(H, HV, seqs, args_, ws_tp.shape[0])
+            print("    aux per CTA (us): " + ", ".join(f"{name} {t:.2f}" for name, t in zip(AUX_PHASES, aux_t.tolist()))
+                  + f"; total {aux_t.sum().item():.2f}", flush=True)
 
 
 if __name__ == "__main__":

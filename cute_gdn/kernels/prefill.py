@@ -51,7 +51,9 @@ from .common.gates import gate_log_decay_beta
 from .common.problem import check_problem
 
 CHUNK = 64
-THREADS = 256  # two warpgroups, in both kernels
+THREADS = 256  # aux: two warpgroups
+CHAIN_THREADS = 128  # chain: one warpgroup, owning ROWS value rows of the state
+ROWS = 64
 SUPPORTED_HEAD_DIM = 128
 NUM_FACTORS = 4  # per-token fp32 factors of a chunk, see the module docstring
 BLOCK = 16       # diagonal block of the inverse
@@ -135,7 +137,7 @@ class GdnPrefillSm90:
         io = self.io_dtype
         # Token-major shared tiles, the contiguous dim 128B-swizzled for wgmma.
         sQK_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, K), io, 2)  # (C, K, 2)
-        sV_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, V), io, 2)   # (C, V, 2)
+        sV_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, ROWS), io, 1)  # (C, ROWS, 1)
         sCC_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, 2)  # (C, C, 2)
 
         @cute.struct
@@ -143,8 +145,6 @@ class GdnPrefillSm90:
             sQK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]  # stage 0 q, 1 k
             sA: cute.struct.Align[cute.struct.MemRange[Float32, C * LDA], 16]
             sX: cute.struct.Align[cute.struct.MemRange[Float32, C * LDA], 16]
-            sY: cute.struct.Align[cute.struct.MemRange[Float32, C * LDA], 16]
-            sP: cute.struct.Align[cute.struct.MemRange[io, C * (C + 8)], 16]
             sG: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sBeta: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sRK: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
@@ -159,6 +159,10 @@ class GdnPrefillSm90:
             sP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sCC_layout)], 1024]
             sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
 
+        # 2 stages of q, k, T, P and one v tile (the chain's ROWS columns of it): 106 KiB at 16-bit io,
+        # so two chain CTAs share an SM.
+        assert C * LDA * 4 + C * (C + 8) * io.width // 8 <= cute.cosize(sQK_layout) * io.width // 8
+
         self.aux_storage = AuxStorage
         self.chain_storage = ChainStorage
         # wgmma tilings (one warpgroup each): SS products of aux, RS products of the chain.
@@ -171,12 +175,12 @@ class GdnPrefillSm90:
         num_seqs = mIndices.shape[0]
         if cutlass.const_expr(self.parts != "chain"):
             self.aux_kernel(mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, scale,
-                            mma_ss, sQK_layout).launch(
+                            mProfile, mma_ss, sQK_layout).launch(
                 grid=(mWsTP.shape[0], self.num_v_heads, 1), block=(THREADS, 1, 1), stream=stream)
         if cutlass.const_expr(self.parts != "aux"):
             self.chain_kernel(mQ, mK, mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsTP, mWsF, mProfile,
                               mma_rs, mma_state, sQK_layout, sV_layout, sCC_layout).launch(
-                grid=(self.num_v_heads, num_seqs, 1), block=(THREADS, 1, 1), stream=stream)
+                grid=(self.num_v_heads, num_seqs, V // ROWS), block=(CHAIN_THREADS, 1, 1), stream=stream)
 
     # ================================ aux: one chunk, all of it off the state ================================
 
@@ -194,6 +198,7 @@ class GdnPrefillSm90:
         mWsTP: cute.Tensor,
         mWsF: cute.Tensor,
         scale: Float32,
+        mProfile: Optional[cute.Tensor],
         mma_ss: cute.TiledMma,
         sQK_layout: cute.ComposedLayout,
     ):
@@ -225,19 +230,23 @@ class GdnPrefillSm90:
         chunk = row - (bos // C + n)
         tok0 = bos + chunk * C
         if tok0 < eos and mIndices[n] >= 0:
+            stamp = cute.arch.globaltimer()
             storage = cutlass.memory.SmemAllocator().allocate(self.aux_storage)
             sQK = storage.sQK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
             sA = storage.sA.get_tensor(cute.make_layout((C, C), stride=(LDA, 1)))
             sX = storage.sX.get_tensor(cute.make_layout((C, C), stride=(LDA, 1)))
-            sY = storage.sY.get_tensor(cute.make_layout((C, C), stride=(LDA, 1)))
-            sP = storage.sP.get_tensor(cute.make_layout((C, C), stride=(C + 8, 1)))
+            # Y (inverse scratch) and P reuse the q/k tiles once both products and the norms are done.
+            qk_base = storage.sQK.data_ptr()
+            sY = cute.make_tensor(cute.recast_ptr(qk_base, dtype=Float32), cute.make_layout((C, C), stride=(LDA, 1)))
+            sP = cute.make_tensor(qk_base + C * LDA * 4 // (self.io_dtype.width // 8),
+                                  cute.make_layout((C, C), stride=(C + 8, 1)))
             sG = storage.sG.get_tensor(cute.make_layout(C))
             sBeta = storage.sBeta.get_tensor(cute.make_layout(C))
             sRK = storage.sRK.get_tensor(cute.make_layout(C))
             sRQ = storage.sRQ.get_tensor(cute.make_layout(C))
 
-            load_rows(self.io_dtype, self.K, mQ, sQK[None, None, 0], tok0, eos, hk, tidx)
-            load_rows(self.io_dtype, self.K, mK, sQK[None, None, 1], tok0, eos, hk, tidx)
+            load_rows(self.io_dtype, self.K, THREADS, mQ, sQK[None, None, 0], tok0, eos, hk, 0, tidx)
+            load_rows(self.io_dtype, self.K, THREADS, mK, sQK[None, None, 1], tok0, eos, hk, 0, tidx)
             cute.arch.cp_async_commit_group()
             if tidx < C:
                 g = Float32(0.0)
@@ -252,9 +261,11 @@ class GdnPrefillSm90:
                                                   mGateB[0, tok0 + tidx, hv], a_log, dt_bias)
                 sG[tidx] = g
                 sBeta[tidx] = beta
+            stamp = self.aux_mark(mProfile, row, hv, 0, stamp)
             cute.arch.cp_async_wait_group(0)
             cute.arch.fence_view_async_shared()
             cute.arch.sync_threads()
+            stamp = self.aux_mark(mProfile, row, hv, 1, stamp)
 
             # Warpgroup 0: K K^T; warpgroup 1: Q K^T (A operand = stage 1 - wg). Issued now, waited for
             # after the norms and the g scan.
@@ -262,11 +273,7 @@ class GdnPrefillSm90:
             acc = cute.make_rmem_tensor(thr.partition_shape_C((C, C)), Float32)
             tA = mma_ss.make_fragment_A(thr.partition_A(sQK[None, None, 1 - wg]))
             tB = mma_ss.make_fragment_B(thr.partition_B(sQK[None, None, 1]))
-            mma_ss.set(warpgroup.Field.ACCUMULATE, False)
-            warpgroup.fence()
-            for kb in cutlass.range_constexpr(cute.size(tA, mode=[2])):
-                cute.gemm(mma_ss, acc, tA[None, None, kb], tB[None, None, kb], acc)
-                mma_ss.set(warpgroup.Field.ACCUMULATE, True)
+            gemm_issue(mma_ss, acc, tA, tB)
             warpgroup.commit_group()
 
             self.row_norms(sQK, sRQ, sRK, scale, tidx)
@@ -274,6 +281,7 @@ class GdnPrefillSm90:
                 inclusive_scan_64(sG, tidx)
             warpgroup.wait_group(0)
             cute.arch.sync_threads()
+            stamp = self.aux_mark(mProfile, row, hv, 2, stamp)
 
             cC = thr.partition_C(cute.make_identity_tensor((C, C)))
             if wg == 0:
@@ -299,8 +307,24 @@ class GdnPrefillSm90:
                 mWsF[row, hv, 2, tidx] = cute.math.exp(g_last - g_t) * sRK[tidx]
                 mWsF[row, hv, 3, tidx] = cute.math.exp(g_last)
             cute.arch.sync_threads()
+            stamp = self.aux_mark(mProfile, row, hv, 3, stamp)
             invert_blocked(sA, sX, sY, tidx)
+            stamp = self.aux_mark(mProfile, row, hv, 4, stamp)
             self.store_tp(sX, sBeta, sP, mWsTP, row, hv, tidx)
+            stamp = self.aux_mark(mProfile, row, hv, 5, stamp)
+
+    @cute.jit
+    def aux_mark(self, mProfile, row, hv, phase: cutlass.Constexpr, stamp):
+        """profile builds of the aux kernel alone: thread 0 adds the time since `stamp` to
+        mProfile[row * HV + hv, phase] (0 loads issued and gates, 1 loads landed, 2 products, norms and
+        scan, 3 epilogues, 4 inverse, 5 T/P stores); returns the new stamp."""
+        if cutlass.const_expr(self.profile and self.parts == "aux"):
+            cute.arch.sync_threads()
+            now = cute.arch.globaltimer()
+            if cute.arch.thread_idx()[0] == 0:
+                mProfile[row * self.num_v_heads + hv, phase] = now - stamp
+            stamp = now
+        return stamp
 
     @cute.jit
     def row_norms(self, sQK, sRQ, sRK, scale, tidx):
@@ -374,12 +398,14 @@ class GdnPrefillSm90:
         sV_layout: cute.ComposedLayout,
         sCC_layout: cute.ComposedLayout,
     ):
+        """CTA (hv, n, z): rows v0 = z * ROWS .. v0 + ROWS of sequence n's state. cp.async groups: chunk
+        c + 1's q, k, T, P, f are issued at the top of chunk c (double-buffered); the single v tile of
+        chunk c + 1 once chunk c has consumed its own (after X)."""
         C, K = CHUNK, self.K
         tidx, _, _ = cute.arch.thread_idx()
-        hv, n, _ = cute.arch.block_idx()
-        wg = tidx // 128
-        wg_tidx = tidx % 128
+        hv, n, z = cute.arch.block_idx()
         hk = hv // (self.num_v_heads // self.num_heads)
+        v0 = z * ROWS
         bos = mCuSeqlens[n]
         eos = mCuSeqlens[n + 1]
         slot = mIndices[n]
@@ -388,23 +414,23 @@ class GdnPrefillSm90:
         storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage)
         sQs = storage.sQ.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
         sKs = storage.sK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
-        sVs = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
+        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)[None, None, 0]
         sTs = storage.sT.get_tensor(sCC_layout.outer, swizzle=sCC_layout.inner)
         sPs = storage.sP.get_tensor(sCC_layout.outer, swizzle=sCC_layout.inner)
         sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, 2), stride=(C, 1, NUM_FACTORS * C)))
 
-        # The warpgroup's 64 rows of S, [64, K] fp32 accumulator of mma_state.
-        thr_state = mma_state.get_slice(wg_tidx)
-        acc_S = cute.make_rmem_tensor(thr_state.partition_shape_C((64, K)), Float32)
-        cS = thr_state.partition_C(cute.make_identity_tensor((64, K)))
-        v0 = wg * 64
+        # The CTA's ROWS rows of S, [ROWS, K] fp32 accumulator of mma_state.
+        thr_state = mma_state.get_slice(tidx)
+        acc_S = cute.make_rmem_tensor(thr_state.partition_shape_C((ROWS, K)), Float32)
+        cS = thr_state.partition_C(cute.make_identity_tensor((ROWS, K)))
 
         if slot >= 0:
             self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, v0)
             num_chunks = (eos - bos + C - 1) // C
             if num_chunks > 0:
-                self.issue_chunk_loads(mQ, mK, mV, mWsTP, mWsF, sQs, sKs, sVs, sTs, sPs, sFs, bos, eos, ws_row0, 0,
-                                       hk, hv, tidx)
+                self.issue_chunk_loads(mQ, mK, mWsTP, mWsF, sQs, sKs, sTs, sPs, sFs, bos, eos, ws_row0, 0, hk, hv,
+                                       tidx)
+                load_rows(self.io_dtype, ROWS, CHAIN_THREADS, mV, sV, bos, eos, hv, v0, tidx)
             cute.arch.cp_async_commit_group()
             prof = cute.make_rmem_tensor(cute.make_layout(4), cutlass.Int64)
             prof.fill(0)
@@ -415,36 +441,38 @@ class GdnPrefillSm90:
                 valid = eos - tok0
                 if valid > C:
                     valid = C
-                cute.arch.sync_threads()  # chunk c - 1 is done with every shared tile
-                stamp = self.mark(prof, 2, stamp)
+                cute.arch.sync_threads()  # chunk c - 1 is done with stage 1 - stage
+                stamp = self.mark(prof, 3, stamp)
                 if c + 1 < num_chunks:
-                    self.issue_chunk_loads(mQ, mK, mV, mWsTP, mWsF, sQs, sKs, sVs, sTs, sPs, sFs, tok0 + C, eos,
+                    self.issue_chunk_loads(mQ, mK, mWsTP, mWsF, sQs, sKs, sTs, sPs, sFs, tok0 + C, eos,
                                            ws_row0 + c + 1, 1 - stage, hk, hv, tidx)
                 cute.arch.cp_async_commit_group()
-                cute.arch.cp_async_wait_group(1)  # chunk c has landed; chunk c + 1 may be in flight
+                cute.arch.cp_async_wait_group(1)  # all of chunk c has landed; chunk c + 1 may be in flight
                 cute.arch.fence_view_async_shared()
                 cute.arch.sync_threads()
                 stamp = self.mark(prof, 0, stamp)
-                sV = sVs[None, None, stage]
+                sT = sTs[None, None, stage]
                 self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage], sV,
-                                 sTs[None, None, stage], sPs[None, None, stage], sFs[None, None, stage], v0, wg_tidx)
-                cute.arch.sync_threads()
+                                 sT, sPs[None, None, stage], sFs[None, None, stage], mV, tok0 + C, eos,
+                                 c + 1 < num_chunks, hv, v0, tidx)
+                cute.arch.sync_threads()  # the output tile (in sT) is complete
                 stamp = self.mark(prof, 1, stamp)
-                self.store_output(sV, mO, tok0, valid, hv, tidx)
-            if cutlass.const_expr(self.profile):
+                self.store_output(sT, mO, tok0, valid, hv, v0, tidx)
+                stamp = self.mark(prof, 2, stamp)
+            if cutlass.const_expr(self.profile and self.parts == "chain"):
                 if tidx == 0:
-                    cta = n * self.num_v_heads + hv
-                    for i in cutlass.range_constexpr(3):
+                    cta = (n * self.num_v_heads + hv) * (self.V // ROWS) + z
+                    for i in cutlass.range_constexpr(4):
                         mProfile[cta, i] = prof[i]
                     mProfile[cta, 7] = cutlass.Int64(num_chunks)
             self.store_state(acc_S, cS, mState, slot, hv, v0)
         else:
-            self.zero_output(mO, bos, eos, hv, tidx)
+            self.zero_output(mO, bos, eos, hv, v0, tidx)
 
     @cute.jit
     def mark(self, prof, phase: cutlass.Constexpr, stamp):
         """profile builds: add the time since `stamp` to prof[phase]; returns the new stamp."""
-        if cutlass.const_expr(self.profile):
+        if cutlass.const_expr(self.profile and self.parts == "chain"):
             now = cute.arch.globaltimer()
             prof[phase] = prof[phase] + (now - stamp)
             stamp = now
@@ -468,25 +496,23 @@ class GdnPrefillSm90:
             gS[v0 + r, col] = acc_S[i].to(gS.element_type)
 
     @cute.jit
-    def zero_output(self, mO, bos, eos, hv, tidx):
-        for t in cutlass.range(bos + tidx // 128, eos, 2, unroll=1):
-            mO[0, t, hv, tidx % 128] = Float32(0.0).to(mO.element_type)
+    def zero_output(self, mO, bos, eos, hv, v0, tidx):
+        for t in cutlass.range(bos + tidx // ROWS, eos, CHAIN_THREADS // ROWS, unroll=1):
+            mO[0, t, hv, v0 + tidx % ROWS] = Float32(0.0).to(mO.element_type)
 
     @cute.jit
-    def issue_chunk_loads(self, mQ, mK, mV, mWsTP, mWsF, sQs, sKs, sVs, sTs, sPs, sFs, tok0, eos, ws_row, stage, hk,
-                          hv, tidx):
-        """cp.async of the chunk's q, k, v rows (zero past the sequence end), its T and P tiles and its
+    def issue_chunk_loads(self, mQ, mK, mWsTP, mWsF, sQs, sKs, sTs, sPs, sFs, tok0, eos, ws_row, stage, hk, hv, tidx):
+        """cp.async of the chunk's q and k rows (zero past the sequence end), its T and P tiles and its
         factors into shared-memory stage `stage`."""
         io = self.io_dtype
-        load_rows(io, self.K, mQ, sQs[None, None, stage], tok0, eos, hk, tidx)
-        load_rows(io, self.K, mK, sKs[None, None, stage], tok0, eos, hk, tidx)
-        load_rows(io, self.V, mV, sVs[None, None, stage], tok0, eos, hv, tidx)
+        load_rows(io, self.K, CHAIN_THREADS, mQ, sQs[None, None, stage], tok0, eos, hk, 0, tidx)
+        load_rows(io, self.K, CHAIN_THREADS, mK, sKs[None, None, stage], tok0, eos, hk, 0, tidx)
         atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL), io,
                                    num_bits_per_copy=128)
         dsts = (sTs[None, None, stage], sPs[None, None, stage])
         for which in cutlass.range_constexpr(2):
-            for i in cutlass.range_constexpr(CHUNK * CHUNK // 8 // THREADS):
-                e = tidx + i * THREADS
+            for i in cutlass.range_constexpr(CHUNK * CHUNK // 8 // CHAIN_THREADS):
+                e = tidx + i * CHAIN_THREADS
                 r = e // (CHUNK // 8)
                 j = e % (CHUNK // 8)
                 tile_src = mWsTP[ws_row, hv, which, r, None]
@@ -503,53 +529,58 @@ class GdnPrefillSm90:
                       cute.make_tensor((f_dst.iterator + j * 4).align(16), cute.make_layout(4)))
 
     @cute.jit
-    def store_output(self, sO, mO, tok0, valid, hv, tidx):
-        """The chunk's output rows t < valid from shared memory to o, 16 bytes per store."""
-        vecs_per_row = self.V // 8
-        for i in cutlass.range_constexpr(CHUNK * vecs_per_row // THREADS):
-            e = tidx + i * THREADS
+    def store_output(self, sO, mO, tok0, valid, hv, v0, tidx):
+        """The chunk's output rows t < valid (columns v0 .. v0 + ROWS) from shared memory to o, 16 bytes
+        per store."""
+        vecs_per_row = ROWS // 8
+        for i in cutlass.range_constexpr(CHUNK * vecs_per_row // CHAIN_THREADS):
+            e = tidx + i * CHAIN_THREADS
             r = e // vecs_per_row
             j = e % vecs_per_row
             if r < valid:
                 frag = cute.make_rmem_tensor(cute.make_layout(8), sO.element_type)
                 cute.autovec_copy(cute.local_tile(sO, (1, 8), (r, j))[0, None], frag)
                 dst = mO[0, tok0 + r, hv, None]
-                cute.autovec_copy(frag, cute.make_tensor((dst.iterator + j * 8).align(16), cute.make_layout(8)))
+                cute.autovec_copy(frag, cute.make_tensor((dst.iterator + v0 + j * 8).align(16),
+                                                         cute.make_layout(8)))
 
     @cute.jit
-    def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sF, v0, wg_tidx):
+    def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sF, mV, next_tok0, eos, has_next, hv, v0,
+                    tidx):
+        """One chunk of the CTA's ROWS state rows; leaves the output [t, v] in sT. Once v is consumed,
+        puts the next chunk's v tile in flight (its own cp.async group)."""
         C = CHUNK
         io = self.io_dtype
-        thr = mma_rs.get_slice(wg_tidx)
-        cVT = thr.partition_C(cute.make_identity_tensor((64, C)))
+        thr = mma_rs.get_slice(tidx)
+        cVT = thr.partition_C(cute.make_identity_tensor((ROWS, C)))
         # S (fp32 accumulator) as the 16-bit register A operand.
         rS = cute.make_rmem_tensor(acc_to_a_layout(acc_S.layout), io)
         cute.make_tensor(rS.iterator, acc_S.layout).store(acc_S.load().to(io))
 
-        acc_SK = cute.make_rmem_tensor(thr.partition_shape_C((64, C)), Float32)
-        acc_O = cute.make_rmem_tensor(thr.partition_shape_C((64, C)), Float32)
-        gemm(mma_rs, acc_SK, rS, mma_rs.make_fragment_B(thr.partition_B(sK)))
-        gemm(mma_rs, acc_O, rS, mma_rs.make_fragment_B(thr.partition_B(sQ)))
+        acc_SK = cute.make_rmem_tensor(thr.partition_shape_C((ROWS, C)), Float32)
+        acc_O = cute.make_rmem_tensor(thr.partition_shape_C((ROWS, C)), Float32)
+        gemm_issue(mma_rs, acc_SK, rS, mma_rs.make_fragment_B(thr.partition_B(sK)))
+        gemm_issue(mma_rs, acc_O, rS, mma_rs.make_fragment_B(thr.partition_B(sQ)))
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
 
         # X[v, t] = v_t[v] - f0_t SK[v, t];  O1 scaled by f1_t
         rX = cute.make_rmem_tensor(acc_to_a_layout(acc_SK.layout), io)
         rX_acc = cute.make_tensor(rX.iterator, acc_SK.layout)
         for i in cutlass.range_constexpr(cute.size(acc_SK)):
             r, t = cVT[i]
-            rX_acc[i] = (sV[t, v0 + r].to(Float32) - sF[0, t] * acc_SK[i]).to(io)
+            rX_acc[i] = (sV[t, r].to(Float32) - sF[0, t] * acc_SK[i]).to(io)
             acc_O[i] = acc_O[i] * sF[1, t]
+        cute.arch.sync_threads()  # every thread is past its reads of v
+        if has_next:
+            load_rows(io, ROWS, CHAIN_THREADS, mV, sV, next_tok0, eos, hv, v0, tidx)
+        cute.arch.cp_async_commit_group()
         # U[v, n] = sum_s X[v, s] T[n, s]
-        acc_U = cute.make_rmem_tensor(thr.partition_shape_C((64, C)), Float32)
+        acc_U = cute.make_rmem_tensor(thr.partition_shape_C((ROWS, C)), Float32)
         gemm(mma_rs, acc_U, rX, mma_rs.make_fragment_B(thr.partition_B(sT)))
-        # O += U P^T
+        # O += U P^T and S = f3 S + (U f2_s) K, issued together.
         rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
         cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(io))
-        gemm(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
-        # O [t, v] into this stage's v tile (dead from here on), stored row-wise after a sync.
-        for i in cutlass.range_constexpr(cute.size(acc_O)):
-            r, t = cVT[i]
-            sV[t, v0 + r] = acc_O[i].to(sV.element_type)
-        # S = f3 S + (U f2_s) K
         rUd = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
         rUd_acc = cute.make_tensor(rUd.iterator, acc_U.layout)
         for i in cutlass.range_constexpr(cute.size(acc_U)):
@@ -558,40 +589,58 @@ class GdnPrefillSm90:
         decay = sF[3, 0]
         for i in cutlass.range_constexpr(cute.size(acc_S)):
             acc_S[i] = acc_S[i] * decay
-        thr_s = mma_state.get_slice(wg_tidx)
-        gemm(mma_state, acc_S, rUd, mma_state.make_fragment_B(thr_s.partition_B(transpose_view(sK))),
-             accumulate=True)
+        thr_s = mma_state.get_slice(tidx)
+        gemm_issue(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
+        gemm_issue(mma_state, acc_S, rUd, mma_state.make_fragment_B(thr_s.partition_B(transpose_view(sK))),
+                   accumulate=True)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        # O [t, v] into the T tile: this thread's wgmma reading it has completed, other threads' may not
+        # have; sync first.
+        cute.arch.sync_threads()
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            r, t = cVT[i]
+            sT[t, r] = acc_O[i].to(io)
 
 
 # ================================ shared pieces ================================
 
 @cute.jit
-def gemm(tiled_mma: cute.TiledMma, acc, tA, tB, accumulate: cutlass.Constexpr = False):
-    """acc (+)= A B^T over every k-block, issued and waited for by the calling warpgroup."""
+def gemm_issue(tiled_mma: cute.TiledMma, acc, tA, tB, accumulate: cutlass.Constexpr = False):
+    """Issue acc (+)= A B^T over every k-block for the calling warpgroup; the caller commits and
+    waits (warpgroup.commit_group / wait_group)."""
     tiled_mma.set(warpgroup.Field.ACCUMULATE, accumulate)
     warpgroup.fence()
     for kb in cutlass.range_constexpr(cute.size(tA, mode=[2])):
         cute.gemm(tiled_mma, acc, tA[None, None, kb], tB[None, None, kb], acc)
         tiled_mma.set(warpgroup.Field.ACCUMULATE, True)
+
+
+@cute.jit
+def gemm(tiled_mma: cute.TiledMma, acc, tA, tB, accumulate: cutlass.Constexpr = False):
+    """acc (+)= A B^T over every k-block, issued and waited for by the calling warpgroup."""
+    gemm_issue(tiled_mma, acc, tA, tB, accumulate)
     warpgroup.commit_group()
     warpgroup.wait_group(0)
 
 
 @cute.jit
-def load_rows(io: cutlass.Constexpr, width: cutlass.Constexpr, mX, sX, tok0, eos, head, tidx):
-    """cp.async of rows tok0 .. tok0 + CHUNK of mX[0, :, head, :] (16-byte vectors) into the swizzled
-    tile sX [CHUNK, width]; rows at or past eos are zero-filled."""
+def load_rows(io: cutlass.Constexpr, width: cutlass.Constexpr, threads: cutlass.Constexpr, mX, sX, tok0, eos, head,
+              col0, tidx):
+    """cp.async of rows tok0 .. tok0 + CHUNK, columns col0 .. col0 + width of mX[0, :, head, :] (16-byte
+    vectors) into the swizzled tile sX [CHUNK, width] by `threads` threads; rows at or past eos are
+    zero-filled."""
     vecs_per_row = width // 8
     atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL), io,
                                num_bits_per_copy=128)
-    for i in cutlass.range_constexpr(CHUNK * vecs_per_row // THREADS):
-        e = tidx + i * THREADS
+    for i in cutlass.range_constexpr(CHUNK * vecs_per_row // threads):
+        e = tidx + i * threads
         r = e // vecs_per_row
         j = e % vecs_per_row
         dst = cute.local_tile(sX, (1, 8), (r, j))[0, None]
         if tok0 + r < eos:
             src = mX[0, tok0 + r, head, None]
-            cute.copy(atom, cute.make_tensor((src.iterator + j * 8).align(16), cute.make_layout(8)), dst)
+            cute.copy(atom, cute.make_tensor((src.iterator + col0 + j * 8).align(16), cute.make_layout(8)), dst)
         else:
             dst.fill(0.0)
 
