@@ -20,7 +20,7 @@ from bench_prefill import D, cute_call, make_inputs, time_cold  # noqa: E402
 from cute_gdn import ops  # noqa: E402
 from cute_gdn.cache import KernelKey, default_cache  # noqa: E402
 
-PHASES = ("issue + wait for loads", "state chain", "output store", "barrier")
+PHASES = ("wait for loads", "state chain", "output store", "barrier", "issue loads")
 AUX_PHASES = ("issue loads, gates", "loads landed", "products, norms, scan", "epilogues", "inverse", "T/P stores")
 
 
@@ -54,27 +54,30 @@ def main():
             full = cute_call(x, H, HV)
             full()
             ws_tp, ws_f = ops.prefill_workspace(tokens, seqs, HV, x["q"].dtype, x["q"].device)
-            prof = torch.zeros(HV * seqs * 2, 8, dtype=torch.int64, device="cuda")
-            args_ = lambda p: (x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], x["cu"],  # noqa: E731
-                               x["pool"], x["slots"], x["has_init"].view(torch.int8), x["o"], ws_tp, ws_f, D ** -0.5, p)
+            args_ = lambda p, wide=0: (x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"],  # noqa: E731
+                                       x["cu"], x["pool"], x["slots"], x["has_init"].view(torch.int8), x["o"], ws_tp,
+                                       ws_f, D ** -0.5, wide, p)
             aux = default_cache().get(part_key(H, HV, seqs, "aux"))
             chain = default_cache().get(part_key(H, HV, seqs, "chain", True))
             aux(*args_(None))
             t_full = time_cold(full)
             t_aux = time_cold(lambda: aux(*args_(None)))
-            t_chain = time_cold(lambda: chain(*args_(prof)))
-            prof.zero_()
-            chain(*args_(prof))
-            torch.cuda.synchronize()
-            chunks = prof[:, 7].sum().item()
-            per_chunk = prof[:, :4].sum(0).double() / max(chunks, 1) / 1e3
-            print(f"H={H} HV={HV} {tokens}x{seqs}: full {t_full:.1f} us = aux {t_aux:.1f} + chain {t_chain:.1f}; "
-                  f"chain per chunk (us): " + ", ".join(f"{name} {t:.2f}" for name, t in zip(PHASES, per_chunk.tolist()))
-                  + f"; total {per_chunk.sum().item():.2f}", flush=True)
+            line = f"H={H} HV={HV} {tokens}x{seqs}: full {t_full:.1f} us = aux {t_aux:.1f} + chain"
+            for wide in (0, 1):
+                prof = torch.zeros(HV * seqs * 2, 8, dtype=torch.int64, device="cuda")
+                t_chain = time_cold(lambda: chain(*args_(prof, wide)))
+                prof.zero_()
+                chain(*args_(prof, wide))
+                torch.cuda.synchronize()
+                chunks = prof[:, 7].sum().item()
+                per_chunk = prof[:, :5].sum(0).double() / max(chunks, 1) / 1e3
+                line += (f"\n    chain {'wide' if wide else 'narrow'} {t_chain:.1f} us; per chunk (us): "
+                         + ", ".join(f"{name} {t:.2f}" for name, t in zip(PHASES, per_chunk.tolist()))
+                         + f"; total {per_chunk.sum().item():.2f}")
+            print(line, flush=True)
             aux_t = aux_phases(H, HV, seqs, args_, ws_tp.shape[0])
             print("    aux per CTA (us): " + ", ".join(f"{name} {t:.2f}" for name, t in zip(AUX_PHASES, aux_t.tolist()))
                   + f"; total {aux_t.sum().item():.2f}", flush=True)
-
 
 if __name__ == "__main__":
     main()

@@ -10,6 +10,7 @@ Validation is in two tiers so that an eager call costs a few microseconds of hos
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Callable, Optional, Sequence
 
@@ -544,6 +545,11 @@ def _all_true(n: int, device: torch.device) -> torch.Tensor:
     return ones[:n]
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def prefill_workspace(tokens: int, num_seqs: int, num_v_heads: int, dtype: torch.dtype,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-call workspace of prefill: T and P tiles (io dtype) and the per-token factors (fp32)
@@ -617,11 +623,14 @@ def prefill(
         scale = K ** -0.5
     init = _all_true(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
     ws_tp, ws_f = prefill_workspace(T, N, HV, q.dtype, q.device)
+    wide = int(prefill_kernel.use_wide_chain(N, HV, _num_sms(q.device)))
     try:
         if raw:
-            fn(q, k, v, a, b, A_log, dt_bias, cu_seqlens, state, state_indices, init, out, ws_tp, ws_f, scale, None)
+            fn(q, k, v, a, b, A_log, dt_bias, cu_seqlens, state, state_indices, init, out, ws_tp, ws_f, scale, wide,
+               None)
         else:
-            fn(q, k, v, g, beta, None, None, cu_seqlens, state, state_indices, init, out, ws_tp, ws_f, scale, None)
+            fn(q, k, v, g, beta, None, None, cu_seqlens, state, state_indices, init, out, ws_tp, ws_f, scale, wide,
+               None)
     except (ValueError, TypeError):
         validate_prefill(*args)
         raise

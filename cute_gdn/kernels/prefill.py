@@ -42,7 +42,7 @@ from typing import Optional
 import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
-from cutlass import Float32, Int32
+from cutlass import Float16, Float32, Int32
 from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
@@ -52,12 +52,17 @@ from .common.problem import check_problem
 
 CHUNK = 64
 THREADS = 256  # aux: two warpgroups
-CHAIN_THREADS = 128  # chain: one warpgroup, owning ROWS value rows of the state
-ROWS = 64
+WG_ROWS = 64  # chain: each warpgroup owns 64 value rows of the state; a CTA has 1 or 2 warpgroups
 SUPPORTED_HEAD_DIM = 128
 NUM_FACTORS = 4  # per-token fp32 factors of a chunk, see the module docstring
 BLOCK = 16       # diagonal block of the inverse
 LDA = CHUNK + 4  # row stride (floats) of the fp32 shared matrices of the inverse
+
+
+def use_wide_chain(num_seqs: int, num_v_heads: int, num_sms: int) -> bool:
+    """Chain CTAs of two warpgroups (one per sequence and head, sharing the q/k/T/P loads) once they
+    fill the GPU; else one warpgroup per CTA, V / 64 CTAs per sequence and head (twice the SMs)."""
+    return num_seqs * num_v_heads >= num_sms
 
 
 def ws_rows(tokens: int, num_seqs: int) -> int:
@@ -130,44 +135,63 @@ class GdnPrefillSm90:
         mWsTP: cute.Tensor,       # [rows, HV, 2, C, C] io dtype: T, P per chunk
         mWsF: cute.Tensor,        # [rows, HV, NUM_FACTORS, C] fp32
         scale: Float32,
-        mProfile: Optional[cute.Tensor],  # [HV * N, 8] int64 (profile builds), else None
+        wide: Int32,              # chain CTAs: 1 = two warpgroups (all V rows), 0 = one (V / 64 CTAs)
+        mProfile: Optional[cute.Tensor],  # [HV * N * 2, 8] int64 (profile builds), else None
         stream,
     ):
         C, K, V = CHUNK, self.K, self.V
         io = self.io_dtype
         # Token-major shared tiles, the contiguous dim 128B-swizzled for wgmma.
+        # The inverse's fp16 tiles (row-major [C, C]).
+        sInv_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), Float16, 1)
         sQK_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, K), io, 2)  # (C, K, 2)
-        sV_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, ROWS), io, 1)  # (C, ROWS, 1)
-        sCC_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, 2)  # (C, C, 2)
+        # Chain: T and P of 2 stages as one (C, C, 4) tile array, index 2 * stage + (0: T, 1: P).
+        sTP_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, 4)
+        # The chain's v tile (its CTA's columns): one stage of (C, 64 * wgs).
+        sV_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS * wgs), io, 1)
+                      for wgs in (1, 2)]
 
         @cute.struct
         class AuxStorage:
             sQK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]  # stage 0 q, 1 k
-            sA: cute.struct.Align[cute.struct.MemRange[Float32, C * LDA], 16]
-            sX: cute.struct.Align[cute.struct.MemRange[Float32, C * LDA], 16]
+            sA: cute.struct.Align[cute.struct.MemRange[Float32, C * LDA], 16]  # diagonal blocks used
+            sAoff: cute.struct.Align[cute.struct.MemRange[Float16, cute.cosize(sInv_layout)], 1024]
+            sD: cute.struct.Align[cute.struct.MemRange[Float16, cute.cosize(sInv_layout)], 1024]
+            sN: cute.struct.Align[cute.struct.MemRange[Float16, cute.cosize(sInv_layout)], 1024]
             sG: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sBeta: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sRK: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sRQ: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
 
+        # 2 stages of q, k, T, P and one v tile: 106 KiB (one warpgroup: two CTAs share an SM) or
+        # 114 KiB (two warpgroups) at 16-bit io.
         @cute.struct
-        class ChainStorage:
+        class ChainStorage1:
             sQ: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
             sK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
-            sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layout)], 1024]
-            sT: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sCC_layout)], 1024]
-            sP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sCC_layout)], 1024]
+            sTP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sTP_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layouts[0])], 1024]
             sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
 
-        # 2 stages of q, k, T, P and one v tile (the chain's ROWS columns of it): 106 KiB at 16-bit io,
-        # so two chain CTAs share an SM.
-        assert C * LDA * 4 + C * (C + 8) * io.width // 8 <= cute.cosize(sQK_layout) * io.width // 8
+        @cute.struct
+        class ChainStorage2:
+            sQ: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
+            sK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
+            sTP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sTP_layout)], 1024]
+            sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layouts[1])], 1024]
+            sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
 
+        assert 2 * C * (C + 8) * io.width // 8 <= cute.cosize(sQK_layout) * io.width // 8
         self.aux_storage = AuxStorage
-        self.chain_storage = ChainStorage
+        self.chain_storage = {1: ChainStorage1, 2: ChainStorage2}
         # wgmma tilings (one warpgroup each): SS products of aux, RS products of the chain.
         mma_ss = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
                                                    (1, 1, 1), (C, C))
+        # The inverse: fp16 in, fp32 accumulate; B operands MN-major views of row-major tiles.
+        mma_inv_ss = sm90_utils.make_trivial_tiled_mma(Float16, Float16, OperandMajorMode.K, OperandMajorMode.MN,
+                                                       Float32, (1, 1, 1), (C, C))
+        mma_inv_rs = sm90_utils.make_trivial_tiled_mma(Float16, Float16, OperandMajorMode.K, OperandMajorMode.MN,
+                                                       Float32, (1, 1, 1), (C, C), warpgroup.OperandSource.RMEM)
         mma_rs = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
                                                    (1, 1, 1), (64, C), warpgroup.OperandSource.RMEM)
         mma_state = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
@@ -175,12 +199,17 @@ class GdnPrefillSm90:
         num_seqs = mIndices.shape[0]
         if cutlass.const_expr(self.parts != "chain"):
             self.aux_kernel(mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, scale,
-                            mProfile, mma_ss, sQK_layout).launch(
+                            mProfile, mma_ss, mma_inv_ss, mma_inv_rs, sQK_layout, sInv_layout).launch(
                 grid=(mWsTP.shape[0], self.num_v_heads, 1), block=(THREADS, 1, 1), stream=stream)
         if cutlass.const_expr(self.parts != "aux"):
-            self.chain_kernel(mQ, mK, mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsTP, mWsF, mProfile,
-                              mma_rs, mma_state, sQK_layout, sV_layout, sCC_layout).launch(
-                grid=(self.num_v_heads, num_seqs, V // ROWS), block=(CHAIN_THREADS, 1, 1), stream=stream)
+            if wide != 0:
+                self.chain_kernel(mQ, mK, mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsTP, mWsF, mProfile,
+                                  mma_rs, mma_state, sQK_layout, sV_layouts[1], sTP_layout, 2).launch(
+                    grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(256, 1, 1), stream=stream)
+            else:
+                self.chain_kernel(mQ, mK, mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsTP, mWsF, mProfile,
+                                  mma_rs, mma_state, sQK_layout, sV_layouts[0], sTP_layout, 1).launch(
+                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream)
 
     # ================================ aux: one chunk, all of it off the state ================================
 
@@ -200,7 +229,10 @@ class GdnPrefillSm90:
         scale: Float32,
         mProfile: Optional[cute.Tensor],
         mma_ss: cute.TiledMma,
+        mma_inv_ss: cute.TiledMma,
+        mma_inv_rs: cute.TiledMma,
         sQK_layout: cute.ComposedLayout,
+        sInv_layout: cute.ComposedLayout,
     ):
         C = CHUNK
         tidx, _, _ = cute.arch.thread_idx()
@@ -234,12 +266,13 @@ class GdnPrefillSm90:
             storage = cutlass.memory.SmemAllocator().allocate(self.aux_storage)
             sQK = storage.sQK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
             sA = storage.sA.get_tensor(cute.make_layout((C, C), stride=(LDA, 1)))
-            sX = storage.sX.get_tensor(cute.make_layout((C, C), stride=(LDA, 1)))
-            # Y (inverse scratch) and P reuse the q/k tiles once both products and the norms are done.
+            sAoff = storage.sAoff.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, 0]
+            sD = storage.sD.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, 0]
+            sN = storage.sN.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, 0]
+            # P and the staged T reuse the q/k tiles once both products and the norms are done.
             qk_base = storage.sQK.data_ptr()
-            sY = cute.make_tensor(cute.recast_ptr(qk_base, dtype=Float32), cute.make_layout((C, C), stride=(LDA, 1)))
-            sP = cute.make_tensor(qk_base + C * LDA * 4 // (self.io_dtype.width // 8),
-                                  cute.make_layout((C, C), stride=(C + 8, 1)))
+            sP = cute.make_tensor(qk_base, cute.make_layout((C, C), stride=(C + 8, 1)))
+            sTo = cute.make_tensor(qk_base + C * (C + 8), cute.make_layout((C, C), stride=(C + 8, 1)))
             sG = storage.sG.get_tensor(cute.make_layout(C))
             sBeta = storage.sBeta.get_tensor(cute.make_layout(C))
             sRK = storage.sRK.get_tensor(cute.make_layout(C))
@@ -285,13 +318,23 @@ class GdnPrefillSm90:
 
             cC = thr.partition_C(cute.make_identity_tensor((C, C)))
             if wg == 0:
+                # A: its diagonal 16 x 16 blocks (fp32) for the forward substitution, the blocks below
+                # them (fp16, zeros elsewhere) for the tensor-core part of the inverse.
                 for i in cutlass.range_constexpr(cute.size(acc)):
                     t, s = cC[i]
                     val = Float32(0.0)
                     if s < t:
                         val = (sBeta[t] * sRK[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
-                    sA[t, s] = val
+                    off = Float32(0.0)
+                    if t // BLOCK == s // BLOCK:
+                        sA[t, s] = val
+                    else:
+                        off = val
+                    sAoff[t, s] = off.to(Float16)
             else:
+                for i in cutlass.range_constexpr(C * C // 128):
+                    e = wg_tidx + i * 128
+                    sD[e // C, e % C] = Float16(0.0)
                 for i in cutlass.range_constexpr(cute.size(acc)):
                     t, s = cC[i]
                     val = Float32(0.0)
@@ -308,9 +351,15 @@ class GdnPrefillSm90:
                 mWsF[row, hv, 3, tidx] = cute.math.exp(g_last)
             cute.arch.sync_threads()
             stamp = self.aux_mark(mProfile, row, hv, 3, stamp)
-            invert_blocked(sA, sX, sY, tidx)
+            if tidx < C:
+                solve_diagonal_blocks(sA, sD, tidx)
+            cute.arch.fence_view_async_shared()
+            if wg == 1:
+                store_tile(sP, mWsTP[row, hv, 1, None, None], wg_tidx, 128)
+            cute.arch.sync_threads()
+            self.invert_offdiagonal(mma_inv_ss, mma_inv_rs, sAoff, sD, sN, sTo, sBeta, wg, wg_tidx)
             stamp = self.aux_mark(mProfile, row, hv, 4, stamp)
-            self.store_tp(sX, sBeta, sP, mWsTP, row, hv, tidx)
+            store_tile(sTo, mWsTP[row, hv, 0, None, None], tidx, THREADS)
             stamp = self.aux_mark(mProfile, row, hv, 5, stamp)
 
     @cute.jit
@@ -355,26 +404,45 @@ class GdnPrefillSm90:
                     sRK[r] = factor
 
     @cute.jit
-    def store_tp(self, sX, sBeta, sP, mWsTP, row, hv, tidx):
-        """T = X diag(beta) (zero above the diagonal blocks) and P to the workspace, 16 bytes per store."""
+    def invert_offdiagonal(self, mma_inv_ss, mma_inv_rs, sAoff, sD, sN, sTo, sBeta, wg, wg_tidx):
+        """Warpgroup 0, with D = (I + A_d)^-1 (block diagonal, in sD) and A_off (the blocks below the
+        diagonal): (I + A)^-1 = (I + N)^-1 D with N = D A_off strictly block-lower, so N^4 = 0 and
+        (I + N)^-1 = W = I - N + N^2 - N^3, built as W <- I - W N from W = I - N. Four 64 x 64 x 64 fp16
+        wgmma products; T = W D diag(beta) into sTo (io dtype). Ends with a CTA barrier."""
         C = CHUNK
-        io = self.io_dtype
-        for i in cutlass.range_constexpr(C * C // 8 // THREADS):
-            e = tidx + i * THREADS
-            r = e // (C // 8)
-            j = e % (C // 8)
-            frag = cute.make_rmem_tensor(cute.make_layout(8), io)
-            if j * 8 // BLOCK > r // BLOCK:
-                frag.fill(0.0)
-            else:
-                for x in cutlass.range_constexpr(8):
-                    frag[x] = (sX[r, j * 8 + x] * sBeta[j * 8 + x]).to(io)
-            dst = mWsTP[row, hv, 0, r, None]
-            cute.autovec_copy(frag, cute.make_tensor((dst.iterator + j * 8).align(16), cute.make_layout(8)))
-            pfrag = cute.make_rmem_tensor(cute.make_layout(8), io)
-            cute.autovec_copy(cute.make_tensor((sP[r, None].iterator + j * 8).align(16), cute.make_layout(8)), pfrag)
-            dst = mWsTP[row, hv, 1, r, None]
-            cute.autovec_copy(pfrag, cute.make_tensor((dst.iterator + j * 8).align(16), cute.make_layout(8)))
+        thr_ss = mma_inv_ss.get_slice(wg_tidx)
+        thr = mma_inv_rs.get_slice(wg_tidx)
+        acc = cute.make_rmem_tensor(thr.partition_shape_C((C, C)), Float32)
+        cC = thr.partition_C(cute.make_identity_tensor((C, C)))
+        rW = cute.make_rmem_tensor(acc_to_a_layout(acc.layout), Float16)
+        rW_acc = cute.make_tensor(rW.iterator, acc.layout)
+        if wg == 0:
+            gemm(mma_inv_ss, acc, mma_inv_ss.make_fragment_A(thr_ss.partition_A(sD)),
+                 mma_inv_ss.make_fragment_B(thr_ss.partition_B(transpose_view(sAoff))))
+            for i in cutlass.range_constexpr(cute.size(acc)):
+                r, c = cC[i]
+                sN[r, c] = acc[i].to(Float16)
+                ident = Float32(0.0)
+                if r == c:
+                    ident = Float32(1.0)
+                rW_acc[i] = (ident - acc[i]).to(Float16)
+            cute.arch.fence_view_async_shared()
+        cute.arch.sync_threads()
+        if wg == 0:
+            tN = mma_inv_rs.make_fragment_B(thr.partition_B(transpose_view(sN)))
+            for _ in cutlass.range_constexpr(2):
+                gemm(mma_inv_rs, acc, rW, tN)
+                for i in cutlass.range_constexpr(cute.size(acc)):
+                    r, c = cC[i]
+                    ident = Float32(0.0)
+                    if r == c:
+                        ident = Float32(1.0)
+                    rW_acc[i] = (ident - acc[i]).to(Float16)
+            gemm(mma_inv_rs, acc, rW, mma_inv_rs.make_fragment_B(thr.partition_B(transpose_view(sD))))
+            for i in cutlass.range_constexpr(cute.size(acc)):
+                r, c = cC[i]
+                sTo[r, c] = (acc[i] * sBeta[c]).to(sTo.element_type)
+        cute.arch.sync_threads()
 
     # ================================ chain: the state through the chunks ================================
 
@@ -396,43 +464,48 @@ class GdnPrefillSm90:
         mma_state: cute.TiledMma,
         sQK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout,
-        sCC_layout: cute.ComposedLayout,
+        sTP_layout: cute.ComposedLayout,
+        wgs: cutlass.Constexpr,
     ):
-        """CTA (hv, n, z): rows v0 = z * ROWS .. v0 + ROWS of sequence n's state. cp.async groups: chunk
-        c + 1's q, k, T, P, f are issued at the top of chunk c (double-buffered); the single v tile of
-        chunk c + 1 once chunk c has consumed its own (after X)."""
+        """CTA (hv, n, z) of `wgs` warpgroups: value rows z * 64 * wgs .. (z + 1) * 64 * wgs of sequence
+        n's state, 64 per warpgroup. cp.async groups: chunk c + 1's q, k, T, P, f are issued at the top
+        of chunk c (double-buffered); the single v tile of chunk c + 1 once chunk c has consumed its own
+        (after X)."""
         C, K = CHUNK, self.K
+        threads = 128 * wgs
         tidx, _, _ = cute.arch.thread_idx()
         hv, n, z = cute.arch.block_idx()
+        wg = tidx // 128
+        wg_tidx = tidx % 128
         hk = hv // (self.num_v_heads // self.num_heads)
-        v0 = z * ROWS
+        c0 = z * WG_ROWS * wgs   # the CTA's first value row
+        v0 = c0 + wg * WG_ROWS   # the warpgroup's
         bos = mCuSeqlens[n]
         eos = mCuSeqlens[n + 1]
         slot = mIndices[n]
         ws_row0 = bos // C + n
 
-        storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage)
+        storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage[wgs])
         sQs = storage.sQ.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
         sKs = storage.sK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)[None, None, 0]
-        sTs = storage.sT.get_tensor(sCC_layout.outer, swizzle=sCC_layout.inner)
-        sPs = storage.sP.get_tensor(sCC_layout.outer, swizzle=sCC_layout.inner)
+        sTPs = storage.sTP.get_tensor(sTP_layout.outer, swizzle=sTP_layout.inner)
         sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, 2), stride=(C, 1, NUM_FACTORS * C)))
 
-        # The CTA's ROWS rows of S, [ROWS, K] fp32 accumulator of mma_state.
-        thr_state = mma_state.get_slice(tidx)
-        acc_S = cute.make_rmem_tensor(thr_state.partition_shape_C((ROWS, K)), Float32)
-        cS = thr_state.partition_C(cute.make_identity_tensor((ROWS, K)))
+        # The warpgroup's 64 rows of S, [64, K] fp32 accumulator of mma_state.
+        thr_state = mma_state.get_slice(wg_tidx)
+        acc_S = cute.make_rmem_tensor(thr_state.partition_shape_C((WG_ROWS, K)), Float32)
+        cS = thr_state.partition_C(cute.make_identity_tensor((WG_ROWS, K)))
 
         if slot >= 0:
             self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, v0)
             num_chunks = (eos - bos + C - 1) // C
             if num_chunks > 0:
-                self.issue_chunk_loads(mQ, mK, mWsTP, mWsF, sQs, sKs, sTs, sPs, sFs, bos, eos, ws_row0, 0, hk, hv,
-                                       tidx)
-                load_rows(self.io_dtype, ROWS, CHAIN_THREADS, mV, sV, bos, eos, hv, v0, tidx)
+                self.issue_chunk_loads(mQ, mK, mWsTP, mWsF, sQs, sKs, sTPs, sFs, bos, eos, ws_row0, 0, hk, hv,
+                                       threads, tidx)
+                load_rows(self.io_dtype, WG_ROWS * wgs, threads, mV, sV, bos, eos, hv, c0, tidx)
             cute.arch.cp_async_commit_group()
-            prof = cute.make_rmem_tensor(cute.make_layout(4), cutlass.Int64)
+            prof = cute.make_rmem_tensor(cute.make_layout(5), cutlass.Int64)
             prof.fill(0)
             stamp = cute.arch.globaltimer()
             for c in cutlass.range(num_chunks, unroll=1):
@@ -444,30 +517,31 @@ class GdnPrefillSm90:
                 cute.arch.sync_threads()  # chunk c - 1 is done with stage 1 - stage
                 stamp = self.mark(prof, 3, stamp)
                 if c + 1 < num_chunks:
-                    self.issue_chunk_loads(mQ, mK, mWsTP, mWsF, sQs, sKs, sTs, sPs, sFs, tok0 + C, eos,
-                                           ws_row0 + c + 1, 1 - stage, hk, hv, tidx)
+                    self.issue_chunk_loads(mQ, mK, mWsTP, mWsF, sQs, sKs, sTPs, sFs, tok0 + C, eos,
+                                           ws_row0 + c + 1, 1 - stage, hk, hv, threads, tidx)
                 cute.arch.cp_async_commit_group()
+                stamp = self.mark(prof, 4, stamp)
                 cute.arch.cp_async_wait_group(1)  # all of chunk c has landed; chunk c + 1 may be in flight
                 cute.arch.fence_view_async_shared()
                 cute.arch.sync_threads()
                 stamp = self.mark(prof, 0, stamp)
-                sT = sTs[None, None, stage]
                 self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage], sV,
-                                 sT, sPs[None, None, stage], sFs[None, None, stage], mV, tok0 + C, eos,
-                                 c + 1 < num_chunks, hv, v0, tidx)
-                cute.arch.sync_threads()  # the output tile (in sT) is complete
+                                 sTPs[None, None, 2 * stage], sTPs[None, None, 2 * stage + 1],
+                                 sTPs[None, None, 2 * stage + wg], sFs[None, None, stage], mV, tok0 + C, eos,
+                                 c + 1 < num_chunks, hv, c0, wg, wgs, tidx)
+                cute.arch.sync_threads()  # the output tiles are complete
                 stamp = self.mark(prof, 1, stamp)
-                self.store_output(sT, mO, tok0, valid, hv, v0, tidx)
+                self.store_output(sTPs, stage, mO, tok0, valid, hv, c0, wgs, tidx)
                 stamp = self.mark(prof, 2, stamp)
             if cutlass.const_expr(self.profile and self.parts == "chain"):
                 if tidx == 0:
-                    cta = (n * self.num_v_heads + hv) * (self.V // ROWS) + z
-                    for i in cutlass.range_constexpr(4):
+                    cta = (n * self.num_v_heads + hv) * (self.V // (WG_ROWS * wgs)) + z
+                    for i in cutlass.range_constexpr(5):
                         mProfile[cta, i] = prof[i]
                     mProfile[cta, 7] = cutlass.Int64(num_chunks)
             self.store_state(acc_S, cS, mState, slot, hv, v0)
         else:
-            self.zero_output(mO, bos, eos, hv, v0, tidx)
+            self.zero_output(mO, bos, eos, hv, c0, wgs, tidx)
 
     @cute.jit
     def mark(self, prof, phase: cutlass.Constexpr, stamp):
@@ -496,28 +570,29 @@ class GdnPrefillSm90:
             gS[v0 + r, col] = acc_S[i].to(gS.element_type)
 
     @cute.jit
-    def zero_output(self, mO, bos, eos, hv, v0, tidx):
-        for t in cutlass.range(bos + tidx // ROWS, eos, CHAIN_THREADS // ROWS, unroll=1):
-            mO[0, t, hv, v0 + tidx % ROWS] = Float32(0.0).to(mO.element_type)
+    def zero_output(self, mO, bos, eos, hv, c0, wgs: cutlass.Constexpr, tidx):
+        for t in cutlass.range(bos + tidx // (WG_ROWS * wgs), eos, 2, unroll=1):
+            mO[0, t, hv, c0 + tidx % (WG_ROWS * wgs)] = Float32(0.0).to(mO.element_type)
 
     @cute.jit
-    def issue_chunk_loads(self, mQ, mK, mWsTP, mWsF, sQs, sKs, sTs, sPs, sFs, tok0, eos, ws_row, stage, hk, hv, tidx):
+    def issue_chunk_loads(self, mQ, mK, mWsTP, mWsF, sQs, sKs, sTPs, sFs, tok0, eos, ws_row, stage, hk, hv,
+                          threads: cutlass.Constexpr, tidx):
         """cp.async of the chunk's q and k rows (zero past the sequence end), its T and P tiles and its
         factors into shared-memory stage `stage`."""
         io = self.io_dtype
-        load_rows(io, self.K, CHAIN_THREADS, mQ, sQs[None, None, stage], tok0, eos, hk, 0, tidx)
-        load_rows(io, self.K, CHAIN_THREADS, mK, sKs[None, None, stage], tok0, eos, hk, 0, tidx)
+        load_rows(io, self.K, threads, mQ, sQs[None, None, stage], tok0, eos, hk, 0, tidx)
+        load_rows(io, self.K, threads, mK, sKs[None, None, stage], tok0, eos, hk, 0, tidx)
         atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL), io,
                                    num_bits_per_copy=128)
-        dsts = (sTs[None, None, stage], sPs[None, None, stage])
         for which in cutlass.range_constexpr(2):
-            for i in cutlass.range_constexpr(CHUNK * CHUNK // 8 // CHAIN_THREADS):
-                e = tidx + i * CHAIN_THREADS
+            dst_tile = sTPs[None, None, 2 * stage + which]
+            for i in cutlass.range_constexpr(CHUNK * CHUNK // 8 // threads):
+                e = tidx + i * threads
                 r = e // (CHUNK // 8)
                 j = e % (CHUNK // 8)
                 tile_src = mWsTP[ws_row, hv, which, r, None]
                 cute.copy(atom, cute.make_tensor((tile_src.iterator + j * 8).align(16), cute.make_layout(8)),
-                          cute.local_tile(dsts[which], (1, 8), (r, j))[0, None])
+                          cute.local_tile(dst_tile, (1, 8), (r, j))[0, None])
         f_atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
                                      Float32, num_bits_per_copy=128)
         if tidx < NUM_FACTORS * CHUNK // 4:
@@ -529,36 +604,41 @@ class GdnPrefillSm90:
                       cute.make_tensor((f_dst.iterator + j * 4).align(16), cute.make_layout(4)))
 
     @cute.jit
-    def store_output(self, sO, mO, tok0, valid, hv, v0, tidx):
-        """The chunk's output rows t < valid (columns v0 .. v0 + ROWS) from shared memory to o, 16 bytes
-        per store."""
-        vecs_per_row = ROWS // 8
-        for i in cutlass.range_constexpr(CHUNK * vecs_per_row // CHAIN_THREADS):
-            e = tidx + i * CHAIN_THREADS
-            r = e // vecs_per_row
-            j = e % vecs_per_row
-            if r < valid:
-                frag = cute.make_rmem_tensor(cute.make_layout(8), sO.element_type)
-                cute.autovec_copy(cute.local_tile(sO, (1, 8), (r, j))[0, None], frag)
-                dst = mO[0, tok0 + r, hv, None]
-                cute.autovec_copy(frag, cute.make_tensor((dst.iterator + v0 + j * 8).align(16),
-                                                         cute.make_layout(8)))
+    def store_output(self, sTPs, stage, mO, tok0, valid, hv, c0, wgs: cutlass.Constexpr, tidx):
+        """The chunk's output rows t < valid, columns c0 .. c0 + 64 * wgs, from the output tiles
+        (warpgroup w's in sTPs[..., 2 * stage + w]) to o, 16 bytes per store."""
+        vecs_per_row = WG_ROWS // 8
+        for w in cutlass.range_constexpr(wgs):
+            sO = sTPs[None, None, 2 * stage + w]
+            for i in cutlass.range_constexpr(CHUNK * vecs_per_row // (128 * wgs)):
+                e = tidx + i * 128 * wgs
+                r = e // vecs_per_row
+                j = e % vecs_per_row
+                if r < valid:
+                    frag = cute.make_rmem_tensor(cute.make_layout(8), sO.element_type)
+                    cute.autovec_copy(cute.local_tile(sO, (1, 8), (r, j))[0, None], frag)
+                    dst = mO[0, tok0 + r, hv, None]
+                    cute.autovec_copy(frag, cute.make_tensor((dst.iterator + c0 + w * WG_ROWS + j * 8).align(16),
+                                                             cute.make_layout(8)))
 
     @cute.jit
-    def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sF, mV, next_tok0, eos, has_next, hv, v0,
-                    tidx):
-        """One chunk of the CTA's ROWS state rows; leaves the output [t, v] in sT. Once v is consumed,
-        puts the next chunk's v tile in flight (its own cp.async group)."""
+    def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sO, sF, mV, next_tok0, eos, has_next, hv,
+                    c0, wg, wgs: cutlass.Constexpr, tidx):
+        """One chunk of the warpgroup's 64 state rows; leaves its output [t, v] in sO (its T or P tile
+        of this stage). Once v is consumed, puts the next chunk's v tile in flight (its own cp.async
+        group)."""
         C = CHUNK
         io = self.io_dtype
-        thr = mma_rs.get_slice(tidx)
-        cVT = thr.partition_C(cute.make_identity_tensor((ROWS, C)))
+        wg_tidx = tidx % 128
+        col = wg * WG_ROWS  # the warpgroup's columns of the v tile
+        thr = mma_rs.get_slice(wg_tidx)
+        cVT = thr.partition_C(cute.make_identity_tensor((WG_ROWS, C)))
         # S (fp32 accumulator) as the 16-bit register A operand.
         rS = cute.make_rmem_tensor(acc_to_a_layout(acc_S.layout), io)
         cute.make_tensor(rS.iterator, acc_S.layout).store(acc_S.load().to(io))
 
-        acc_SK = cute.make_rmem_tensor(thr.partition_shape_C((ROWS, C)), Float32)
-        acc_O = cute.make_rmem_tensor(thr.partition_shape_C((ROWS, C)), Float32)
+        acc_SK = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
+        acc_O = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
         gemm_issue(mma_rs, acc_SK, rS, mma_rs.make_fragment_B(thr.partition_B(sK)))
         gemm_issue(mma_rs, acc_O, rS, mma_rs.make_fragment_B(thr.partition_B(sQ)))
         warpgroup.commit_group()
@@ -569,14 +649,14 @@ class GdnPrefillSm90:
         rX_acc = cute.make_tensor(rX.iterator, acc_SK.layout)
         for i in cutlass.range_constexpr(cute.size(acc_SK)):
             r, t = cVT[i]
-            rX_acc[i] = (sV[t, r].to(Float32) - sF[0, t] * acc_SK[i]).to(io)
+            rX_acc[i] = (sV[t, col + r].to(Float32) - sF[0, t] * acc_SK[i]).to(io)
             acc_O[i] = acc_O[i] * sF[1, t]
         cute.arch.sync_threads()  # every thread is past its reads of v
         if has_next:
-            load_rows(io, ROWS, CHAIN_THREADS, mV, sV, next_tok0, eos, hv, v0, tidx)
+            load_rows(io, WG_ROWS * wgs, 128 * wgs, mV, sV, next_tok0, eos, hv, c0, tidx)
         cute.arch.cp_async_commit_group()
         # U[v, n] = sum_s X[v, s] T[n, s]
-        acc_U = cute.make_rmem_tensor(thr.partition_shape_C((ROWS, C)), Float32)
+        acc_U = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
         gemm(mma_rs, acc_U, rX, mma_rs.make_fragment_B(thr.partition_B(sT)))
         # O += U P^T and S = f3 S + (U f2_s) K, issued together.
         rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
@@ -589,18 +669,18 @@ class GdnPrefillSm90:
         decay = sF[3, 0]
         for i in cutlass.range_constexpr(cute.size(acc_S)):
             acc_S[i] = acc_S[i] * decay
-        thr_s = mma_state.get_slice(tidx)
+        thr_s = mma_state.get_slice(wg_tidx)
         gemm_issue(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
         gemm_issue(mma_state, acc_S, rUd, mma_state.make_fragment_B(thr_s.partition_B(transpose_view(sK))),
                    accumulate=True)
         warpgroup.commit_group()
         warpgroup.wait_group(0)
-        # O [t, v] into the T tile: this thread's wgmma reading it has completed, other threads' may not
-        # have; sync first.
+        # O [t, v] into the output tile: this thread's wgmma reading T and P have completed, other
+        # threads' may not have; sync first.
         cute.arch.sync_threads()
         for i in cutlass.range_constexpr(cute.size(acc_O)):
             r, t = cVT[i]
-            sT[t, r] = acc_O[i].to(io)
+            sO[t, r] = acc_O[i].to(io)
 
 
 # ================================ shared pieces ================================
@@ -662,47 +742,36 @@ def inclusive_scan_64(sG, lane):
 
 
 @cute.jit
-def invert_blocked(sA, sX, sY, tidx):
-    """sX = (I + A)^-1 for strictly lower-triangular A (fp32, CHUNK x CHUNK), all THREADS threads.
-
-    The 16 x 16 diagonal blocks by forward substitution (a thread per column of a block), then the
-    block sub-diagonals d = 1, 2, 3 in turn: X_ij = -X_ii (sum_{j <= m < i} A_im X_mj), where the
-    inner sum is one dot product over the columns 16 j .. 16 i of A's row. Entries above the
-    diagonal blocks are not written (the caller treats them as zero)."""
-    nb = CHUNK // BLOCK
-    if tidx < CHUNK:
-        b = tidx // BLOCK
-        col = tidx % BLOCK
-        m = cute.make_rmem_tensor(cute.make_layout(BLOCK), Float32)
-        for i in cutlass.range_constexpr(BLOCK):
-            acc = Float32(0.0)
-            if col == i:
-                acc = Float32(1.0)
-            for j in cutlass.range_constexpr(i):
-                acc = acc - sA[b * BLOCK + i, b * BLOCK + j] * m[j]
-            m[i] = acc
-        for i in cutlass.range_constexpr(BLOCK):
-            sX[b * BLOCK + i, b * BLOCK + col] = m[i]
-    cute.arch.sync_threads()
-    r = tidx // BLOCK
+def solve_diagonal_blocks(sA, sD, tidx):
+    """D = (I + A_d)^-1 for the 16 x 16 diagonal blocks of the strictly lower-triangular fp32 A, by
+    forward substitution in fp32 (thread tidx < 64: column tidx % 16 of block tidx // 16), written as
+    fp16 into those blocks of sD."""
+    b = tidx // BLOCK
     col = tidx % BLOCK
-    for d in cutlass.range_constexpr(1, nb):
-        for blk in cutlass.range_constexpr(nb - d):
-            bi = blk + d
-            bj = blk
-            acc = Float32(0.0)
-            for x in cutlass.range_constexpr(bj * BLOCK, bi * BLOCK):
-                acc += sA[bi * BLOCK + r, x] * sX[x, bj * BLOCK + col]
-            sY[bi * BLOCK + r, bj * BLOCK + col] = acc
-        cute.arch.sync_threads()
-        for blk in cutlass.range_constexpr(nb - d):
-            bi = blk + d
-            bj = blk
-            acc = Float32(0.0)
-            for x in cutlass.range_constexpr(BLOCK):
-                acc += sX[bi * BLOCK + r, bi * BLOCK + x] * sY[bi * BLOCK + x, bj * BLOCK + col]
-            sX[bi * BLOCK + r, bj * BLOCK + col] = -acc
-        cute.arch.sync_threads()
+    m = cute.make_rmem_tensor(cute.make_layout(BLOCK), Float32)
+    for i in cutlass.range_constexpr(BLOCK):
+        acc = Float32(0.0)
+        if col == i:
+            acc = Float32(1.0)
+        for j in cutlass.range_constexpr(i):
+            acc = acc - sA[b * BLOCK + i, b * BLOCK + j] * m[j]
+        m[i] = acc
+    for i in cutlass.range_constexpr(BLOCK):
+        sD[b * BLOCK + i, b * BLOCK + col] = m[i].to(Float16)
+
+
+@cute.jit
+def store_tile(sX, gX, tidx, threads: cutlass.Constexpr):
+    """A [CHUNK, CHUNK] 16-bit tile (rows 16-byte aligned) from shared to global memory, 16 bytes per
+    store, by `threads` threads."""
+    for i in cutlass.range_constexpr(CHUNK * CHUNK // 8 // threads):
+        e = tidx + i * threads
+        r = e // (CHUNK // 8)
+        j = e % (CHUNK // 8)
+        frag = cute.make_rmem_tensor(cute.make_layout(8), sX.element_type)
+        cute.autovec_copy(cute.make_tensor((sX[r, None].iterator + j * 8).align(16), cute.make_layout(8)), frag)
+        dst = gX[r, None]
+        cute.autovec_copy(frag, cute.make_tensor((dst.iterator + j * 8).align(16), cute.make_layout(8)))
 
 
 def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
@@ -711,9 +780,9 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
     """Compile the prefill kernels for one key. Tensor-free: never touches a GPU.
 
     The returned tvm-ffi function takes (q, k, v, gate_a, gate_b, A_log, dt_bias, cu_seqlens, state,
-    state_indices, has_initial_state (int8), o, ws_tp, ws_f, scale, profile): ws_tp [rows, HV, 2, 64,
-    64] (io dtype) and ws_f [rows, HV, 4, 64] (fp32) are the workspace with rows >= ws_rows(T, N);
-    profile is None, or (profile builds, benchmarks only) an int64 [HV * N, 8] tensor that receives
+    state_indices, has_initial_state (int8), o, ws_tp, ws_f, scale, wide, profile): ws_tp [rows, HV, 2,
+    64, 64] (io dtype) and ws_f [rows, HV, 4, 64] (fp32) are the workspace with rows >= ws_rows(T, N);
+    wide (int) picks the chain CTA (see use_wide_chain); profile is None, or (profile builds, benchmarks only) an int64 [HV * N, 8] tensor that receives
     per-CTA phase times of the chain kernel.
     """
     reason = can_implement(io_dtype, state_dtype, num_heads, num_v_heads, head_k_dim, head_v_dim, gate_mode,
@@ -765,4 +834,4 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
             if profile else None)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     return cute.compile(op, q, k, v, gate_a, gate_b, a_log, dt_bias, cu, state, indices, has_init, o, ws_tp, ws_f,
-                        Float32(1.0), prof, stream, options="--enable-tvm-ffi")
+                        Float32(1.0), Int32(0), prof, stream, options="--enable-tvm-ffi")
