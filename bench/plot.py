@@ -2,6 +2,7 @@
 
     python bench/plot.py bench/results/decode_H200.json
     python bench/plot.py bench/results/verify_H200.json    # verify (per T) and commit
+    python bench/plot.py bench/results/prefill_H200.json   # prefill: us and TFLOP/s per shape
 """
 
 from __future__ import annotations
@@ -143,10 +144,62 @@ def plot_verify(path: Path) -> Path:
     return out
 
 
+def prefill_table(data: dict) -> str:
+    """Markdown table per head config: us (TFLOP/s) per shape and implementation, and our ratios."""
+    rows = [r for r in data["rows"] if "us" in r]
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    out = []
+    for H, HV in sorted({(r["H"], r["HV"]) for r in rows}, reverse=True):
+        out.append(f"\nH = {H}, HV = {HV}, K = V = 128, fp32 state: microseconds (TFLOP/s)\n")
+        out.append("| tokens x seqs | " + " | ".join(impls) + " | vs FlashInfer | vs FLA |")
+        out.append("|---" * (len(impls) + 3) + "|")
+        shapes = list(dict.fromkeys((r["tokens"], r["seqs"]) for r in rows if (r["H"], r["HV"]) == (H, HV)))
+        for tokens, seqs in shapes:
+            got = {r["impl"]: r for r in rows if (r["H"], r["HV"], r["tokens"], r["seqs"]) == (H, HV, tokens, seqs)}
+            cells = [f"{got[i]['us']:.0f} ({got[i]['tflops']:.0f})" if i in got else "" for i in impls]
+            for base in ("flashinfer", "fla"):
+                ok = "cute_gdn" in got and base in got
+                cells.append(f"{got[base]['us'] / got['cute_gdn']['us']:.2f}x" if ok else "")
+            out.append(f"| {tokens} x {seqs} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot_prefill(path: Path) -> Path:
+    data = json.loads(path.read_text())
+    rows = [r for r in data["rows"] if "us" in r]
+    heads = sorted({(r["H"], r["HV"]) for r in rows}, reverse=True)
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    fig, axes = plt.subplots(1, len(heads), figsize=(6 * len(heads), 4.5), squeeze=False)
+    for ax, (H, HV) in zip(axes[0], heads):
+        shapes = list(dict.fromkeys((r["tokens"], r["seqs"]) for r in rows if (r["H"], r["HV"]) == (H, HV)))
+        width = 0.8 / len(impls)
+        for k, impl in enumerate(impls):
+            vals = []
+            for tokens, seqs in shapes:
+                m = [r for r in rows if (r["H"], r["HV"], r["tokens"], r["seqs"], r["impl"]) ==
+                     (H, HV, tokens, seqs, impl)]
+                vals.append(m[0]["tflops"] if m else 0.0)
+            ax.bar([i + k * width for i in range(len(shapes))], vals, width, label=impl)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))])
+        ax.set_xticklabels([f"{t}x{n}" for t, n in shapes], fontsize=8)
+        ax.set_xlabel("tokens x sequences")
+        ax.set_ylabel("TFLOP/s (bench_prefill FLOP model)")
+        ax.grid(alpha=0.3, axis="y")
+        ax.set_title(f"prefill H={H} HV={HV}, fp32 state, {data['env']['gpu']}", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
 if __name__ == "__main__":
     for p in sys.argv[1:]:
         data = json.loads(Path(p).read_text())
-        if any(r.get("op") == "verify" for r in data["rows"]):
+        if any(r.get("op") == "prefill" for r in data["rows"]):
+            print(plot_prefill(Path(p)))
+            print(prefill_table(data))
+        elif any(r.get("op") == "verify" for r in data["rows"]):
             print(plot_verify(Path(p)))
             print(verify_table(data))
         else:

@@ -50,6 +50,16 @@ except KernelNotCompiledError:
     assert f"loads {KERNELS} compiles 0" in warm.stdout and "frozen" in warm.stdout
 
 
+def test_cli_builds_the_prefill_kernels_where_the_head_dims_allow(tmp_path):
+    """Head dim 128 (what prefill supports): 3 prefill gate variants + 6 decode kernels; head dim 64
+    above builds no prefill."""
+    r = cli("--num-heads", "2", "--num-v-heads", "4", "--head-dim", "128", "--pool-size", "4", "--jobs", "2",
+            cache_dir=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 hit, 9 compiled, 0 failed" in r.stdout
+    assert r.stdout.count(" prefill ") >= 3
+
+
 def test_cli_failure_exits_nonzero(tmp_path):
     r = cli("--num-heads", "2", "--num-v-heads", "4", "--head-dim", "120", "--cache-dir", str(tmp_path),
             cache_dir=tmp_path)

@@ -11,11 +11,10 @@ import cute_gdn
 from cute_gdn import reference
 from cute_gdn.cache import default_cache
 from cute_gdn.ops import prefill_key
-from gdn_inputs import make_pool, make_step_inputs, rel_rms
+from gdn_inputs import TORCH_DTYPES, make_pool, make_step_inputs, rel_rms
 
 pytestmark = pytest.mark.gpu
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 POOL = 40
 MIXED = [1, 2, 63, 64, 65, 127, 1000]
 # The kernel multiplies bf16 operands on tensor cores (as FLA and FlashInfer do): its error against

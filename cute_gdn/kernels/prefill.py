@@ -7,20 +7,25 @@ Two kernels, launched back to back by one compiled function:
    rk_t = 1 / |k_t| and rq_t = scale / |q_t| (the L2 norms folded into per-token factors),
      A[t, s] = beta_t rk_t rk_s (k_t . k_s) exp(G_t - G_s)   s < t     wgmma K K^T (warpgroup 0)
      P[t, s] = rq_t rk_s (q_t . k_s) exp(G_t - G_s)           s <= t    wgmma Q K^T (warpgroup 1)
-     T[n, s] = ((I + A)^-1)[n, s] beta_s                      blocked inverse, fp32
+     T[n, s] = ((I + A)^-1)[n, s] beta_s
+   where (I + A)^-1 = (I + N)^-1 D with D the inverse of its 16 x 16 diagonal blocks (fp32 forward
+   substitution) and N = D A_off strictly block-lower (N^4 = 0), so (I + N)^-1 = I - N + N^2 - N^3:
+   four 64 x 64 x 64 fp16 wgmma products (warpgroup 0),
    and the factors f = (exp(G_t) rk_t, exp(G_t) rq_t, exp(G_last - G_t) rk_t, exp(G_last)). T, P
    (io dtype) and f (fp32) go to a workspace indexed by chunk.
-2. `chain` (one CTA per sequence and value head, sequential over the chunks). The state
-   S = state[state_indices[n], h] ([V, K] fp32) stays in the registers of two warpgroups, each owning
-   64 of its V rows; per chunk, with the raw (unnormalized) q and k as wgmma B operands:
+2. `chain` (one CTA per sequence, value head and 64 or 128 value rows, sequential over the chunks).
+   The CTA's rows of S = state[state_indices[n], h] ([V, K] fp32) stay in the registers of its one or
+   two warpgroups, 64 rows each; per chunk, with the raw (unnormalized) q and k as wgmma B operands:
      SK = S K^T,  O1 = S Q^T                                [v, t]   wgmma RS
      X  = V^T - f0_t SK                                      [v, t]
      U  = X T^T                                              [v, n]
      O  = f1_t O1 + U P^T                                    -> o[t, v]
      S  = f3 S + (U f2_s) K                                  [v, k]
    which is reference.chunk_gated_delta_rule transposed (U is that function's `residual`). The
-   chunk's q, k, v, T, P and f arrive by cp.async, double-buffered: chunk c + 1 is in flight while
-   chunk c computes.
+   chunk's q, k, T, P and f arrive by cp.async, double-buffered: chunk c + 1 is in flight while
+   chunk c computes; v (single buffer) goes in flight as soon as the previous chunk has consumed
+   its own. Narrow CTAs (one warpgroup, two per SM) double the CTAs for calls too small to fill the
+   GPU; wide ones (two warpgroups) share the loads across 128 rows (use_wide_chain).
 
 Why two kernels: the chain is inherently sequential per sequence, so a single long sequence keeps
 only HV CTAs busy; moving every state-independent product and the triangular solve out of it runs
