@@ -238,22 +238,35 @@ def _load(cache: KernelCache, keys: Sequence[KernelKey], allow_compile: bool) ->
     return [cache.get(key, allow_compile=allow_compile) for key in keys]
 
 
-# cache_indices=None means arange(B): one int32 arange per device, grown as needed. Tensors are never
-# freed (a captured CUDA graph may hold one), and none is created for the memo during a capture (it
-# would hold no data until the first replay).
-_IDENTITY: dict[torch.device, torch.Tensor] = {}
-_IDENTITY_KEEP: list[torch.Tensor] = []
+class DeviceVectors:
+    """A constant vector per device, built by make(n, device), memoized and grown as needed; get(n)
+    returns its first n entries. Tensors are never freed (a captured CUDA graph may hold one), and
+    none is created for the memo during a capture (it would hold no data until the first replay)."""
+
+    def __init__(self, make: Callable[[int, torch.device], torch.Tensor], capturing=None):
+        self._make = make
+        self._capturing = capturing or torch.cuda.is_current_stream_capturing
+        self._by_device: dict[torch.device, torch.Tensor] = {}
+        self._keep: list[torch.Tensor] = []
+
+    def get(self, n: int, device: torch.device) -> torch.Tensor:
+        vec = self._by_device.get(device)
+        if vec is None or vec.shape[0] < n:
+            if self._capturing():
+                return self._make(n, device)
+            vec = self._make(max(n, 256), device)
+            self._by_device[device] = vec
+            self._keep.append(vec)
+        return vec[:n]
+
+
+# cache_indices=None means arange(B); prefill's has_initial_state=None means all True (int8 ones).
+_IDENTITY = DeviceVectors(lambda n, device: torch.arange(n, dtype=torch.int32, device=device))
+_ALL_TRUE = DeviceVectors(lambda n, device: torch.ones(n, dtype=torch.int8, device=device))
 
 
 def _identity_indices(batch: int, device: torch.device) -> torch.Tensor:
-    ids = _IDENTITY.get(device)
-    if ids is None or ids.shape[0] < batch:
-        if torch.cuda.is_current_stream_capturing():
-            return torch.arange(batch, dtype=torch.int32, device=device)
-        ids = torch.arange(max(batch, 256), dtype=torch.int32, device=device)
-        _IDENTITY[device] = ids
-        _IDENTITY_KEEP.append(ids)
-    return ids[:batch]
+    return _IDENTITY.get(batch, device)
 
 
 def verify(
@@ -529,22 +542,6 @@ def validate_prefill(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, 
     return mode, bias_dtype
 
 
-_ONES: dict[torch.device, torch.Tensor] = {}
-_ONES_KEEP: list[torch.Tensor] = []
-
-
-def _all_true(n: int, device: torch.device) -> torch.Tensor:
-    """has_initial_state=None: an int8 ones vector (memoized as _identity_indices is)."""
-    ones = _ONES.get(device)
-    if ones is None or ones.shape[0] < n:
-        if torch.cuda.is_current_stream_capturing():
-            return torch.ones(n, dtype=torch.int8, device=device)
-        ones = torch.ones(max(n, 256), dtype=torch.int8, device=device)
-        _ONES[device] = ones
-        _ONES_KEEP.append(ones)
-    return ones[:n]
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -621,7 +618,7 @@ def prefill(
         return out
     if scale is None:
         scale = K ** -0.5
-    init = _all_true(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
+    init = _ALL_TRUE.get(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
     ws_tp, ws_f = prefill_workspace(T, N, HV, q.dtype, q.device)
     wide = int(prefill_kernel.use_wide_chain(N, HV, _num_sms(q.device)))
     try:

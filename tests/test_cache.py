@@ -71,3 +71,31 @@ def test_parallel_compiles_of_one_key_produce_one_object(tmp_path):
 def test_key_names_differ_by_every_field():
     names = {small_key().name, small_key(pool_size=5).name, small_key(gate_mode="precomputed").name}
     assert len(names) == 3
+
+
+def test_device_vectors_grow_memoize_and_stay_out_of_captures():
+    """ops.DeviceVectors (cache_indices=None, has_initial_state=None): one tensor per device, grown
+    when a longer one is asked for, older tensors kept alive, and a fresh unmemoized one while a CUDA
+    graph is being captured."""
+    import torch
+
+    from cute_gdn.ops import DeviceVectors
+
+    capturing = [False]
+    made = []
+
+    def make(n, device):
+        made.append(n)
+        return torch.arange(n, dtype=torch.int32, device=device)
+
+    vecs = DeviceVectors(make, capturing=lambda: capturing[0])
+    cpu = torch.device("cpu")
+    assert torch.equal(vecs.get(3, cpu), torch.arange(3, dtype=torch.int32)) and made == [256]
+    first = vecs.get(10, cpu)
+    assert made == [256] and first.shape == (10,)
+    assert vecs.get(300, cpu).shape == (300,) and made == [256, 300]
+    capturing[0] = True
+    assert vecs.get(500, cpu).shape == (500,) and made == [256, 300, 500]
+    capturing[0] = False
+    assert vecs.get(400, cpu).shape == (400,) and made == [256, 300, 500, 400]
+    assert len(vecs._keep) == 3  # 256, 300 and 400 stay alive; the capture-time one was not memoized

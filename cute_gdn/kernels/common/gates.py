@@ -55,13 +55,5 @@ def gate_decay_beta(
     dt_bias,    # "raw": dt_bias[h];      unused otherwise
 ):
     """Returns (exp(g), beta) for one token and value head, in fp32."""
-    g = Float32(0.0)
-    beta = Float32(0.0)
-    if cutlass.const_expr(gate_mode == "raw"):
-        x = gate_a.to(Float32) + dt_bias.to(Float32)
-        g = -cute.math.exp(a_log.to(Float32)) * softplus(x)
-        beta = Float32(1.0) / (Float32(1.0) + cute.math.exp(-gate_b.to(Float32)))
-    else:
-        g = gate_a.to(Float32)
-        beta = gate_b.to(Float32)
+    g, beta = gate_log_decay_beta(gate_mode, gate_a, gate_b, a_log, dt_bias)
     return cute.math.exp(g), beta
