@@ -116,9 +116,10 @@ class GdnPrefillSm90:
         self.V = head_v_dim
         self.gate_mode = gate_mode
         self.use_qk_l2norm = use_qk_l2norm
-        # Benchmarks only: parts = "aux" / "chain" launches one of the two kernels; profile=True makes
-        # thread 0 of each chain CTA sum the wall time (%globaltimer, ns) of the chunk phases into
-        # mProfile[cta, phase]: 0 wait for loads, 1 state chain, 2 output store; [cta, 7] = chunks.
+        # Benchmarks only: parts = "aux" / "chain" launches one of the two kernels. profile=True with
+        # parts="chain" makes thread 0 of each chain CTA sum the wall time (%globaltimer, ns) of the
+        # chunk phases into mProfile[cta, phase]: 0 wait for loads, 1 state chain, 2 output store,
+        # 3 loop barrier, 4 issuing loads; [cta, 7] = chunks. With parts="aux", see aux_mark.
         self.parts = parts
         self.profile = profile
 
