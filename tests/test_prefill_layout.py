@@ -1,0 +1,64 @@
+"""The prefill workspace indexing (pure Python, no GPU): chunk c of sequence n lives at row
+cu_seqlens[n] // 64 + n + c; rows must be distinct and below ws_rows(T, N) for any lengths, and
+the aux kernel's search (the largest n with cu[n] // 64 + n <= row) must find the owner back."""
+
+import random
+
+import pytest
+
+from cute_gdn.kernels.prefill import CHUNK, use_wide_chain, ws_rows
+
+
+def _rows(lengths):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    owner = {}
+    for n, length in enumerate(lengths):
+        for c in range((length + CHUNK - 1) // CHUNK):
+            row = cu[n] // CHUNK + n + c
+            assert row not in owner, (lengths, n, c)
+            owner[row] = (n, c)
+    return cu, owner
+
+
+def _search(cu, row):
+    """The aux kernel's binary search, in Python."""
+    N = len(cu) - 1
+    lo, hi = 0, N
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cu[mid] // CHUNK + mid <= row:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_chunk_rows_are_distinct_in_range_and_found_back(seed):
+    rng = random.Random(seed)
+    N = rng.choice([1, 2, 3, 7, 33, 200])
+    lengths = [rng.choice([0, 1, 2, 63, 64, 65, 127, 128, 129, rng.randrange(1, 3000)]) for _ in range(N)]
+    cu, owner = _rows(lengths)
+    rows = ws_rows(cu[-1], N)
+    assert all(r < rows for r in owner)
+    for row in range(rows):
+        n = _search(cu, row)
+        c = row - (cu[n] // CHUNK + n)
+        if row in owner:
+            assert (n, c) == owner[row]
+        else:  # an unused row: the kernel's CTA finds no chunk there and exits
+            assert not (0 <= c and cu[n] + c * CHUNK < cu[n + 1])
+
+
+def test_ws_rows_is_tight_for_worst_case_lengths():
+    # Each sequence adds at most one partial chunk: T // 64 + N + 1 rows always suffice.
+    for lengths in ([1] * 50, [65] * 10, [63, 1, 63, 1], [64] * 4, [8192], [0, 0, 5]):
+        _, owner = _rows(lengths)
+        assert max(owner, default=-1) < ws_rows(sum(lengths), len(lengths))
+
+
+def test_wide_chain_once_the_ctas_fill_the_gpu():
+    assert not use_wide_chain(1, 32, 132) and use_wide_chain(8, 32, 132) and use_wide_chain(5, 32, 132) is True
+    assert not use_wide_chain(4, 32, 132)
