@@ -51,10 +51,11 @@ def make_inputs(tokens, seqs, H, HV):
                 has_init=has_init, g=g.contiguous(), beta=beta.contiguous(), o=torch.empty_like(v))
 
 
-def prefill_key(H, HV, seqs_pool):
+def prefill_key(H, HV, seqs_pool, **build):
+    """The benchmarked kernel's key; `build` adds the benchmark-only parts/profile options."""
     return KernelKey.make("prefill", io_dtype="bfloat16", state_dtype="float32", num_heads=H, num_v_heads=HV,
                           head_k_dim=D, head_v_dim=D, pool_size=seqs_pool, gate_mode="raw", dt_bias_dtype="float32",
-                          use_qk_l2norm=True)
+                          use_qk_l2norm=True, **build)
 
 
 def cute_call(x, H, HV):

@@ -16,18 +16,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_prefill import D, cute_call, make_inputs, time_cold  # noqa: E402
+from bench_prefill import D, cute_call, make_inputs, prefill_key, time_cold  # noqa: E402
 from cute_gdn import ops  # noqa: E402
-from cute_gdn.cache import KernelKey, default_cache  # noqa: E402
+from cute_gdn.cache import default_cache  # noqa: E402
 
 PHASES = ("wait for loads", "state chain", "output store", "barrier", "issue loads")
 AUX_PHASES = ("issue loads, gates", "loads landed", "products, norms, scan", "epilogues", "inverse", "T/P stores")
 
 
 def part_key(H, HV, seqs, parts, profile=False):
-    return KernelKey.make("prefill", io_dtype="bfloat16", state_dtype="float32", num_heads=H, num_v_heads=HV,
-                          head_k_dim=D, head_v_dim=D, pool_size=seqs, gate_mode="raw", dt_bias_dtype="float32",
-                          use_qk_l2norm=True, parts=parts, profile=profile)
+    return prefill_key(H, HV, seqs, parts=parts, profile=profile)
 
 
 def aux_phases(H, HV, seqs, args_, ws_rows):

@@ -584,9 +584,8 @@ def prefill(
     kcache = _cache or default_cache()
     args = (q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state, out)
     raw = g is None
-    if raw != (beta is None) or raw == (a is None) or raw == (b is None) or raw == (A_log is None) \
-            or raw == (dt_bias is None):
-        validate_prefill(*args)  # not exactly one gate set: raises
+    if not _one_gate_set(raw, a, b, A_log, dt_bias, beta):
+        validate_prefill(*args)  # raises
     try:
         _, T, H, K = q.shape
         HV, V = v.shape[2], v.shape[3]

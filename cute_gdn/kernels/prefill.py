@@ -208,13 +208,13 @@ class GdnPrefillSm90:
                             mProfile, mma_ss, mma_inv_ss, mma_inv_rs, sQK_layout, sInv_layout).launch(
                 grid=(mWsTP.shape[0], self.num_v_heads, 1), block=(THREADS, 1, 1), stream=stream)
         if cutlass.const_expr(self.parts != "aux"):
+            chain_args = (mQ, mK, mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsTP, mWsF, mProfile, mma_rs,
+                          mma_state, sQK_layout)
             if wide != 0:
-                self.chain_kernel(mQ, mK, mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsTP, mWsF, mProfile,
-                                  mma_rs, mma_state, sQK_layout, sV_layouts[1], sTP_layout, 2).launch(
+                self.chain_kernel(*chain_args, sV_layouts[1], sTP_layout, 2).launch(
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(256, 1, 1), stream=stream)
             else:
-                self.chain_kernel(mQ, mK, mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsTP, mWsF, mProfile,
-                                  mma_rs, mma_state, sQK_layout, sV_layouts[0], sTP_layout, 1).launch(
+                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, 1).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream)
 
     # ================================ aux: one chunk, all of it off the state ================================
