@@ -22,8 +22,8 @@ Two kernels, launched back to back by one compiled function:
      O  = f1_t O1 + U P^T                                    -> o[t, v]
      S  = f3 S + (U f2_s) K                                  [v, k]
    which is reference.chunk_gated_delta_rule transposed (U is that function's `residual`). The
-   chunk's q, k, T, P and f arrive by cp.async, double-buffered: chunk c + 1 is in flight while
-   chunk c computes; v (single buffer) goes in flight as soon as the previous chunk has consumed
+   chunk's q, k, T, P (TMA, warp 0, one mbarrier per stage) and f (cp.async) are double-buffered:
+   chunk c + 1 is in flight while chunk c computes; v (single buffer, cp.async) goes in flight as soon as the previous chunk has consumed
    its own. Narrow CTAs (one warpgroup, two per SM) double the CTAs for calls too small to fill the
    GPU; wide ones (two warpgroups) share the loads across 128 rows (use_wide_chain).
 
@@ -48,7 +48,7 @@ import cutlass
 import cutlass.cute as cute
 import cutlass.utils.hopper_helpers as sm90_utils
 from cutlass import Float16, Float32, Int32
-from cutlass.cute.nvgpu import OperandMajorMode, warpgroup
+from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from .common.dtypes import cutlass_dtype
@@ -178,6 +178,7 @@ class GdnPrefillSm90:
             sTP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sTP_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layouts[0])], 1024]
             sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
+            mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 2], 8]  # TMA arrival, per stage
 
         @cute.struct
         class ChainStorage2:
@@ -186,6 +187,7 @@ class GdnPrefillSm90:
             sTP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sTP_layout)], 1024]
             sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layouts[1])], 1024]
             sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
+            mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 2], 8]  # TMA arrival, per stage
 
         assert 2 * C * (C + 8) * io.width // 8 <= cute.cosize(sQK_layout) * io.width // 8
         self.aux_storage = AuxStorage
@@ -202,14 +204,25 @@ class GdnPrefillSm90:
                                                    (1, 1, 1), (64, C), warpgroup.OperandSource.RMEM)
         mma_state = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
                                                       (1, 1, 1), (64, K), warpgroup.OperandSource.RMEM)
+        # TMA for the chain's q, k (per head: (T, K) tiles of (C, K) at any token offset) and T, P tiles.
+        tma_op = cpasync.CopyBulkTensorTileG2SOp()
+        qk_tile = cute.select(sQK_layout, mode=[0, 1])
+        tma_q, tma_tensor_q = cpasync.make_tiled_tma_atom(
+            tma_op, cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[1, 3, 2])), qk_tile, (C, K))
+        tma_k, tma_tensor_k = cpasync.make_tiled_tma_atom(
+            tma_op, cute.make_tensor(mK.iterator, cute.select(mK.layout, mode=[1, 3, 2])), qk_tile, (C, K))
+        tma_tp, tma_tensor_tp = cpasync.make_tiled_tma_atom(
+            tma_op, cute.make_tensor(mWsTP.iterator, cute.select(mWsTP.layout, mode=[3, 4, 2, 1, 0])),
+            cute.select(sTP_layout, mode=[0, 1]), (C, C))
+        tma = (tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp)
         num_seqs = mIndices.shape[0]
         if cutlass.const_expr(self.parts != "chain"):
             self.aux_kernel(mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, scale,
                             mProfile, mma_ss, mma_inv_ss, mma_inv_rs, sQK_layout, sInv_layout).launch(
                 grid=(mWsTP.shape[0], self.num_v_heads, 1), block=(THREADS, 1, 1), stream=stream)
         if cutlass.const_expr(self.parts != "aux"):
-            chain_args = (mQ, mK, mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsTP, mWsF, mProfile, mma_rs,
-                          mma_state, sQK_layout)
+            chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mProfile, *tma, mma_rs, mma_state,
+                          sQK_layout)
             if wide != 0:
                 self.chain_kernel(*chain_args, sV_layouts[1], sTP_layout, 2).launch(
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(256, 1, 1), stream=stream)
@@ -323,19 +336,32 @@ class GdnPrefillSm90:
             stamp = self.aux_mark(mProfile, row, hv, 2, stamp)
 
             cC = thr.partition_C(cute.make_identity_tensor((C, C)))
+            # Gate and scale the products in registers first: with no shared-memory store in between,
+            # the per-row and per-column factor loads are shared among the fragment's elements.
             if wg == 0:
-                # A: its diagonal 16 x 16 blocks (fp32) for the forward substitution, the blocks below
-                # them (fp16, zeros elsewhere) for the tensor-core part of the inverse.
                 for i in cutlass.range_constexpr(cute.size(acc)):
                     t, s = cC[i]
                     val = Float32(0.0)
                     if s < t:
                         val = (sBeta[t] * sRK[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
+                    acc[i] = val
+            else:
+                for i in cutlass.range_constexpr(cute.size(acc)):
+                    t, s = cC[i]
+                    val = Float32(0.0)
+                    if s <= t:
+                        val = (sRQ[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
+                    acc[i] = val
+            if wg == 0:
+                # A: its diagonal 16 x 16 blocks (fp32) for the forward substitution, the blocks below
+                # them (fp16, zeros elsewhere) for the tensor-core part of the inverse.
+                for i in cutlass.range_constexpr(cute.size(acc)):
+                    t, s = cC[i]
                     off = Float32(0.0)
                     if t // BLOCK == s // BLOCK:
-                        sA[t, s] = val
+                        sA[t, s] = acc[i]
                     else:
-                        off = val
+                        off = acc[i]
                     sAoff[t, s] = off.to(Float16)
             else:
                 for i in cutlass.range_constexpr(C * C // 128):
@@ -343,10 +369,7 @@ class GdnPrefillSm90:
                     sD[e // C, e % C] = Float16(0.0)
                 for i in cutlass.range_constexpr(cute.size(acc)):
                     t, s = cC[i]
-                    val = Float32(0.0)
-                    if s <= t:
-                        val = (sRQ[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
-                    sP[t, s] = val.to(sP.element_type)
+                    sP[t, s] = acc[i].to(sP.element_type)
             if tidx < C:
                 g_t = sG[tidx]
                 g_last = sG[C - 1]
@@ -455,17 +478,20 @@ class GdnPrefillSm90:
     @cute.kernel
     def chain_kernel(
         self,
-        mQ: cute.Tensor,
-        mK: cute.Tensor,
         mV: cute.Tensor,
         mCuSeqlens: cute.Tensor,
         mState: cute.Tensor,
         mIndices: cute.Tensor,
         mHasInit: cute.Tensor,
         mO: cute.Tensor,
-        mWsTP: cute.Tensor,
         mWsF: cute.Tensor,
         mProfile: Optional[cute.Tensor],
+        tma_q: cute.CopyAtom,
+        tma_tensor_q: cute.Tensor,
+        tma_k: cute.CopyAtom,
+        tma_tensor_k: cute.Tensor,
+        tma_tp: cute.CopyAtom,
+        tma_tensor_tp: cute.Tensor,
         mma_rs: cute.TiledMma,
         mma_state: cute.TiledMma,
         sQK_layout: cute.ComposedLayout,
@@ -474,9 +500,9 @@ class GdnPrefillSm90:
         wgs: cutlass.Constexpr,
     ):
         """CTA (hv, n, z) of `wgs` warpgroups: value rows z * 64 * wgs .. (z + 1) * 64 * wgs of sequence
-        n's state, 64 per warpgroup. cp.async groups: chunk c + 1's q, k, T, P, f are issued at the top
-        of chunk c (double-buffered); the single v tile of chunk c + 1 once chunk c has consumed its own
-        (after X)."""
+        n's state, 64 per warpgroup. Chunk c + 1's q, k, T and P (TMA, one mbarrier per stage) and its
+        factors (cp.async) are issued at the top of chunk c (double-buffered); the single v tile of
+        chunk c + 1 (cp.async, zero past the sequence end) once chunk c has consumed its own (after X)."""
         C, K = CHUNK, self.K
         threads = 128 * wgs
         tidx, _, _ = cute.arch.thread_idx()
@@ -497,6 +523,23 @@ class GdnPrefillSm90:
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)[None, None, 0]
         sTPs = storage.sTP.get_tensor(sTP_layout.outer, swizzle=sTP_layout.inner)
         sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, 2), stride=(C, 1, NUM_FACTORS * C)))
+        mbar = storage.mbar.data_ptr()
+        if tidx == 0:
+            cpasync.prefetch_descriptor(tma_q)
+            cpasync.prefetch_descriptor(tma_k)
+            cpasync.prefetch_descriptor(tma_tp)
+            cute.arch.mbarrier_init(mbar, 1)
+            cute.arch.mbarrier_init(mbar + 1, 1)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()
+        # The sequence's chunks of q and k for TMA: (C, K, chunk) coordinate tiles from token bos on.
+        gQ = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_q)[None, None, hk], (C, K), (None, 0))
+        gK = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_k)[None, None, hk], (C, K), (None, 0))
+        tQs, tQg = cpasync.tma_partition(tma_q, 0, cute.make_layout(1), cute.group_modes(sQs, 0, 2),
+                                         cute.group_modes(gQ, 0, 2))
+        tKs, tKg = cpasync.tma_partition(tma_k, 0, cute.make_layout(1), cute.group_modes(sKs, 0, 2),
+                                         cute.group_modes(gK, 0, 2))
+        loads = (tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar)
 
         # The warpgroup's 64 rows of S, [64, K] fp32 accumulator of mma_state.
         thr_state = mma_state.get_slice(wg_tidx)
@@ -507,8 +550,7 @@ class GdnPrefillSm90:
             self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, v0)
             num_chunks = (eos - bos + C - 1) // C
             if num_chunks > 0:
-                self.issue_chunk_loads(mQ, mK, mWsTP, mWsF, sQs, sKs, sTPs, sFs, bos, eos, ws_row0, 0, hk, hv,
-                                       threads, tidx)
+                self.issue_chunk_loads(loads, mWsF, sTPs, sFs, 0, ws_row0, 0, hv, tidx)
                 load_rows(self.io_dtype, WG_ROWS * wgs, threads, mV, sV, bos, eos, hv, c0, tidx)
             cute.arch.cp_async_commit_group()
             prof = cute.make_rmem_tensor(cute.make_layout(5), cutlass.Int64)
@@ -523,11 +565,18 @@ class GdnPrefillSm90:
                 cute.arch.sync_threads()  # chunk c - 1 is done with stage 1 - stage
                 stamp = self.mark(prof, 3, stamp)
                 if c + 1 < num_chunks:
-                    self.issue_chunk_loads(mQ, mK, mWsTP, mWsF, sQs, sKs, sTPs, sFs, tok0 + C, eos,
-                                           ws_row0 + c + 1, 1 - stage, hk, hv, threads, tidx)
+                    self.issue_chunk_loads(loads, mWsF, sTPs, sFs, c + 1, ws_row0 + c + 1, 1 - stage, hv, tidx)
                 cute.arch.cp_async_commit_group()
                 stamp = self.mark(prof, 4, stamp)
-                cute.arch.cp_async_wait_group(1)  # all of chunk c has landed; chunk c + 1 may be in flight
+                cute.arch.cp_async_wait_group(1)  # chunk c's factors and v have landed
+                cute.arch.mbarrier_wait(mbar + stage, (c // 2) % 2)  # and its q, k, T, P
+                if valid < C:
+                    # k rows past the sequence end hold the next sequence's tokens (or TMA zeros): zero
+                    # them, so that only exact zeros meet them in the state update.
+                    for i in cutlass.range_constexpr(C * K // threads):
+                        e = tidx + i * threads
+                        if e // K >= valid:
+                            sKs[e // K, e % K, stage] = Float32(0.0).to(self.io_dtype)
                 cute.arch.fence_view_async_shared()
                 cute.arch.sync_threads()
                 stamp = self.mark(prof, 0, stamp)
@@ -538,6 +587,7 @@ class GdnPrefillSm90:
                 cute.arch.sync_threads()  # the output tiles are complete
                 stamp = self.mark(prof, 1, stamp)
                 self.store_output(sTPs, stage, mO, tok0, valid, hv, c0, wgs, tidx)
+                cute.arch.fence_view_async_shared()  # generic accesses of this stage before its next TMA fill
                 stamp = self.mark(prof, 2, stamp)
             if cutlass.const_expr(self.profile and self.parts == "chain"):
                 if tidx == 0:
@@ -581,24 +631,25 @@ class GdnPrefillSm90:
             mO[0, t, hv, c0 + tidx % (WG_ROWS * wgs)] = Float32(0.0).to(mO.element_type)
 
     @cute.jit
-    def issue_chunk_loads(self, mQ, mK, mWsTP, mWsF, sQs, sKs, sTPs, sFs, tok0, eos, ws_row, stage, hk, hv,
-                          threads: cutlass.Constexpr, tidx):
-        """cp.async of the chunk's q and k rows (zero past the sequence end), its T and P tiles and its
-        factors into shared-memory stage `stage`."""
-        io = self.io_dtype
-        load_rows(io, self.K, threads, mQ, sQs[None, None, stage], tok0, eos, hk, 0, tidx)
-        load_rows(io, self.K, threads, mK, sKs[None, None, stage], tok0, eos, hk, 0, tidx)
-        atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL), io,
-                                   num_bits_per_copy=128)
-        for which in cutlass.range_constexpr(2):
-            dst_tile = sTPs[None, None, 2 * stage + which]
-            for i in cutlass.range_constexpr(CHUNK * CHUNK // 8 // threads):
-                e = tidx + i * threads
-                r = e // (CHUNK // 8)
-                j = e % (CHUNK // 8)
-                tile_src = mWsTP[ws_row, hv, which, r, None]
-                cute.copy(atom, cute.make_tensor((tile_src.iterator + j * 8).align(16), cute.make_layout(8)),
-                          cute.local_tile(dst_tile, (1, 8), (r, j))[0, None])
+    def issue_chunk_loads(self, loads, mWsF, sTPs, sFs, chunk, ws_row, stage, hv, tidx):
+        """Chunk `chunk` (of the sequence) into shared-memory stage `stage`: q, k, T and P by TMA (warp 0;
+        thread 0 arrives on the stage's mbarrier with the byte count), the factors by cp.async (the
+        caller commits the group)."""
+        tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar = loads
+        C = CHUNK
+        if tidx < 32:
+            # The whole warp: each TMA copy elects one lane (elect.sync over the full warp), so it must
+            # not be called from a single-thread branch.
+            if tidx == 0:
+                nbytes = (2 * C * self.K + 2 * C * C) * (self.io_dtype.width // 8)
+                cute.arch.mbarrier_arrive_and_expect_tx(mbar + stage, nbytes)
+            cute.copy(tma_q, tQg[None, chunk], tQs[None, stage], tma_bar_ptr=mbar + stage)
+            cute.copy(tma_k, tKg[None, chunk], tKs[None, stage], tma_bar_ptr=mbar + stage)
+            for which in cutlass.range_constexpr(2):
+                s_tile, g_tile = cpasync.tma_partition(
+                    tma_tp, 0, cute.make_layout(1), cute.group_modes(sTPs[None, None, 2 * stage + which], 0, 2),
+                    cute.group_modes(tma_tensor_tp[None, None, which, hv, ws_row], 0, 2))
+                cute.copy(tma_tp, g_tile, s_tile, tma_bar_ptr=mbar + stage)
         f_atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
                                      Float32, num_bits_per_copy=128)
         if tidx < NUM_FACTORS * CHUNK // 4:
