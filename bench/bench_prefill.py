@@ -52,7 +52,7 @@ def make_inputs(tokens, seqs, H, HV):
 
 
 def prefill_key(H, HV, seqs_pool, **build):
-    """The benchmarked kernel's key; `build` adds the benchmark-only parts/profile options."""
+    """The benchmarked kernel's key; `build` adds the benchmark-only profile option."""
     return KernelKey.make("prefill", io_dtype="bfloat16", state_dtype="float32", num_heads=H, num_v_heads=HV,
                           head_k_dim=D, head_v_dim=D, pool_size=seqs_pool, gate_mode="raw", dt_bias_dtype="float32",
                           use_qk_l2norm=True, **build)

@@ -1,6 +1,7 @@
-"""Where prefill's time goes: the aux kernel and the chain kernel timed on their own (cold L2,
-median of 10), and, from a profile build of the chain kernel, the wall time (%globaltimer) of each
-phase of its chunk loop per CTA, as the mean per chunk.
+"""Where prefill's time goes: the whole call (as ops.prefill runs it, and with the two kernels
+one after the other on one stream), the aux kernel and the chain kernel timed on their own (cold L2,
+median of 10), and, from a profile build, the wall time (%globaltimer) of each phase of the chain's
+chunk loop (mean per chunk) and of the aux kernel (mean per CTA).
 
     python bench/profile_prefill.py [--shapes 8192x1,32768x16] [--heads 16/32]
 """
@@ -22,19 +23,7 @@ from cute_gdn.cache import default_cache  # noqa: E402
 
 PHASES = ("wait for loads", "state chain", "output store", "barrier", "issue loads")
 AUX_PHASES = ("issue loads, gates", "loads landed", "products, norms, scan", "epilogues", "inverse", "T/P stores")
-
-
-def part_key(H, HV, seqs, parts, profile=False):
-    return prefill_key(H, HV, seqs, parts=parts, profile=profile)
-
-
-def aux_phases(H, HV, seqs, args_, ws_rows):
-    """Mean per-CTA phase times (us) of the aux kernel's profile build."""
-    prof = torch.zeros(ws_rows * HV, 8, dtype=torch.int64, device="cuda")
-    default_cache().get(part_key(H, HV, seqs, "aux", True))(*args_(prof))
-    torch.cuda.synchronize()
-    live = prof[prof[:, :6].sum(1) > 0, :6]
-    return live.double().mean(0) / 1e3
+AUX, CHAIN, BOTH = 1, 2, 3  # the compiled function's `launch` argument
 
 
 def main():
@@ -44,28 +33,31 @@ def main():
     args = ap.parse_args()
     heads = [tuple(int(x) for x in hh.split("/")) for hh in args.heads.split(",")]
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
-    default_cache().compile(sorted({part_key(H, HV, n, p, p == "chain") for H, HV in heads for _, n in shapes
-                                    for p in ("aux", "chain")} | {part_key(H, HV, n, "aux", True) for H, HV in heads for _, n in shapes}, key=lambda k: k.name), jobs=16)
+    default_cache().compile(sorted({prefill_key(H, HV, n, profile=p) for H, HV in heads for _, n in shapes
+                                    for p in (False, True)}, key=lambda k: k.name), jobs=16)
     for H, HV in heads:
         for tokens, seqs in shapes:
             x = make_inputs(tokens, seqs, H, HV)
             full = cute_call(x, H, HV)
             full()
-            ws_tp, ws_f = ops.prefill_workspace(tokens, seqs, HV, x["q"].dtype, x["q"].device)
-            args_ = lambda p, wide=0: (x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"],  # noqa: E731
-                                       x["cu"], x["pool"], x["slots"], x["has_init"].view(torch.int8), x["o"], ws_tp,
-                                       ws_f, D ** -0.5, wide, p)
-            aux = default_cache().get(part_key(H, HV, seqs, "aux"))
-            chain = default_cache().get(part_key(H, HV, seqs, "chain", True))
-            aux(*args_(None))
+            ws = ops.prefill_workspace(tokens, seqs, HV, x["q"].dtype, x["q"].device)
+            call = lambda launch, wide=0, prof=None: (  # noqa: E731
+                x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], x["cu"], x["pool"], x["slots"],
+                x["has_init"].view(torch.int8), x["o"], *ws, D ** -0.5, wide, launch, 0, prof)
+            fn = default_cache().get(prefill_key(H, HV, seqs))
+            fn_prof = default_cache().get(prefill_key(H, HV, seqs, profile=True))
+            wide_used = int(ops.prefill_kernel.use_wide_chain(seqs, HV, ops._num_sms(x["q"].device)))
+            overlap = ops.prefill_kernel.use_overlap(seqs, HV, D, ops._num_sms(x["q"].device))
+            fn(*call(AUX))
             t_full = time_cold(full)
-            t_aux = time_cold(lambda: aux(*args_(None)))
-            line = f"H={H} HV={HV} {tokens}x{seqs}: full {t_full:.1f} us = aux {t_aux:.1f} + chain"
+            t_serial = time_cold(lambda: fn(*call(BOTH, wide_used)))
+            t_aux = time_cold(lambda: fn(*call(AUX)))
+            line = (f"H={H} HV={HV} {tokens}x{seqs}: ops.prefill {t_full:.1f} us (overlap={overlap}); "
+                    f"one stream {t_serial:.1f} us = aux {t_aux:.1f} + chain")
             for wide in (0, 1):
                 prof = torch.zeros(HV * seqs * 2, 8, dtype=torch.int64, device="cuda")
-                t_chain = time_cold(lambda: chain(*args_(prof, wide)))
-                prof.zero_()
-                chain(*args_(prof, wide))
+                t_chain = time_cold(lambda: fn(*call(CHAIN, wide)))
+                fn_prof(*call(CHAIN, wide, prof))
                 torch.cuda.synchronize()
                 chunks = prof[:, 7].sum().item()
                 per_chunk = prof[:, :5].sum(0).double() / max(chunks, 1) / 1e3
@@ -73,9 +65,13 @@ def main():
                          + ", ".join(f"{name} {t:.2f}" for name, t in zip(PHASES, per_chunk.tolist()))
                          + f"; total {per_chunk.sum().item():.2f}")
             print(line, flush=True)
-            aux_t = aux_phases(H, HV, seqs, args_, ws_tp.shape[0])
+            prof = torch.zeros(ws[0].shape[0] * HV, 8, dtype=torch.int64, device="cuda")
+            fn_prof(*call(AUX, 0, prof))
+            torch.cuda.synchronize()
+            aux_t = prof[prof[:, :6].sum(1) > 0, :6].double().mean(0) / 1e3
             print("    aux per CTA (us): " + ", ".join(f"{name} {t:.2f}" for name, t in zip(AUX_PHASES, aux_t.tolist()))
                   + f"; total {aux_t.sum().item():.2f}", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -547,14 +547,24 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def prefill_workspace(tokens: int, num_seqs: int, num_v_heads: int, dtype: torch.dtype,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-call workspace of prefill: T and P tiles (io dtype) and the per-token factors (fp32)
-    of every chunk, 17 KiB per chunk and value head at bf16 (see kernels/prefill.py)."""
+def prefill_workspace(tokens: int, num_seqs: int, num_v_heads: int, dtype: torch.dtype, device: torch.device,
+                      zero_flags: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-call workspace of prefill: T and P tiles (io dtype), the per-token factors (fp32) and a
+    ready flag (int32) of every chunk, 17 KiB per chunk and value head at bf16 (see kernels/prefill.py).
+    The flags need zeros only when the aux and chain kernels run concurrently."""
     rows = prefill_kernel.ws_rows(tokens, num_seqs)
     C = prefill_kernel.CHUNK
+    flags = (torch.zeros if zero_flags else torch.empty)(rows, num_v_heads, dtype=torch.int32, device=device)
     return (torch.empty(rows, num_v_heads, 2, C, C, dtype=dtype, device=device),
-            torch.empty(rows, num_v_heads, prefill_kernel.NUM_FACTORS, C, dtype=torch.float32, device=device))
+            torch.empty(rows, num_v_heads, prefill_kernel.NUM_FACTORS, C, dtype=torch.float32, device=device),
+            flags)
+
+
+@functools.lru_cache(maxsize=None)
+def _chain_stream(device_index: int) -> torch.cuda.Stream:
+    """A high-priority stream per device for the chain kernel of an overlapped prefill, so that its
+    CTAs are placed ahead of the aux kernel's as SMs free up."""
+    return torch.cuda.Stream(device=device_index, priority=-1)
 
 
 def prefill(
@@ -618,15 +628,25 @@ def prefill(
     if scale is None:
         scale = K ** -0.5
     init = _ALL_TRUE.get(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
-    ws_tp, ws_f = prefill_workspace(T, N, HV, q.dtype, q.device)
-    wide = int(prefill_kernel.use_wide_chain(N, HV, _num_sms(q.device)))
+    sms = _num_sms(q.device)
+    wide = int(prefill_kernel.use_wide_chain(N, HV, sms))
+    overlap = prefill_kernel.use_overlap(N, HV, V, sms)
+    ws = prefill_workspace(T, N, HV, q.dtype, q.device, zero_flags=overlap)
+    gates = (a, b, A_log, dt_bias) if raw else (g, beta, None, None)
+    call = (q, k, v, *gates, cu_seqlens, state, state_indices, init, out, *ws, scale, wide)
     try:
-        if raw:
-            fn(q, k, v, a, b, A_log, dt_bias, cu_seqlens, state, state_indices, init, out, ws_tp, ws_f, scale, wide,
-               None)
+        if not overlap:
+            fn(*call, 3, 0, None)
         else:
-            fn(q, k, v, g, beta, None, None, cu_seqlens, state, state_indices, init, out, ws_tp, ws_f, scale, wide,
-               None)
+            # The aux kernel on the caller's stream, the chain concurrently on a high-priority one,
+            # waiting for each chunk's flag; the caller's stream then waits for the chain.
+            current = torch.cuda.current_stream(q.device)
+            side = _chain_stream(q.device.index)
+            side.wait_stream(current)
+            fn(*call, 1, 1, None)
+            with torch.cuda.stream(side):
+                fn(*call, 2, 1, None)
+            current.wait_stream(side)
     except (ValueError, TypeError):
         validate_prefill(*args)
         raise

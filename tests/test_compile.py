@@ -174,6 +174,13 @@ compile_prefill(io_dtype="bfloat16", state_dtype="float32", num_heads=2, num_v_h
     assert "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16" in ptx
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n64k16") >= 8 + 8 + 8 + 4 + 4
     assert ptx.count("wgmma.mma_async.sync.aligned.m64n128k16") >= 4
+    # The chain's q, k, T and P arrive by TMA (3D for q and k, 5D for the workspace tiles).
+    assert "cp.async.bulk.tensor.3d.shared::cta.global" in ptx
+    assert "cp.async.bulk.tensor.5d.shared::cta.global" in ptx
+    # The aux kernel publishes each chunk (release) and an overlapped chain waits for it (acquire),
+    # then orders its TMA reads after the other kernel's generic stores.
+    assert "st.release.gpu.global.b32" in ptx and "ld.acquire.gpu.global.b32" in ptx
+    assert "fence.proxy.async.global" in ptx
 
 
 @pytest.mark.parametrize("K,V", [(64, 64), (128, 64), (256, 256)])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import cute_gdn
-from cute_gdn import reference
+from cute_gdn import ops, reference
 from cute_gdn.cache import default_cache
 from cute_gdn.ops import prefill_key
 from gdn_inputs import TORCH_DTYPES, make_pool, make_step_inputs, rel_rms
@@ -190,9 +190,36 @@ def test_prefill_cuda_graph_replay_matches_eager():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         cute_gdn.prefill(**inputs, cu_seqlens=cu, state=graph_pool, state_indices=slots, out=out)
-    graph.replay()
+    for _ in range(2):  # the second replay starts from re-zeroed chunk flags, like the first
+        graph_pool.copy_(pool0)
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager_o) and torch.equal(graph_pool, eager_pool)
+
+
+def test_prefill_overlapped_and_serial_launches_agree_bitwise():
+    # ops.prefill runs few-sequence calls as two concurrent kernels (the chain waits on per-chunk
+    # flags, kernels/prefill.use_overlap); one after the other on one stream they must give the same bits.
+    torch.manual_seed(6)
+    lengths = [300, 1, 64, 5000]
+    H, HV, N, T = 2, 4, 4, 5365
+    assert ops.prefill_kernel.use_overlap(N, HV, 128, ops._num_sms(torch.device("cuda")))
+    inputs = make_step_inputs(1, T, H, HV, 128, 128)
+    pool0 = make_pool(POOL, HV, 128, 128, torch.float32)
+    slots = torch.randperm(POOL, device="cuda")[:N].to(torch.int32)
+    cu = _cu(lengths)
+    scale = 128 ** -0.5
+    pool_a = pool0.clone()
+    o_a = cute_gdn.prefill(**inputs, cu_seqlens=cu, state=pool_a, state_indices=slots, scale=scale)
+    pool_b = pool0.clone()
+    o_b = torch.full_like(o_a, float("nan"))
+    ws = ops.prefill_workspace(T, N, HV, o_a.dtype, o_a.device)
+    fn = default_cache().get(_key(H, HV))
+    fn(inputs["q"], inputs["k"], inputs["v"], inputs["a"], inputs["b"], inputs["A_log"], inputs["dt_bias"], cu,
+       pool_b, slots, torch.ones(N, dtype=torch.int8, device="cuda"), o_b, *ws, scale, 0, 3, 0, None)
     torch.cuda.synchronize()
-    assert torch.equal(out, eager_o) and torch.equal(graph_pool, eager_pool)
+    assert torch.equal(o_a, o_b) and torch.equal(pool_a, pool_b)
 
 
 BAD_CASES = ["q batch", "k tokens", "v misaligned", "a dtype", "cu_seqlens int64", "indices length",

@@ -1,12 +1,12 @@
 """The prefill workspace indexing (pure Python, no GPU): chunk c of sequence n lives at row
 cu_seqlens[n] // 64 + n + c; rows must be distinct and below ws_rows(T, N) for any lengths, and
-the aux kernel's search (the largest n with cu[n] // 64 + n <= row) must find the owner back."""
+the aux kernel's search (the last n with cu[n] // 64 + n <= row) must find the owner back."""
 
 import random
 
 import pytest
 
-from cute_gdn.kernels.prefill import CHUNK, use_wide_chain, ws_rows
+from cute_gdn.kernels.prefill import CHUNK, use_overlap, use_wide_chain, ws_rows
 
 
 def _rows(lengths):
@@ -23,16 +23,14 @@ def _rows(lengths):
 
 
 def _search(cu, row):
-    """The aux kernel's binary search, in Python."""
+    """The aux kernel's search, in Python: every i < N tests itself and its successor, and the one i
+    with cu[i] // 64 + i <= row whose successor fails (or is past the end) is the owner. Exactly one
+    i may claim the row."""
     N = len(cu) - 1
-    lo, hi = 0, N
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if cu[mid] // CHUNK + mid <= row:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    claims = [i for i in range(N)
+              if cu[i] // CHUNK + i <= row and (i + 1 == N or cu[i + 1] // CHUNK + i + 1 > row)]
+    assert len(claims) == 1, (cu, row, claims)
+    return claims[0]
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -62,3 +60,10 @@ def test_ws_rows_is_tight_for_worst_case_lengths():
 def test_wide_chain_once_the_ctas_fill_the_gpu():
     assert not use_wide_chain(1, 32, 132) and use_wide_chain(8, 32, 132) and use_wide_chain(5, 32, 132) is True
     assert not use_wide_chain(4, 32, 132)
+
+
+def test_overlap_only_while_the_narrow_chain_has_at_most_one_cta_per_sm():
+    assert use_overlap(1, 32, 128, 132) and use_overlap(2, 32, 128, 132)  # 64 and 128 chain CTAs
+    assert not use_overlap(3, 32, 128, 132)  # 192 narrow CTAs
+    assert not use_overlap(8, 32, 128, 132)  # wide CTAs, several waves
+    assert use_overlap(4, 16, 128, 132) and not use_overlap(5, 16, 128, 132)

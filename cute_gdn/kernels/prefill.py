@@ -59,6 +59,7 @@ CHUNK = 64
 THREADS = 256  # aux: two warpgroups
 WG_ROWS = 64  # chain: each warpgroup owns 64 value rows of the state; a CTA has 1 or 2 warpgroups
 SUPPORTED_HEAD_DIM = 128
+AUX_CTAS_PER_SM = 3  # registers capped for it (at most 80 a thread); shared memory allows it
 NUM_FACTORS = 4  # per-token fp32 factors of a chunk, see the module docstring
 BLOCK = 16       # diagonal block of the inverse
 LDA = CHUNK + 4  # row stride (floats) of the fp32 shared matrices of the inverse
@@ -68,6 +69,16 @@ def use_wide_chain(num_seqs: int, num_v_heads: int, num_sms: int) -> bool:
     """Chain CTAs of two warpgroups (one per sequence and head, sharing the q/k/T/P loads) once they
     fill the GPU; else one warpgroup per CTA, V / 64 CTAs per sequence and head (twice the SMs)."""
     return num_seqs * num_v_heads >= num_sms
+
+
+def use_overlap(num_seqs: int, num_v_heads: int, head_v_dim: int, num_sms: int) -> bool:
+    """Run the aux and chain kernels concurrently (the chain waiting on per-chunk flags) when the
+    narrow chain CTAs number at most one per SM: those calls (few, long sequences) leave most of the
+    GPU to the aux kernel, whose chunk-major order finishes the early chunks first. A bigger chain
+    grid could occupy every SM while waiting for aux CTAs that then never start, so those calls
+    launch the two kernels one after the other."""
+    return not use_wide_chain(num_seqs, num_v_heads, num_sms) and \
+        num_seqs * num_v_heads * (head_v_dim // WG_ROWS) <= num_sms
 
 
 def ws_rows(tokens: int, num_seqs: int) -> int:
@@ -107,7 +118,7 @@ def acc_to_a_layout(acc_layout):
 
 class GdnPrefillSm90:
     def __init__(self, *, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
-                 head_v_dim: int, gate_mode: str, use_qk_l2norm: bool, parts: str = "both", profile: bool = False):
+                 head_v_dim: int, gate_mode: str, use_qk_l2norm: bool, profile: bool = False):
         self.io_dtype = cutlass_dtype(io_dtype)
         self.state_dtype = cutlass_dtype(state_dtype)
         self.num_heads = num_heads
@@ -116,11 +127,10 @@ class GdnPrefillSm90:
         self.V = head_v_dim
         self.gate_mode = gate_mode
         self.use_qk_l2norm = use_qk_l2norm
-        # Benchmarks only: parts = "aux" / "chain" launches one of the two kernels. profile=True with
-        # parts="chain" makes thread 0 of each chain CTA sum the wall time (%globaltimer, ns) of the
-        # chunk phases into mProfile[cta, phase]: 0 wait for loads, 1 state chain, 2 output store,
-        # 3 loop barrier, 4 issuing loads; [cta, 7] = chunks. With parts="aux", see aux_mark.
-        self.parts = parts
+        # Benchmarks only: profile=True makes thread 0 of each chain CTA sum the wall time
+        # (%globaltimer, ns) of the chunk phases into mProfile[cta, phase]: 0 wait for loads, 1 state
+        # chain, 2 output store, 3 loop barrier, 4 issuing loads; [cta, 7] = chunks. The aux kernel's
+        # CTAs write theirs (see aux_mark) into the same tensor, so a profile call launches one kernel.
         self.profile = profile
 
     @cute.jit
@@ -140,8 +150,11 @@ class GdnPrefillSm90:
         mO: cute.Tensor,          # [1, T, HV, V]
         mWsTP: cute.Tensor,       # [rows, HV, 2, C, C] io dtype: T, P per chunk
         mWsF: cute.Tensor,        # [rows, HV, NUM_FACTORS, C] fp32
+        mWsFlag: cute.Tensor,     # [rows, HV] int32: set to 1 by the aux CTA once its chunk is written
         scale: Float32,
         wide: Int32,              # chain CTAs: 1 = two warpgroups (all V rows), 0 = one (V / 64 CTAs)
+        launch: Int32,            # 1: the aux kernel, 2: the chain kernel, 3: both, in that order
+        overlap: Int32,           # 1: the chain waits on mWsFlag (aux and chain run concurrently)
         mProfile: Optional[cute.Tensor],  # [HV * N * 2, 8] int64 (profile builds), else None
         stream,
     ):
@@ -168,6 +181,7 @@ class GdnPrefillSm90:
             sBeta: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sRK: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sRQ: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
+            sSeq: cute.struct.Align[cute.struct.MemRange[Int32, 4], 16]  # n, bos, eos, slot of the row
 
         # 2 stages of q, k, T, P and one v tile: 106 KiB (one warpgroup: two CTAs share an SM) or
         # 114 KiB (two warpgroups) at 16-bit io.
@@ -216,13 +230,14 @@ class GdnPrefillSm90:
             cute.select(sTP_layout, mode=[0, 1]), (C, C))
         tma = (tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp)
         num_seqs = mIndices.shape[0]
-        if cutlass.const_expr(self.parts != "chain"):
-            self.aux_kernel(mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, scale,
+        if launch % 2 == 1:
+            self.aux_kernel(mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, mWsFlag, scale,
                             mProfile, mma_ss, mma_inv_ss, mma_inv_rs, sQK_layout, sInv_layout).launch(
-                grid=(mWsTP.shape[0], self.num_v_heads, 1), block=(THREADS, 1, 1), stream=stream)
-        if cutlass.const_expr(self.parts != "aux"):
-            chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mProfile, *tma, mma_rs, mma_state,
-                          sQK_layout)
+                grid=(self.num_v_heads, mWsTP.shape[0], 1), block=(THREADS, 1, 1), stream=stream,
+                min_blocks_per_mp=AUX_CTAS_PER_SM, preferred_smem_carveout=100)
+        if launch // 2 == 1:
+            chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mWsFlag, overlap, mProfile, *tma,
+                          mma_rs, mma_state, sQK_layout)
             if wide != 0:
                 self.chain_kernel(*chain_args, sV_layouts[1], sTP_layout, 2).launch(
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(256, 1, 1), stream=stream)
@@ -245,6 +260,7 @@ class GdnPrefillSm90:
         mIndices: cute.Tensor,
         mWsTP: cute.Tensor,
         mWsF: cute.Tensor,
+        mWsFlag: cute.Tensor,
         scale: Float32,
         mProfile: Optional[cute.Tensor],
         mma_ss: cute.TiledMma,
@@ -255,34 +271,36 @@ class GdnPrefillSm90:
     ):
         C = CHUNK
         tidx, _, _ = cute.arch.thread_idx()
-        row, hv, _ = cute.arch.block_idx()
+        hv, row, _ = cute.arch.block_idx()
         wg = tidx // 128
         wg_tidx = tidx % 128
         hk = hv // (self.num_v_heads // self.num_heads)
-        # The sequence n owning workspace row `row`: the largest n with cu[n] // C + n <= row.
+        storage = cutlass.memory.SmemAllocator().allocate(self.aux_storage)
+        # The sequence n owning workspace row `row`: the last n with cu[n] // C + n <= row (a strictly
+        # increasing function of n), found by all threads at once in one round trip to global memory.
+        # Its thread leaves n, bos, eos and the slot in sSeq.
+        sSeq = storage.sSeq.get_tensor(cute.make_layout(4))
         num_seqs = mIndices.shape[0]
-        steps = Int32(0)
-        span = Int32(1)
-        for _ in cutlass.range_constexpr(20):
-            if span < num_seqs:
-                steps = steps + 1
-                span = span * 2
-        lo = Int32(0)
-        hi = num_seqs
-        for _ in cutlass.range(steps, unroll=1):
-            mid = (lo + hi) // 2
-            if mCuSeqlens[mid] // C + mid <= row:
-                lo = mid
-            else:
-                hi = mid
-        n = lo
-        bos = mCuSeqlens[n]
-        eos = mCuSeqlens[n + 1]
+        for base in cutlass.range(0, num_seqs, THREADS, unroll=1):
+            i = base + tidx
+            if i < num_seqs:
+                cu_i = mCuSeqlens[i]
+                cu_next = mCuSeqlens[i + 1]
+                slot_i = mIndices[i]
+                if cu_i // C + i <= row:
+                    if i + 1 == num_seqs or cu_next // C + i + 1 > row:
+                        sSeq[0] = i
+                        sSeq[1] = cu_i
+                        sSeq[2] = cu_next
+                        sSeq[3] = slot_i
+        cute.arch.sync_threads()
+        n = sSeq[0]
+        bos = sSeq[1]
+        eos = sSeq[2]
         chunk = row - (bos // C + n)
         tok0 = bos + chunk * C
-        if tok0 < eos and mIndices[n] >= 0:
+        if tok0 < eos and sSeq[3] >= 0:
             stamp = cute.arch.globaltimer()
-            storage = cutlass.memory.SmemAllocator().allocate(self.aux_storage)
             sQK = storage.sQK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
             sA = storage.sA.get_tensor(cute.make_layout((C, C), stride=(LDA, 1)))
             sAoff = storage.sAoff.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, 0]
@@ -364,9 +382,12 @@ class GdnPrefillSm90:
                         off = acc[i]
                     sAoff[t, s] = off.to(Float16)
             else:
-                for i in cutlass.range_constexpr(C * C // 128):
-                    e = wg_tidx + i * 128
-                    sD[e // C, e % C] = Float16(0.0)
+                # Zero sD (the swizzle only permutes 16-byte units, so a flat view will do): 16 B a store.
+                sD_flat = storage.sD.get_tensor(cute.make_layout(C * C))
+                zeros = cute.make_rmem_tensor(cute.make_layout(8), Float16)
+                zeros.fill(0.0)
+                for i in cutlass.range_constexpr(C * C // 8 // 128):
+                    cute.autovec_copy(zeros, cute.local_tile(sD_flat, (8,), (wg_tidx + i * 128,)))
                 for i in cutlass.range_constexpr(cute.size(acc)):
                     t, s = cC[i]
                     sP[t, s] = acc[i].to(sP.element_type)
@@ -390,13 +411,18 @@ class GdnPrefillSm90:
             stamp = self.aux_mark(mProfile, row, hv, 4, stamp)
             store_tile(sTo, mWsTP[row, hv, 0, None, None], tidx, THREADS)
             stamp = self.aux_mark(mProfile, row, hv, 5, stamp)
+            # Publish the chunk to a concurrent chain kernel: every thread's stores, then the flag.
+            cute.arch.sync_threads()
+            if tidx == 0:
+                cute.arch.fence_acq_rel_gpu()
+                cute.arch.store(flag_ptr(mWsFlag, row, hv), Int32(1), sem="release", scope="gpu")
 
     @cute.jit
     def aux_mark(self, mProfile, row, hv, phase: cutlass.Constexpr, stamp):
         """profile builds of the aux kernel alone: thread 0 adds the time since `stamp` to
         mProfile[row * HV + hv, phase] (0 loads issued and gates, 1 loads landed, 2 products, norms and
         scan, 3 epilogues, 4 inverse, 5 T/P stores); returns the new stamp."""
-        if cutlass.const_expr(self.profile and self.parts == "aux"):
+        if cutlass.const_expr(self.profile):
             cute.arch.sync_threads()
             now = cute.arch.globaltimer()
             if cute.arch.thread_idx()[0] == 0:
@@ -485,6 +511,8 @@ class GdnPrefillSm90:
         mHasInit: cute.Tensor,
         mO: cute.Tensor,
         mWsF: cute.Tensor,
+        mWsFlag: cute.Tensor,
+        overlap: Int32,
         mProfile: Optional[cute.Tensor],
         tma_q: cute.CopyAtom,
         tma_tensor_q: cute.Tensor,
@@ -524,6 +552,17 @@ class GdnPrefillSm90:
         sTPs = storage.sTP.get_tensor(sTP_layout.outer, swizzle=sTP_layout.inner)
         sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, 2), stride=(C, 1, NUM_FACTORS * C)))
         mbar = storage.mbar.data_ptr()
+        num_chunks = (eos - bos + C - 1) // C
+        # With overlap, chunk j's T, P and factors are read once the aux kernel has flagged them. Thread
+        # 0 waits for chunk 0 here, and for chunk j + 1 at the loop top of chunk j, before the barrier
+        # that precedes the loads; the flag of j + 1 is read (relaxed) a chunk ahead, so a flag that is
+        # already set costs no round trip on the chain's critical path.
+        pending = Int32(1)
+        if overlap != 0 and slot >= 0 and tidx == 0:
+            if num_chunks > 0:
+                wait_flag(flag_ptr(mWsFlag, ws_row0, hv))
+            if num_chunks > 1:
+                pending = cute.arch.load(flag_ptr(mWsFlag, ws_row0 + 1, hv), Int32, sem="relaxed", scope="gpu")
         if tidx == 0:
             cpasync.prefetch_descriptor(tma_q)
             cpasync.prefetch_descriptor(tma_k)
@@ -539,7 +578,7 @@ class GdnPrefillSm90:
                                          cute.group_modes(gQ, 0, 2))
         tKs, tKg = cpasync.tma_partition(tma_k, 0, cute.make_layout(1), cute.group_modes(sKs, 0, 2),
                                          cute.group_modes(gK, 0, 2))
-        loads = (tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar)
+        loads = (tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar, overlap)
 
         # The warpgroup's 64 rows of S, [64, K] fp32 accumulator of mma_state.
         thr_state = mma_state.get_slice(wg_tidx)
@@ -548,7 +587,6 @@ class GdnPrefillSm90:
 
         if slot >= 0:
             self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, v0)
-            num_chunks = (eos - bos + C - 1) // C
             if num_chunks > 0:
                 self.issue_chunk_loads(loads, mWsF, sTPs, sFs, 0, ws_row0, 0, hv, tidx)
                 load_rows(self.io_dtype, WG_ROWS * wgs, threads, mV, sV, bos, eos, hv, c0, tidx)
@@ -562,11 +600,17 @@ class GdnPrefillSm90:
                 valid = eos - tok0
                 if valid > C:
                     valid = C
+                if overlap != 0 and tidx == 0 and c + 1 < num_chunks:
+                    if pending == 0:
+                        wait_flag(flag_ptr(mWsFlag, ws_row0 + c + 1, hv))
                 cute.arch.sync_threads()  # chunk c - 1 is done with stage 1 - stage
                 stamp = self.mark(prof, 3, stamp)
                 if c + 1 < num_chunks:
                     self.issue_chunk_loads(loads, mWsF, sTPs, sFs, c + 1, ws_row0 + c + 1, 1 - stage, hv, tidx)
                 cute.arch.cp_async_commit_group()
+                if overlap != 0 and tidx == 0 and c + 2 < num_chunks:
+                    pending = cute.arch.load(flag_ptr(mWsFlag, ws_row0 + c + 2, hv), Int32, sem="relaxed",
+                                             scope="gpu")
                 stamp = self.mark(prof, 4, stamp)
                 cute.arch.cp_async_wait_group(1)  # chunk c's factors and v have landed
                 cute.arch.mbarrier_wait(mbar + stage, (c // 2) % 2)  # and its q, k, T, P
@@ -589,7 +633,7 @@ class GdnPrefillSm90:
                 self.store_output(sTPs, stage, mO, tok0, valid, hv, c0, wgs, tidx)
                 cute.arch.fence_view_async_shared()  # generic accesses of this stage before its next TMA fill
                 stamp = self.mark(prof, 2, stamp)
-            if cutlass.const_expr(self.profile and self.parts == "chain"):
+            if cutlass.const_expr(self.profile):
                 if tidx == 0:
                     cta = (n * self.num_v_heads + hv) * (self.V // (WG_ROWS * wgs)) + z
                     for i in cutlass.range_constexpr(5):
@@ -602,7 +646,7 @@ class GdnPrefillSm90:
     @cute.jit
     def mark(self, prof, phase: cutlass.Constexpr, stamp):
         """profile builds: add the time since `stamp` to prof[phase]; returns the new stamp."""
-        if cutlass.const_expr(self.profile and self.parts == "chain"):
+        if cutlass.const_expr(self.profile):
             now = cute.arch.globaltimer()
             prof[phase] = prof[phase] + (now - stamp)
             stamp = now
@@ -635,9 +679,13 @@ class GdnPrefillSm90:
         """Chunk `chunk` (of the sequence) into shared-memory stage `stage`: q, k, T and P by TMA (warp 0;
         thread 0 arrives on the stage's mbarrier with the byte count), the factors by cp.async (the
         caller commits the group)."""
-        tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar = loads
+        tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar, overlap = loads
         C = CHUNK
         if tidx < 32:
+            if overlap != 0:
+                # T and P were written by another kernel's generic stores: order them before this
+                # warp's async-proxy (TMA) reads.
+                cute.arch.fence_proxy("async.global")
             # The whole warp: each TMA copy elects one lane (elect.sync over the full warp), so it must
             # not be called from a single-thread branch.
             if tidx == 0:
@@ -762,6 +810,20 @@ def gemm(tiled_mma: cute.TiledMma, acc, tA, tB, accumulate: cutlass.Constexpr = 
 
 
 @cute.jit
+def flag_ptr(mWsFlag, row, hv):
+    """The address of mWsFlag[row, hv] (a compact [rows, HV] int32 tensor)."""
+    return mWsFlag.iterator + row * mWsFlag.shape[1] + hv
+
+
+@cute.jit
+def wait_flag(ptr):
+    """Spin (acquire, GPU scope) until the int32 at `ptr` is non-zero."""
+    flag = cute.arch.load(ptr, Int32, sem="acquire", scope="gpu")
+    while flag == 0:
+        flag = cute.arch.load(ptr, Int32, sem="acquire", scope="gpu")
+
+
+@cute.jit
 def load_rows(io: cutlass.Constexpr, width: cutlass.Constexpr, threads: cutlass.Constexpr, mX, sX, tok0, eos, head,
               col0, tidx):
     """cp.async of rows tok0 .. tok0 + CHUNK, columns col0 .. col0 + width of mX[0, :, head, :] (16-byte
@@ -833,21 +895,24 @@ def store_tile(sX, gX, tidx, threads: cutlass.Constexpr):
 
 def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
                     head_v_dim: int, pool_size: int, gate_mode: str, dt_bias_dtype: Optional[str],
-                    use_qk_l2norm: bool, parts: str = "both", profile: bool = False):
+                    use_qk_l2norm: bool, profile: bool = False):
     """Compile the prefill kernels for one key. Tensor-free: never touches a GPU.
 
     The returned tvm-ffi function takes (q, k, v, gate_a, gate_b, A_log, dt_bias, cu_seqlens, state,
-    state_indices, has_initial_state (int8), o, ws_tp, ws_f, scale, wide, profile): ws_tp [rows, HV, 2,
-    64, 64] (io dtype) and ws_f [rows, HV, 4, 64] (fp32) are the workspace with rows >= ws_rows(T, N);
-    wide (int) picks the chain CTA (see use_wide_chain); profile is None, or (profile builds, benchmarks only) an int64 [HV * N, 8] tensor that receives
-    per-CTA phase times of the chain kernel.
+    state_indices, has_initial_state (int8), o, ws_tp, ws_f, ws_flag, scale, wide, launch, overlap,
+    profile); see prefill_workspace in ops.py for the workspace:
+    - wide (int) picks the chain CTA (see use_wide_chain);
+    - launch: 1 launches the aux kernel, 2 the chain kernel, 3 both in that order on the current stream;
+    - overlap: 1 makes the chain wait, chunk by chunk, for the aux kernel's flags in ws_flag (zeroed by
+      the caller), for an aux launch and a chain launch running concurrently on two streams
+      (see use_overlap);
+    - profile is None, or (profile builds, benchmarks only) an int64 [CTAs, 8] tensor that receives
+      per-CTA phase times of the one kernel launched.
     """
     reason = can_implement(io_dtype, state_dtype, num_heads, num_v_heads, head_k_dim, head_v_dim, gate_mode,
                            dt_bias_dtype)
     if reason is not None:
         raise ValueError(reason)
-    if parts not in ("both", "aux", "chain"):
-        raise ValueError(f"parts must be 'both', 'aux' or 'chain', got {parts!r}")
     io = cutlass_dtype(io_dtype)
     H, HV, K, V = num_heads, num_v_heads, head_k_dim, head_v_dim
     tokens = cute.sym_int()
@@ -885,10 +950,11 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
                                                   assumed_align=16)
     ws_f = cute.runtime.make_fake_compact_tensor(Float32, (rows, HV, NUM_FACTORS, CHUNK), stride_order=(3, 2, 1, 0),
                                                  assumed_align=16)
+    ws_flag = cute.runtime.make_fake_compact_tensor(Int32, (rows, HV), stride_order=(1, 0))
     op = GdnPrefillSm90(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=H, num_v_heads=HV, head_k_dim=K,
-                        head_v_dim=V, gate_mode=gate_mode, use_qk_l2norm=use_qk_l2norm, parts=parts, profile=profile)
+                        head_v_dim=V, gate_mode=gate_mode, use_qk_l2norm=use_qk_l2norm, profile=profile)
     prof = (cute.runtime.make_fake_compact_tensor(cutlass.Int64, (cute.sym_int(), 8), stride_order=(1, 0))
             if profile else None)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     return cute.compile(op, q, k, v, gate_a, gate_b, a_log, dt_bias, cu, state, indices, has_init, o, ws_tp, ws_f,
-                        Float32(1.0), Int32(0), prof, stream, options="--enable-tvm-ffi")
+                        ws_flag, Float32(1.0), Int32(0), Int32(3), Int32(0), prof, stream, options="--enable-tvm-ffi")
