@@ -60,6 +60,9 @@ THREADS = 256  # aux: two warpgroups
 WG_ROWS = 64  # chain: each warpgroup owns 64 value rows of the state; a CTA has 1 or 2 warpgroups
 SUPPORTED_HEAD_DIM = 128
 AUX_CTAS_PER_SM = 3  # registers capped for it (at most 80 a thread); shared memory allows it
+# An overlapped chain CTA asks for this much shared memory (it uses 106 KiB): more than 228 KiB minus
+# an aux CTA's 75 KiB, so no aux CTA shares its SM.
+CHAIN_ALONE_SMEM = 160 * 1024
 NUM_FACTORS = 4  # per-token fp32 factors of a chunk, see the module docstring
 BLOCK = 16       # diagonal block of the inverse
 LDA = CHUNK + 4  # row stride (floats) of the fp32 shared matrices of the inverse
@@ -239,10 +242,16 @@ class GdnPrefillSm90:
             chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mWsFlag, overlap, mProfile, *tma,
                           mma_rs, mma_state, sQK_layout)
             if wide != 0:
-                self.chain_kernel(*chain_args, sV_layouts[1], sTP_layout, 2).launch(
+                self.chain_kernel(*chain_args, sV_layouts[1], sTP_layout, 2, False).launch(
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(256, 1, 1), stream=stream)
+            elif overlap != 0:
+                # Next to a running aux kernel: claim more shared memory than an SM has left beside
+                # an aux CTA, so that the chain CTAs (at most one per SM) keep their SMs to themselves.
+                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, 1, True).launch(
+                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream,
+                    smem=CHAIN_ALONE_SMEM)
             else:
-                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, 1).launch(
+                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, 1, False).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream)
 
     # ================================ aux: one chunk, all of it off the state ================================
@@ -526,6 +535,7 @@ class GdnPrefillSm90:
         sV_layout: cute.ComposedLayout,
         sTP_layout: cute.ComposedLayout,
         wgs: cutlass.Constexpr,
+        alone: cutlass.Constexpr,  # launched with CHAIN_ALONE_SMEM (a kernel of its own)
     ):
         """CTA (hv, n, z) of `wgs` warpgroups: value rows z * 64 * wgs .. (z + 1) * 64 * wgs of sequence
         n's state, 64 per warpgroup. Chunk c + 1's q, k, T and P (TMA, one mbarrier per stage) and its
