@@ -2,7 +2,7 @@
 
     python bench/plot.py bench/results/decode_H200.json
     python bench/plot.py bench/results/verify_H200.json    # verify (per T) and commit
-    python bench/plot.py bench/results/prefill_H200.json   # prefill: us and TFLOP/s per shape
+    python bench/plot.py bench/results/prefill_<gpu>.json  # prefill: us and TFLOP/s per shape
 """
 
 from __future__ import annotations

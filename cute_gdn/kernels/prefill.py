@@ -1,6 +1,6 @@
 """Chunked varlen prefill of the gated delta rule on Hopper tensor cores (sm_90a).
 
-Two kernels, launched back to back by one compiled function:
+Two kernels in one compiled function, which launches either or both (`launch`):
 
 1. `aux` (one CTA per chunk of 64 tokens and value head, all chunks in parallel). Everything of a
    chunk that does not depend on the state: with G_t the cumulative log-decay inside the chunk,
@@ -12,7 +12,7 @@ Two kernels, launched back to back by one compiled function:
    substitution) and N = D A_off strictly block-lower (N^4 = 0), so (I + N)^-1 = I - N + N^2 - N^3:
    four 64 x 64 x 64 fp16 wgmma products (warpgroup 0),
    and the factors f = (exp(G_t) rk_t, exp(G_t) rq_t, exp(G_last - G_t) rk_t, exp(G_last)). T, P
-   (io dtype) and f (fp32) go to a workspace indexed by chunk.
+   (io dtype) and f (fp32) go to a workspace indexed by chunk, then a per-chunk flag (release).
 2. `chain` (one CTA per sequence, value head and 64 or 128 value rows, sequential over the chunks).
    The CTA's rows of S = state[state_indices[n], h] ([V, K] fp32) stay in the registers of its one or
    two warpgroups, 64 rows each; per chunk, with the raw (unnormalized) q and k as wgmma B operands:
@@ -23,9 +23,16 @@ Two kernels, launched back to back by one compiled function:
      S  = f3 S + (U f2_s) K                                  [v, k]
    which is reference.chunk_gated_delta_rule transposed (U is that function's `residual`). The
    chunk's q, k, T, P (TMA, warp 0, one mbarrier per stage) and f (cp.async) are double-buffered:
-   chunk c + 1 is in flight while chunk c computes; v (single buffer, cp.async) goes in flight as soon as the previous chunk has consumed
-   its own. Narrow CTAs (one warpgroup, two per SM) double the CTAs for calls too small to fill the
-   GPU; wide ones (two warpgroups) share the loads across 128 rows (use_wide_chain).
+   chunk c + 1 is in flight while chunk c computes; v (single buffer, cp.async) goes in flight as
+   soon as the previous chunk has consumed its own. Narrow CTAs (one warpgroup, two per SM) double
+   the CTAs for calls too small to fill the GPU; wide ones (two warpgroups) share the loads across
+   128 rows (use_wide_chain).
+
+Overlap (use_overlap): when the narrow chain CTAs number at most one per SM, ops.prefill launches
+the aux kernel on the caller's stream and the chain concurrently on a high-priority stream. The
+chain then waits for each chunk's flag (acquire) before loading it, and claims enough shared memory
+(CHAIN_ALONE_SMEM) that no aux CTA shares its SM. The aux kernel never waits, and it has room on
+the other SMs, so the pair cannot deadlock; run one after the other they give the same bits.
 
 Why two kernels: the chain is inherently sequential per sequence, so a single long sequence keeps
 only HV CTAs busy; moving every state-independent product and the triangular solve out of it runs
