@@ -63,16 +63,16 @@ from .common.gates import gate_log_decay_beta
 from .common.problem import check_problem
 
 CHUNK = 64
-THREADS = 256  # aux: two warpgroups
+AUX_WG_THREADS = 128  # aux: one warpgroup per value head of the CTA
 WG_ROWS = 64  # chain: each warpgroup owns 64 value rows of the state; a CTA has 1 or 2 warpgroups
 SUPPORTED_HEAD_DIM = 128
-AUX_CTAS_PER_SM = 3  # registers capped for it (at most 80 a thread); shared memory allows it
+AUX_CTAS_PER_SM = {1: 4, 2: 3}  # by value heads per aux CTA: registers capped for it (80 a thread at 2)
 # An overlapped chain CTA asks for this much shared memory (it uses 106 KiB): more than 228 KiB minus
 # an aux CTA's 75 KiB, so no aux CTA shares its SM.
 CHAIN_ALONE_SMEM = 160 * 1024
 NUM_FACTORS = 4  # per-token fp32 factors of a chunk, see the module docstring
 BLOCK = 16       # diagonal block of the inverse
-LDA = CHUNK + 4  # row stride (floats) of the fp32 shared matrices of the inverse
+LDB = BLOCK + 1  # row stride (floats) of the fp32 diagonal blocks of A, [t, s % 16]
 
 
 def use_wide_chain(num_seqs: int, num_v_heads: int, num_sms: int) -> bool:
@@ -137,6 +137,8 @@ class GdnPrefillSm90:
         self.V = head_v_dim
         self.gate_mode = gate_mode
         self.use_qk_l2norm = use_qk_l2norm
+        # Value heads per aux CTA: the two heads of a GVA pair share one q/k load, one warpgroup each.
+        self.aux_heads = 2 if (num_v_heads // num_heads) % 2 == 0 else 1
         # Benchmarks only: profile=True makes thread 0 of each chain CTA sum the wall time
         # (%globaltimer, ns) of the chunk phases into mProfile[cta, phase]: 0 wait for loads, 1 state
         # chain, 2 output store, 3 loop barrier, 4 issuing loads; [cta, 7] = chunks. The aux kernel's
@@ -172,7 +174,8 @@ class GdnPrefillSm90:
         io = self.io_dtype
         # Token-major shared tiles, the contiguous dim 128B-swizzled for wgmma.
         # The inverse's fp16 tiles (row-major [C, C]).
-        sInv_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), Float16, 1)
+        pair = self.aux_heads
+        sInv_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), Float16, pair)
         sQK_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, K), io, 2)  # (C, K, 2)
         # Chain: T and P of 2 stages as one (C, C, 4) tile array, index 2 * stage + (0: T, 1: P).
         sTP_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, 4)
@@ -181,14 +184,13 @@ class GdnPrefillSm90:
                       for wgs in (1, 2)]
 
         @cute.struct
-        class AuxStorage:
-            sQK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]  # stage 0 q, 1 k
-            sA: cute.struct.Align[cute.struct.MemRange[Float32, C * LDA], 16]  # diagonal blocks used
-            sAoff: cute.struct.Align[cute.struct.MemRange[Float16, cute.cosize(sInv_layout)], 1024]
+        class AuxStorage:  # per value head j of the CTA: [..., j]
+            sQK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]  # q, k; then P
+            sAoff: cute.struct.Align[cute.struct.MemRange[Float16, cute.cosize(sInv_layout)], 1024]  # A_off, N, T
             sD: cute.struct.Align[cute.struct.MemRange[Float16, cute.cosize(sInv_layout)], 1024]
-            sN: cute.struct.Align[cute.struct.MemRange[Float16, cute.cosize(sInv_layout)], 1024]
-            sG: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
-            sBeta: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
+            sA: cute.struct.Align[cute.struct.MemRange[Float32, pair * C * LDB], 16]  # diagonal blocks of A
+            sG: cute.struct.Align[cute.struct.MemRange[Float32, pair * C], 16]
+            sBeta: cute.struct.Align[cute.struct.MemRange[Float32, pair * C], 16]
             sRK: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sRQ: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sSeq: cute.struct.Align[cute.struct.MemRange[Int32, 4], 16]  # n, bos, eos, slot of the row
@@ -213,7 +215,7 @@ class GdnPrefillSm90:
             sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
             mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 2], 8]  # TMA arrival, per stage
 
-        assert 2 * C * (C + 8) * io.width // 8 <= cute.cosize(sQK_layout) * io.width // 8
+        assert pair * C * (C + 8) <= cute.cosize(sQK_layout)  # the P tiles fit where q and k were
         self.aux_storage = AuxStorage
         self.chain_storage = {1: ChainStorage1, 2: ChainStorage2}
         # wgmma tilings (one warpgroup each): SS products of aux, RS products of the chain.
@@ -243,8 +245,8 @@ class GdnPrefillSm90:
         if launch % 2 == 1:
             self.aux_kernel(mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, mWsFlag, scale,
                             mProfile, mma_ss, mma_inv_ss, mma_inv_rs, sQK_layout, sInv_layout).launch(
-                grid=(self.num_v_heads, mWsTP.shape[0], 1), block=(THREADS, 1, 1), stream=stream,
-                min_blocks_per_mp=AUX_CTAS_PER_SM, preferred_smem_carveout=100)
+                grid=(self.num_v_heads // pair, mWsTP.shape[0], 1), block=(AUX_WG_THREADS * pair, 1, 1),
+                stream=stream, min_blocks_per_mp=AUX_CTAS_PER_SM[pair], preferred_smem_carveout=100)
         if launch // 2 == 1:
             chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mWsFlag, overlap, mProfile, *tma,
                           mma_rs, mma_state, sQK_layout)
@@ -286,18 +288,22 @@ class GdnPrefillSm90:
         sInv_layout: cute.ComposedLayout,
     ):
         C = CHUNK
+        pair = self.aux_heads
+        threads = AUX_WG_THREADS * pair
         tidx, _, _ = cute.arch.thread_idx()
-        hv, row, _ = cute.arch.block_idx()
-        wg = tidx // 128
-        wg_tidx = tidx % 128
-        hk = hv // (self.num_v_heads // self.num_heads)
+        x, row, _ = cute.arch.block_idx()
+        j = tidx // AUX_WG_THREADS   # this warpgroup's value head hv = x * pair + j
+        wg_tidx = tidx % AUX_WG_THREADS
+        hv0 = x * pair
+        hv = hv0 + j
+        hk = hv0 // (self.num_v_heads // self.num_heads)
         storage = cutlass.memory.SmemAllocator().allocate(self.aux_storage)
         # The sequence n owning workspace row `row`: the last n with cu[n] // C + n <= row (a strictly
         # increasing function of n), found by all threads at once in one round trip to global memory.
         # Its thread leaves n, bos, eos and the slot in sSeq.
         sSeq = storage.sSeq.get_tensor(cute.make_layout(4))
         num_seqs = mIndices.shape[0]
-        for base in cutlass.range(0, num_seqs, THREADS, unroll=1):
+        for base in cutlass.range(0, num_seqs, threads, unroll=1):
             i = base + tidx
             if i < num_seqs:
                 cu_i = mCuSeqlens[i]
@@ -318,120 +324,110 @@ class GdnPrefillSm90:
         if tok0 < eos and sSeq[3] >= 0:
             stamp = cute.arch.globaltimer()
             sQK = storage.sQK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
-            sA = storage.sA.get_tensor(cute.make_layout((C, C), stride=(LDA, 1)))
-            sAoff = storage.sAoff.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, 0]
-            sD = storage.sD.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, 0]
-            sN = storage.sN.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, 0]
-            # P and the staged T reuse the q/k tiles once both products and the norms are done.
-            qk_base = storage.sQK.data_ptr()
-            sP = cute.make_tensor(qk_base, cute.make_layout((C, C), stride=(C + 8, 1)))
-            sTo = cute.make_tensor(qk_base + C * (C + 8), cute.make_layout((C, C), stride=(C + 8, 1)))
-            sG = storage.sG.get_tensor(cute.make_layout(C))
-            sBeta = storage.sBeta.get_tensor(cute.make_layout(C))
+            sA = storage.sA.get_tensor(cute.make_layout((C, BLOCK, pair), stride=(LDB, 1, C * LDB)))[None, None, j]
+            sAoff = storage.sAoff.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, j]
+            sD = storage.sD.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, j]
+            # N overwrites A_off, and T (io dtype) overwrites N, each once the last product reading
+            # it has completed.
+            sTo = storage.sAoff.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner,
+                                           dtype=self.io_dtype)[None, None, j]
+            # P reuses the q/k tiles once every warpgroup's products are done (rows padded to C + 8).
+            sP = cute.make_tensor(storage.sQK.data_ptr() + j * C * (C + 8), cute.make_layout((C, C), stride=(C + 8, 1)))
+            sG = storage.sG.get_tensor(cute.make_layout((C, pair), stride=(1, C)))[None, j]
+            sBeta = storage.sBeta.get_tensor(cute.make_layout((C, pair), stride=(1, C)))[None, j]
             sRK = storage.sRK.get_tensor(cute.make_layout(C))
             sRQ = storage.sRQ.get_tensor(cute.make_layout(C))
 
-            load_rows(self.io_dtype, self.K, THREADS, mQ, sQK[None, None, 0], tok0, eos, hk, 0, tidx)
-            load_rows(self.io_dtype, self.K, THREADS, mK, sQK[None, None, 1], tok0, eos, hk, 0, tidx)
+            load_rows(self.io_dtype, self.K, threads, mQ, sQK[None, None, 0], tok0, eos, hk, 0, tidx)
+            load_rows(self.io_dtype, self.K, threads, mK, sQK[None, None, 1], tok0, eos, hk, 0, tidx)
             cute.arch.cp_async_commit_group()
-            if tidx < C:
+            if wg_tidx < C:
                 g = Float32(0.0)
                 beta = Float32(0.0)
-                if tok0 + tidx < eos:
+                if tok0 + wg_tidx < eos:
                     a_log = None
                     dt_bias = None
                     if cutlass.const_expr(self.gate_mode == "raw"):
                         a_log = mALog[hv]
                         dt_bias = mDtBias[hv]
-                    g, beta = gate_log_decay_beta(self.gate_mode, mGateA[0, tok0 + tidx, hv],
-                                                  mGateB[0, tok0 + tidx, hv], a_log, dt_bias)
-                sG[tidx] = g
-                sBeta[tidx] = beta
-            stamp = self.aux_mark(mProfile, row, hv, 0, stamp)
+                    g, beta = gate_log_decay_beta(self.gate_mode, mGateA[0, tok0 + wg_tidx, hv],
+                                                  mGateB[0, tok0 + wg_tidx, hv], a_log, dt_bias)
+                sG[wg_tidx] = g
+                sBeta[wg_tidx] = beta
+            stamp = self.aux_mark(mProfile, row, hv0, 0, stamp)
             cute.arch.cp_async_wait_group(0)
             cute.arch.fence_view_async_shared()
             cute.arch.sync_threads()
-            stamp = self.aux_mark(mProfile, row, hv, 1, stamp)
+            stamp = self.aux_mark(mProfile, row, hv0, 1, stamp)
 
-            # Warpgroup 0: K K^T; warpgroup 1: Q K^T (A operand = stage 1 - wg). Issued now, waited for
-            # after the norms and the g scan.
+            # Each warpgroup: K K^T (issued now, waited for after the norms and its g scan).
             thr = mma_ss.get_slice(wg_tidx)
             acc = cute.make_rmem_tensor(thr.partition_shape_C((C, C)), Float32)
-            tA = mma_ss.make_fragment_A(thr.partition_A(sQK[None, None, 1 - wg]))
-            tB = mma_ss.make_fragment_B(thr.partition_B(sQK[None, None, 1]))
-            gemm_issue(mma_ss, acc, tA, tB)
+            gemm_issue(mma_ss, acc, mma_ss.make_fragment_A(thr.partition_A(sQK[None, None, 1])),
+                       mma_ss.make_fragment_B(thr.partition_B(sQK[None, None, 1])))
             warpgroup.commit_group()
-
-            self.row_norms(sQK, sRQ, sRK, scale, tidx)
-            if tidx < 32:
-                inclusive_scan_64(sG, tidx)
+            self.row_norms(sQK, sRQ, sRK, scale, threads, tidx)
+            if wg_tidx < 32:
+                inclusive_scan_64(sG, wg_tidx)
             warpgroup.wait_group(0)
             cute.arch.sync_threads()
-            stamp = self.aux_mark(mProfile, row, hv, 2, stamp)
+            stamp = self.aux_mark(mProfile, row, hv0, 2, stamp)
 
             cC = thr.partition_C(cute.make_identity_tensor((C, C)))
-            # Gate and scale the products in registers first: with no shared-memory store in between,
-            # the per-row and per-column factor loads are shared among the fragment's elements.
-            if wg == 0:
-                for i in cutlass.range_constexpr(cute.size(acc)):
-                    t, s = cC[i]
-                    val = Float32(0.0)
-                    if s < t:
-                        val = (sBeta[t] * sRK[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
-                    acc[i] = val
-            else:
-                for i in cutlass.range_constexpr(cute.size(acc)):
-                    t, s = cC[i]
-                    val = Float32(0.0)
-                    if s <= t:
-                        val = (sRQ[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
-                    acc[i] = val
-            if wg == 0:
-                # A: its diagonal 16 x 16 blocks (fp32) for the forward substitution, the blocks below
-                # them (fp16, zeros elsewhere) for the tensor-core part of the inverse.
-                for i in cutlass.range_constexpr(cute.size(acc)):
-                    t, s = cC[i]
-                    off = Float32(0.0)
-                    if t // BLOCK == s // BLOCK:
-                        sA[t, s] = acc[i]
-                    else:
-                        off = acc[i]
-                    sAoff[t, s] = off.to(Float16)
-            else:
-                # Zero sD (the swizzle only permutes 16-byte units, so a flat view will do): 16 B a store.
-                sD_flat = storage.sD.get_tensor(cute.make_layout(C * C))
-                zeros = cute.make_rmem_tensor(cute.make_layout(8), Float16)
-                zeros.fill(0.0)
-                for i in cutlass.range_constexpr(C * C // 8 // 128):
-                    cute.autovec_copy(zeros, cute.local_tile(sD_flat, (8,), (wg_tidx + i * 128,)))
-                for i in cutlass.range_constexpr(cute.size(acc)):
-                    t, s = cC[i]
-                    sP[t, s] = acc[i].to(sP.element_type)
-            if tidx < C:
-                g_t = sG[tidx]
+            # A: its diagonal 16 x 16 blocks (fp32) for the forward substitution, the blocks below
+            # them (fp16, zeros elsewhere) for the tensor-core part of the inverse.
+            for i in cutlass.range_constexpr(cute.size(acc)):
+                t, s = cC[i]
+                val = Float32(0.0)
+                if s < t:
+                    val = (sBeta[t] * sRK[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
+                off = Float32(0.0)
+                if t // BLOCK == s // BLOCK:
+                    sA[t, s % BLOCK] = val
+                else:
+                    off = val
+                sAoff[t, s] = off.to(Float16)
+            # Zero sD (the swizzle only permutes 16-byte units, so a flat view will do): 16 B a store.
+            sD_flat = storage.sD.get_tensor(cute.make_layout(pair * C * C))
+            zeros = cute.make_rmem_tensor(cute.make_layout(8), Float16)
+            zeros.fill(0.0)
+            for i in cutlass.range_constexpr(C * C // 8 // AUX_WG_THREADS):
+                cute.autovec_copy(zeros, cute.local_tile(sD_flat, (8,), (j * C * C // 8 + wg_tidx + i * AUX_WG_THREADS,)))
+            # Q K^T into the same accumulator.
+            gemm(mma_ss, acc, mma_ss.make_fragment_A(thr.partition_A(sQK[None, None, 0])),
+                 mma_ss.make_fragment_B(thr.partition_B(sQK[None, None, 1])))
+            if wg_tidx < C:
+                g_t = sG[wg_tidx]
                 g_last = sG[C - 1]
                 gamma = cute.math.exp(g_t)
-                mWsF[row, hv, 0, tidx] = gamma * sRK[tidx]
-                mWsF[row, hv, 1, tidx] = gamma * sRQ[tidx]
-                mWsF[row, hv, 2, tidx] = cute.math.exp(g_last - g_t) * sRK[tidx]
-                mWsF[row, hv, 3, tidx] = cute.math.exp(g_last)
+                mWsF[row, hv, 0, wg_tidx] = gamma * sRK[wg_tidx]
+                mWsF[row, hv, 1, wg_tidx] = gamma * sRQ[wg_tidx]
+                mWsF[row, hv, 2, wg_tidx] = cute.math.exp(g_last - g_t) * sRK[wg_tidx]
+                mWsF[row, hv, 3, wg_tidx] = cute.math.exp(g_last)
+            cute.arch.sync_threads()  # every warpgroup is done reading q and k
+            for i in cutlass.range_constexpr(cute.size(acc)):
+                t, s = cC[i]
+                val = Float32(0.0)
+                if s <= t:
+                    val = (sRQ[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
+                sP[t, s] = val.to(sP.element_type)
             cute.arch.sync_threads()
-            stamp = self.aux_mark(mProfile, row, hv, 3, stamp)
-            if tidx < C:
-                solve_diagonal_blocks(sA, sD, tidx)
+            stamp = self.aux_mark(mProfile, row, hv0, 3, stamp)
+            if wg_tidx < C:
+                solve_diagonal_blocks(sA, sD, wg_tidx)
             cute.arch.fence_view_async_shared()
-            if wg == 1:
-                store_tile(sP, mWsTP[row, hv, 1, None, None], wg_tidx, 128)
+            store_tile(sP, mWsTP[row, hv, 1, None, None], wg_tidx, AUX_WG_THREADS)
             cute.arch.sync_threads()
-            self.invert_offdiagonal(mma_inv_ss, mma_inv_rs, sAoff, sD, sN, sTo, sBeta, wg, wg_tidx)
-            stamp = self.aux_mark(mProfile, row, hv, 4, stamp)
-            store_tile(sTo, mWsTP[row, hv, 0, None, None], tidx, THREADS)
-            stamp = self.aux_mark(mProfile, row, hv, 5, stamp)
-            # Publish the chunk to a concurrent chain kernel: every thread's stores, then the flag.
+            self.invert_offdiagonal(mma_inv_ss, mma_inv_rs, sAoff, sD, sTo, sBeta, wg_tidx)
+            stamp = self.aux_mark(mProfile, row, hv0, 4, stamp)
+            store_tile(sTo, mWsTP[row, hv, 0, None, None], wg_tidx, AUX_WG_THREADS)
+            stamp = self.aux_mark(mProfile, row, hv0, 5, stamp)
+            # Publish the chunk to a concurrent chain kernel: every thread's stores, then the flags.
             cute.arch.sync_threads()
             if tidx == 0:
                 cute.arch.fence_acq_rel_gpu()
-                cute.arch.store(flag_ptr(mWsFlag, row, hv), Int32(1), sem="release", scope="gpu")
+                for h in cutlass.range_constexpr(pair):
+                    cute.arch.store(flag_ptr(mWsFlag, row, hv0 + h), Int32(1), sem="release", scope="gpu")
 
     @cute.jit
     def aux_mark(self, mProfile, row, hv, phase: cutlass.Constexpr, stamp):
@@ -447,39 +443,41 @@ class GdnPrefillSm90:
         return stamp
 
     @cute.jit
-    def row_norms(self, sQK, sRQ, sRK, scale, tidx):
+    def row_norms(self, sQK, sRQ, sRK, scale, threads: cutlass.Constexpr, tidx):
         """sRQ[t] = scale / |q_t|, sRK[t] = 1 / |k_t| (scale and 1 without the L2 norm): four threads
         per row, 16-byte shared loads."""
         K = self.K
-        r = tidx // 4
         part = tidx % 4
         vecs = K // 8 // 4
-        for which in cutlass.range_constexpr(2):
-            ss = Float32(0.0)
-            if cutlass.const_expr(self.use_qk_l2norm):
-                src = sQK[None, None, which]
-                for i in cutlass.range_constexpr(vecs):
-                    frag = cute.make_rmem_tensor(cute.make_layout(8), self.io_dtype)
-                    cute.autovec_copy(cute.local_tile(src, (1, 8), (r, part * vecs + i))[0, None], frag)
-                    x = frag.load().to(Float32)
-                    ss += (x * x).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
-                ss += cute.arch.shuffle_sync_bfly(ss, 1)
-                ss += cute.arch.shuffle_sync_bfly(ss, 2)
-            factor = Float32(1.0)
-            if cutlass.const_expr(self.use_qk_l2norm):
-                factor = cute.math.rsqrt(ss + 1e-6)
-            if part == 0:
-                if cutlass.const_expr(which == 0):
-                    sRQ[r] = factor * scale
-                else:
-                    sRK[r] = factor
+        for rp in cutlass.range_constexpr(CHUNK * 4 // threads):
+            r = tidx // 4 + rp * (threads // 4)
+            for which in cutlass.range_constexpr(2):
+                ss = Float32(0.0)
+                if cutlass.const_expr(self.use_qk_l2norm):
+                    src = sQK[None, None, which]
+                    for i in cutlass.range_constexpr(vecs):
+                        frag = cute.make_rmem_tensor(cute.make_layout(8), self.io_dtype)
+                        cute.autovec_copy(cute.local_tile(src, (1, 8), (r, part * vecs + i))[0, None], frag)
+                        x = frag.load().to(Float32)
+                        ss += (x * x).reduce(cute.ReductionOp.ADD, Float32(0.0), 0)
+                    ss += cute.arch.shuffle_sync_bfly(ss, 1)
+                    ss += cute.arch.shuffle_sync_bfly(ss, 2)
+                factor = Float32(1.0)
+                if cutlass.const_expr(self.use_qk_l2norm):
+                    factor = cute.math.rsqrt(ss + 1e-6)
+                if part == 0:
+                    if cutlass.const_expr(which == 0):
+                        sRQ[r] = factor * scale
+                    else:
+                        sRK[r] = factor
 
     @cute.jit
-    def invert_offdiagonal(self, mma_inv_ss, mma_inv_rs, sAoff, sD, sN, sTo, sBeta, wg, wg_tidx):
-        """Warpgroup 0, with D = (I + A_d)^-1 (block diagonal, in sD) and A_off (the blocks below the
-        diagonal): (I + A)^-1 = (I + N)^-1 D with N = D A_off strictly block-lower, so N^4 = 0 and
-        (I + N)^-1 = W = I - N + N^2 - N^3, built as W <- I - W N from W = I - N. Four 64 x 64 x 64 fp16
-        wgmma products; T = W D diag(beta) into sTo (io dtype). Ends with a CTA barrier."""
+    def invert_offdiagonal(self, mma_inv_ss, mma_inv_rs, sAoff, sD, sTo, sBeta, wg_tidx):
+        """Each warpgroup for its value head, with D = (I + A_d)^-1 (block diagonal, in sD) and A_off
+        (the blocks below the diagonal, in sAoff): (I + A)^-1 = (I + N)^-1 D with N = D A_off strictly
+        block-lower, so N^4 = 0 and (I + N)^-1 = W = I - N + N^2 - N^3, built as W <- I - W N from
+        W = I - N. Four 64 x 64 x 64 fp16 wgmma products; N overwrites A_off, and T = W D diag(beta)
+        (io dtype, sTo) overwrites N. Ends with a CTA barrier."""
         C = CHUNK
         thr_ss = mma_inv_ss.get_slice(wg_tidx)
         thr = mma_inv_rs.get_slice(wg_tidx)
@@ -487,32 +485,31 @@ class GdnPrefillSm90:
         cC = thr.partition_C(cute.make_identity_tensor((C, C)))
         rW = cute.make_rmem_tensor(acc_to_a_layout(acc.layout), Float16)
         rW_acc = cute.make_tensor(rW.iterator, acc.layout)
-        if wg == 0:
-            gemm(mma_inv_ss, acc, mma_inv_ss.make_fragment_A(thr_ss.partition_A(sD)),
-                 mma_inv_ss.make_fragment_B(thr_ss.partition_B(transpose_view(sAoff))))
+        gemm(mma_inv_ss, acc, mma_inv_ss.make_fragment_A(thr_ss.partition_A(sD)),
+             mma_inv_ss.make_fragment_B(thr_ss.partition_B(transpose_view(sAoff))))
+        sN = sAoff
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            r, c = cC[i]
+            sN[r, c] = acc[i].to(Float16)
+            ident = Float32(0.0)
+            if r == c:
+                ident = Float32(1.0)
+            rW_acc[i] = (ident - acc[i]).to(Float16)
+        cute.arch.fence_view_async_shared()
+        cute.arch.sync_threads()
+        tN = mma_inv_rs.make_fragment_B(thr.partition_B(transpose_view(sN)))
+        for _ in cutlass.range_constexpr(2):
+            gemm(mma_inv_rs, acc, rW, tN)
             for i in cutlass.range_constexpr(cute.size(acc)):
                 r, c = cC[i]
-                sN[r, c] = acc[i].to(Float16)
                 ident = Float32(0.0)
                 if r == c:
                     ident = Float32(1.0)
                 rW_acc[i] = (ident - acc[i]).to(Float16)
-            cute.arch.fence_view_async_shared()
-        cute.arch.sync_threads()
-        if wg == 0:
-            tN = mma_inv_rs.make_fragment_B(thr.partition_B(transpose_view(sN)))
-            for _ in cutlass.range_constexpr(2):
-                gemm(mma_inv_rs, acc, rW, tN)
-                for i in cutlass.range_constexpr(cute.size(acc)):
-                    r, c = cC[i]
-                    ident = Float32(0.0)
-                    if r == c:
-                        ident = Float32(1.0)
-                    rW_acc[i] = (ident - acc[i]).to(Float16)
-            gemm(mma_inv_rs, acc, rW, mma_inv_rs.make_fragment_B(thr.partition_B(transpose_view(sD))))
-            for i in cutlass.range_constexpr(cute.size(acc)):
-                r, c = cC[i]
-                sTo[r, c] = (acc[i] * sBeta[c]).to(sTo.element_type)
+        gemm(mma_inv_rs, acc, rW, mma_inv_rs.make_fragment_B(thr.partition_B(transpose_view(sD))))
+        for i in cutlass.range_constexpr(cute.size(acc)):
+            r, c = cC[i]
+            sTo[r, c] = (acc[i] * sBeta[c]).to(sTo.element_type)
         cute.arch.sync_threads()
 
     # ================================ chain: the state through the chunks ================================
@@ -879,9 +876,9 @@ def inclusive_scan_64(sG, lane):
 
 @cute.jit
 def solve_diagonal_blocks(sA, sD, tidx):
-    """D = (I + A_d)^-1 for the 16 x 16 diagonal blocks of the strictly lower-triangular fp32 A, by
-    forward substitution in fp32 (thread tidx < 64: column tidx % 16 of block tidx // 16), written as
-    fp16 into those blocks of sD."""
+    """D = (I + A_d)^-1 for the 16 x 16 diagonal blocks of the strictly lower-triangular fp32 A (sA:
+    [t, s % 16] for s in t's block), by forward substitution in fp32 (thread tidx < 64: column
+    tidx % 16 of block tidx // 16), written as fp16 into those blocks of sD."""
     b = tidx // BLOCK
     col = tidx % BLOCK
     m = cute.make_rmem_tensor(cute.make_layout(BLOCK), Float32)
@@ -890,7 +887,7 @@ def solve_diagonal_blocks(sA, sD, tidx):
         if col == i:
             acc = Float32(1.0)
         for j in cutlass.range_constexpr(i):
-            acc = acc - sA[b * BLOCK + i, b * BLOCK + j] * m[j]
+            acc = acc - sA[b * BLOCK + i, j] * m[j]
         m[i] = acc
     for i in cutlass.range_constexpr(BLOCK):
         sD[b * BLOCK + i, b * BLOCK + col] = m[i].to(Float16)
