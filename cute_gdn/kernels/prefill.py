@@ -185,8 +185,8 @@ class GdnPrefillSm90:
 
         @cute.struct
         class AuxStorage:  # per value head j of the CTA: [..., j]
-            sQK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]  # q, k; then P
-            sAoff: cute.struct.Align[cute.struct.MemRange[Float16, cute.cosize(sInv_layout)], 1024]  # A_off, N, T
+            sQK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]  # q, k; then P, T
+            sAoff: cute.struct.Align[cute.struct.MemRange[Float16, cute.cosize(sInv_layout)], 1024]  # A_off, N
             sD: cute.struct.Align[cute.struct.MemRange[Float16, cute.cosize(sInv_layout)], 1024]
             sA: cute.struct.Align[cute.struct.MemRange[Float32, pair * C * LDB], 16]  # diagonal blocks of A
             sG: cute.struct.Align[cute.struct.MemRange[Float32, pair * C], 16]
@@ -327,12 +327,10 @@ class GdnPrefillSm90:
             sA = storage.sA.get_tensor(cute.make_layout((C, BLOCK, pair), stride=(LDB, 1, C * LDB)))[None, None, j]
             sAoff = storage.sAoff.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, j]
             sD = storage.sD.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, j]
-            # N overwrites A_off, and T (io dtype) overwrites N, each once the last product reading
-            # it has completed.
-            sTo = storage.sAoff.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner,
-                                           dtype=self.io_dtype)[None, None, j]
-            # P reuses the q/k tiles once every warpgroup's products are done (rows padded to C + 8).
+            # P reuses the q/k tiles once every warpgroup's products are done (rows padded to C + 8),
+            # and T reuses P's once P is stored.
             sP = cute.make_tensor(storage.sQK.data_ptr() + j * C * (C + 8), cute.make_layout((C, C), stride=(C + 8, 1)))
+            sTo = sP
             sG = storage.sG.get_tensor(cute.make_layout((C, pair), stride=(1, C)))[None, j]
             sBeta = storage.sBeta.get_tensor(cute.make_layout((C, pair), stride=(1, C)))[None, j]
             sRK = storage.sRK.get_tensor(cute.make_layout(C))
@@ -476,8 +474,8 @@ class GdnPrefillSm90:
         """Each warpgroup for its value head, with D = (I + A_d)^-1 (block diagonal, in sD) and A_off
         (the blocks below the diagonal, in sAoff): (I + A)^-1 = (I + N)^-1 D with N = D A_off strictly
         block-lower, so N^4 = 0 and (I + N)^-1 = W = I - N + N^2 - N^3, built as W <- I - W N from
-        W = I - N. Four 64 x 64 x 64 fp16 wgmma products; N overwrites A_off, and T = W D diag(beta)
-        (io dtype, sTo) overwrites N. Ends with a CTA barrier."""
+        W = I - N. Four 64 x 64 x 64 fp16 wgmma products; N overwrites A_off; T = W D diag(beta) goes to
+        sTo (io dtype). Ends with a CTA barrier."""
         C = CHUNK
         thr_ss = mma_inv_ss.get_slice(wg_tidx)
         thr = mma_inv_rs.get_slice(wg_tidx)
