@@ -155,6 +155,21 @@ def test_every_prefill_variant_compiles_for_sm90a(tmp_path):
     assert all(cache.on_disk(k) for k in keys)
 
 
+@pytest.mark.parametrize("H,HV", [(4, 4), (2, 8), (3, 9)])
+def test_prefill_aux_ctas_by_gva(tmp_path, H, HV):
+    """A GVA pair of value heads per aux CTA when HV / H is even, else one head (128 threads): both
+    forms compile."""
+    from cute_gdn.kernels.prefill import GdnPrefillSm90
+    op = GdnPrefillSm90(io_dtype="bfloat16", state_dtype="float32", num_heads=H, num_v_heads=HV, head_k_dim=128,
+                        head_v_dim=128, gate_mode="raw", use_qk_l2norm=True)
+    assert op.aux_heads == (2 if (HV // H) % 2 == 0 else 1)
+    key = prefill_key(io_dtype="bfloat16", state_dtype="float32", num_heads=H, num_v_heads=HV, head_k_dim=128,
+                      head_v_dim=128, pool_size=8, gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True)
+    cache = KernelCache(tmp_path)
+    cache.compile([key], jobs=1)
+    assert cache.on_disk(key)
+
+
 def test_prefill_ptx_runs_on_warpgroup_mma(tmp_path):
     """The chunk products are wgmma instructions, bf16 in, fp32 accumulate: m64n64k16 for K K^T / Q K^T
     (aux kernel, 8 k-blocks) and S K^T, S Q^T (8 each), X T^T, U P^T (4 each) of the chain kernel, and

@@ -2,15 +2,16 @@
 
 Two kernels in one compiled function, which launches either or both (`launch`):
 
-1. `aux` (one CTA per chunk of 64 tokens and value head, all chunks in parallel). Everything of a
-   chunk that does not depend on the state: with G_t the cumulative log-decay inside the chunk,
-   rk_t = 1 / |k_t| and rq_t = scale / |q_t| (the L2 norms folded into per-token factors),
-     A[t, s] = beta_t rk_t rk_s (k_t . k_s) exp(G_t - G_s)   s < t     wgmma K K^T (warpgroup 0)
-     P[t, s] = rq_t rk_s (q_t . k_s) exp(G_t - G_s)           s <= t    wgmma Q K^T (warpgroup 1)
+1. `aux` (one CTA per chunk of 64 tokens and GVA pair of value heads, one warpgroup per head, all
+   chunks in parallel; a single head per CTA when HV / H is odd). The pair shares one load of q and k.
+   Everything of a chunk that does not depend on the state: with G_t the cumulative log-decay inside
+   the chunk, rk_t = 1 / |k_t| and rq_t = scale / |q_t| (the L2 norms folded into per-token factors),
+     A[t, s] = beta_t rk_t rk_s (k_t . k_s) exp(G_t - G_s)   s < t     wgmma K K^T
+     P[t, s] = rq_t rk_s (q_t . k_s) exp(G_t - G_s)           s <= t    wgmma Q K^T
      T[n, s] = ((I + A)^-1)[n, s] beta_s
    where (I + A)^-1 = (I + N)^-1 D with D the inverse of its 16 x 16 diagonal blocks (fp32 forward
    substitution) and N = D A_off strictly block-lower (N^4 = 0), so (I + N)^-1 = I - N + N^2 - N^3:
-   four 64 x 64 x 64 fp16 wgmma products (warpgroup 0),
+   four 64 x 64 x 64 fp16 wgmma products,
    and the factors f = (exp(G_t) rk_t, exp(G_t) rq_t, exp(G_last - G_t) rk_t, exp(G_last)). T, P
    (io dtype) and f (fp32) go to a workspace indexed by chunk, then a per-chunk flag (release).
 2. `chain` (one CTA per sequence, value head and 64 or 128 value rows, sequential over the chunks).
