@@ -1,6 +1,7 @@
 """Prefill ("extend") speed: cute_gdn vs FlashInfer and FLA, one run.
 
     python bench/bench_prefill.py                          # writes bench/results/prefill_<gpu>.json
+    python bench/bench_prefill.py --timing graph           # CUDA-graph replays: prefill_graph_<gpu>.json
 
 Shapes: tokens x sequences (equal lengths), fp32 state pool addressed by permuted slots, bf16 io,
 q/k L2-norm in the kernel. Each call is timed on its own after flushing the L2 (median of 10, eager,
@@ -109,8 +110,40 @@ def time_cold(fn, reps: int = 10) -> float:
     return statistics.median(times)
 
 
+def time_cold_graph(fn, reps: int = 10) -> float:
+    """Median microseconds of single CUDA-graph replays of one call, each after the L2 is flushed
+    (outside the timed region): the call's GPU time without its host overhead."""
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # first-call compiles / autotune outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    del graph
+    return statistics.median(times)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--timing", choices=("eager", "graph"), default="eager",
+                    help="eager calls (host overhead included, as the anchors) or CUDA-graph replays; "
+                         "graph results go to prefill_graph_<gpu>.json")
     ap.add_argument("--baselines", default="flashinfer,fla")
     ap.add_argument("--heads", default="16/32,8/16")
     ap.add_argument("--shapes", default=",".join(f"{t}x{n}" for t, n in SHAPES))
@@ -133,7 +166,7 @@ def main():
                 impls["fla"] = lambda x=x: fla_call(x)
             for name, make in impls.items():
                 try:
-                    us = time_cold(make())
+                    us = (time_cold_graph if args.timing == "graph" else time_cold)(make())
                 except Exception as e:  # reported, not fatal
                     rows.append(dict(op="prefill", impl=name, H=H, HV=HV, tokens=tokens, seqs=seqs,
                                      error=f"{type(e).__name__}: {e}"))
@@ -146,7 +179,8 @@ def main():
                       flush=True)
             del x, impls
             torch.cuda.empty_cache()
-    path = common.save("prefill", dict(env=common.environment(), rows=rows))
+    path = common.save("prefill" if args.timing == "eager" else "prefill_graph",
+                       dict(env=common.environment(), timing=args.timing, rows=rows))
     print("wrote", path)
 
 
