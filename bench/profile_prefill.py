@@ -23,7 +23,7 @@ from cute_gdn.cache import default_cache  # noqa: E402
 
 PHASES = ("wait for loads", "state chain", "output store", "barrier", "issue loads")
 AUX_PHASES = ("issue loads, gates", "loads landed", "products, norms, scan", "epilogues", "inverse", "T/P stores")
-AUX, CHAIN, BOTH = 1, 2, 3  # the compiled function's `launch` argument
+AUX, CHAIN, BOTH = (getattr(ops.prefill_kernel, f"LAUNCH_{x}") for x in ("AUX", "CHAIN", "BOTH"))
 
 
 def main():

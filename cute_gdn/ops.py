@@ -636,16 +636,16 @@ def prefill(
     call = (q, k, v, *gates, cu_seqlens, state, state_indices, init, out, *ws, scale, wide)
     try:
         if not overlap:
-            fn(*call, 3, 0, None)
+            fn(*call, prefill_kernel.LAUNCH_BOTH, 0, None)
         else:
             # The aux kernel on the caller's stream, the chain concurrently on a high-priority one,
             # waiting for each chunk's flag; the caller's stream then waits for the chain.
             current = torch.cuda.current_stream(q.device)
             side = _chain_stream(q.device.index)
             side.wait_stream(current)
-            fn(*call, 1, 1, None)
+            fn(*call, prefill_kernel.LAUNCH_AUX, 1, None)
             with torch.cuda.stream(side):
-                fn(*call, 2, 1, None)
+                fn(*call, prefill_kernel.LAUNCH_CHAIN, 1, None)
             current.wait_stream(side)
     except (ValueError, TypeError):
         validate_prefill(*args)

@@ -217,7 +217,8 @@ def test_prefill_overlapped_and_serial_launches_agree_bitwise():
     ws = ops.prefill_workspace(T, N, HV, o_a.dtype, o_a.device)
     fn = default_cache().get(_key(H, HV))
     fn(inputs["q"], inputs["k"], inputs["v"], inputs["a"], inputs["b"], inputs["A_log"], inputs["dt_bias"], cu,
-       pool_b, slots, torch.ones(N, dtype=torch.int8, device="cuda"), o_b, *ws, scale, 0, 3, 0, None)
+       pool_b, slots, torch.ones(N, dtype=torch.int8, device="cuda"), o_b, *ws, scale, 0,
+       ops.prefill_kernel.LAUNCH_BOTH, 0, None)
     torch.cuda.synchronize()
     assert torch.equal(o_a, o_b) and torch.equal(pool_a, pool_b)
 

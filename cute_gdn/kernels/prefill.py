@@ -64,6 +64,7 @@ from .common.gates import gate_log_decay_beta
 from .common.problem import check_problem
 
 CHUNK = 64
+LAUNCH_AUX, LAUNCH_CHAIN, LAUNCH_BOTH = 1, 2, 3  # the compiled function's `launch` argument
 AUX_WG_THREADS = 128  # aux: one warpgroup per value head of the CTA
 WG_ROWS = 64  # chain: each warpgroup owns 64 value rows of the state; a CTA has 1 or 2 warpgroups
 SUPPORTED_HEAD_DIM = 128
@@ -243,12 +244,12 @@ class GdnPrefillSm90:
             cute.select(sTP_layout, mode=[0, 1]), (C, C))
         tma = (tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp)
         num_seqs = mIndices.shape[0]
-        if launch % 2 == 1:
+        if launch % 2 == 1:  # LAUNCH_AUX or LAUNCH_BOTH
             self.aux_kernel(mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, mWsFlag, scale,
                             mProfile, mma_ss, mma_inv_ss, mma_inv_rs, sQK_layout, sInv_layout).launch(
                 grid=(self.num_v_heads // pair, mWsTP.shape[0], 1), block=(AUX_WG_THREADS * pair, 1, 1),
                 stream=stream, min_blocks_per_mp=AUX_CTAS_PER_SM[pair], preferred_smem_carveout=100)
-        if launch // 2 == 1:
+        if launch // 2 == 1:  # LAUNCH_CHAIN or LAUNCH_BOTH
             chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mWsFlag, overlap, mProfile, *tma,
                           mma_rs, mma_state, sQK_layout)
             if wide != 0:
@@ -391,7 +392,8 @@ class GdnPrefillSm90:
             zeros = cute.make_rmem_tensor(cute.make_layout(8), Float16)
             zeros.fill(0.0)
             for i in cutlass.range_constexpr(C * C // 8 // AUX_WG_THREADS):
-                cute.autovec_copy(zeros, cute.local_tile(sD_flat, (8,), (j * C * C // 8 + wg_tidx + i * AUX_WG_THREADS,)))
+                vec = j * C * C // 8 + wg_tidx + i * AUX_WG_THREADS
+                cute.autovec_copy(zeros, cute.local_tile(sD_flat, (8,), (vec,)))
             # Q K^T into the same accumulator.
             gemm(mma_ss, acc, mma_ss.make_fragment_A(thr.partition_A(sQK[None, None, 0])),
                  mma_ss.make_fragment_B(thr.partition_B(sQK[None, None, 1])))
@@ -970,4 +972,5 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
             if profile else None)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     return cute.compile(op, q, k, v, gate_a, gate_b, a_log, dt_bias, cu, state, indices, has_init, o, ws_tp, ws_f,
-                        ws_flag, Float32(1.0), Int32(0), Int32(3), Int32(0), prof, stream, options="--enable-tvm-ffi")
+                        ws_flag, Float32(1.0), Int32(0), Int32(LAUNCH_BOTH), Int32(0), prof, stream,
+                        options="--enable-tvm-ffi")
