@@ -897,7 +897,8 @@ def solve_diagonal_blocks(sA, sD, tidx):
 @cute.jit
 def store_tile(sX, gX, tidx, threads: cutlass.Constexpr):
     """A [CHUNK, CHUNK] 16-bit tile (rows 16-byte aligned) from shared to global memory, 16 bytes per
-    store, by `threads` threads."""
+    store, by `threads` threads. sX must have a plain layout: from a swizzled tile it gave wrong data
+    (its row-pointer arithmetic, we believe, does not follow the swizzle)."""
     for i in cutlass.range_constexpr(CHUNK * CHUNK // 8 // threads):
         e = tidx + i * threads
         r = e // (CHUNK // 8)
