@@ -92,28 +92,32 @@ def fla_call(x):
         cu_seqlens_cpu=cu_cpu)
 
 
-def time_cold(fn, reps: int = 10) -> float:
-    """Median microseconds of single calls, each after the L2 is flushed."""
+def _median_cold(run, reps: int) -> float:
+    """Median microseconds of `run()`, each time after the L2 is flushed (outside the timed region)."""
     flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         flush.zero_()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        run()
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3)
     return statistics.median(times)
 
 
+def time_cold(fn, reps: int = 10) -> float:
+    """Median microseconds of single calls, each after the L2 is flushed."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    return _median_cold(fn, reps)
+
+
 def time_cold_graph(fn, reps: int = 10) -> float:
     """Median microseconds of single CUDA-graph replays of one call, each after the L2 is flushed
     (outside the timed region): the call's GPU time without its host overhead."""
-    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -126,17 +130,9 @@ def time_cold_graph(fn, reps: int = 10) -> float:
         fn()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush.zero_()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
+    us = _median_cold(graph.replay, reps)
     del graph
-    return statistics.median(times)
+    return us
 
 
 def main():

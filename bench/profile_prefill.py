@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_prefill import D, cute_call, make_inputs, prefill_key, time_cold  # noqa: E402
 from cute_gdn import ops  # noqa: E402
 from cute_gdn.cache import default_cache  # noqa: E402
+from cute_gdn.kernels.prefill import LAUNCH_AUX as AUX, LAUNCH_BOTH as BOTH, LAUNCH_CHAIN as CHAIN  # noqa: E402
 
 PHASES = ("wait for loads", "state chain", "output store", "barrier", "issue loads")
 AUX_PHASES = ("issue loads, gates", "loads landed", "products, norms, scan", "epilogues", "inverse", "T/P stores")
-AUX, CHAIN, BOTH = (getattr(ops.prefill_kernel, f"LAUNCH_{x}") for x in ("AUX", "CHAIN", "BOTH"))
 
 
 def main():

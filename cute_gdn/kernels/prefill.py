@@ -199,27 +199,20 @@ class GdnPrefillSm90:
 
         # 2 stages of q, k, T, P and one v tile: 106 KiB (one warpgroup: two CTAs share an SM) or
         # 114 KiB (two warpgroups) at 16-bit io.
-        @cute.struct
-        class ChainStorage1:
-            sQ: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
-            sK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
-            sTP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sTP_layout)], 1024]
-            sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layouts[0])], 1024]
-            sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
-            mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 2], 8]  # TMA arrival, per stage
-
-        @cute.struct
-        class ChainStorage2:
-            sQ: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
-            sK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
-            sTP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sTP_layout)], 1024]
-            sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layouts[1])], 1024]
-            sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
-            mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 2], 8]  # TMA arrival, per stage
+        def chain_storage(sV_layout):
+            @cute.struct
+            class ChainStorage:
+                sQ: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
+                sK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
+                sTP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sTP_layout)], 1024]
+                sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layout)], 1024]
+                sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
+                mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 2], 8]  # TMA arrival, per stage
+            return ChainStorage
 
         assert pair * C * (C + 8) <= cute.cosize(sQK_layout)  # the P tiles fit where q and k were
         self.aux_storage = AuxStorage
-        self.chain_storage = {1: ChainStorage1, 2: ChainStorage2}
+        self.chain_storage = {wgs: chain_storage(sV_layouts[wgs - 1]) for wgs in (1, 2)}
         # wgmma tilings (one warpgroup each): SS products of aux, RS products of the chain.
         mma_ss = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
                                                    (1, 1, 1), (C, C))
