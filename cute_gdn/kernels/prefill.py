@@ -324,7 +324,8 @@ class GdnPrefillSm90:
             sD = storage.sD.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, j]
             # P reuses the q/k tiles once every warpgroup's products are done (rows padded to C + 8),
             # and T reuses P's once P is stored.
-            sP = cute.make_tensor(storage.sQK.data_ptr() + j * C * (C + 8), cute.make_layout((C, C), stride=(C + 8, 1)))
+            sP = cute.make_tensor((storage.sQK.data_ptr() + j * C * (C + 8)).align(16),
+                                  cute.make_layout((C, C), stride=(C + 8, 1)))
             sTo = sP
             sG = storage.sG.get_tensor(cute.make_layout((C, pair), stride=(1, C)))[None, j]
             sBeta = storage.sBeta.get_tensor(cute.make_layout((C, pair), stride=(1, C)))[None, j]
@@ -369,6 +370,7 @@ class GdnPrefillSm90:
             cC = thr.partition_C(cute.make_identity_tensor((C, C)))
             # A: its diagonal 16 x 16 blocks (fp32) for the forward substitution, the blocks below
             # them (fp16, zeros elsewhere) for the tensor-core part of the inverse.
+            rOff = cute.make_rmem_tensor(acc.layout, Float16)
             for i in cutlass.range_constexpr(cute.size(acc)):
                 t, s = cC[i]
                 val = Float32(0.0)
@@ -379,7 +381,8 @@ class GdnPrefillSm90:
                     sA[t, s % BLOCK] = val
                 else:
                     off = val
-                sAoff[t, s] = off.to(Float16)
+                rOff[i] = off.to(Float16)
+            store_fragment(mma_ss, rOff, sAoff, wg_tidx)
             # Zero sD (the swizzle only permutes 16-byte units, so a flat view will do): 16 B a store.
             sD_flat = storage.sD.get_tensor(cute.make_layout(pair * C * C))
             zeros = cute.make_rmem_tensor(cute.make_layout(8), Float16)
@@ -399,12 +402,14 @@ class GdnPrefillSm90:
                 mWsF[row, hv, 2, wg_tidx] = cute.math.exp(g_last - g_t) * sRK[wg_tidx]
                 mWsF[row, hv, 3, wg_tidx] = cute.math.exp(g_last)
             cute.arch.sync_threads()  # every warpgroup is done reading q and k
+            rP = cute.make_rmem_tensor(acc.layout, sP.element_type)
             for i in cutlass.range_constexpr(cute.size(acc)):
                 t, s = cC[i]
                 val = Float32(0.0)
                 if s <= t:
                     val = (sRQ[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
-                sP[t, s] = val.to(sP.element_type)
+                rP[i] = val.to(sP.element_type)
+            store_fragment(mma_ss, rP, sP, wg_tidx)
             cute.arch.sync_threads()
             stamp = self.aux_mark(mProfile, row, hv0, 3, stamp)
             if wg_tidx < C:
@@ -482,13 +487,15 @@ class GdnPrefillSm90:
         gemm(mma_inv_ss, acc, mma_inv_ss.make_fragment_A(thr_ss.partition_A(sD)),
              mma_inv_ss.make_fragment_B(thr_ss.partition_B(transpose_view(sAoff))))
         sN = sAoff
+        rN = cute.make_rmem_tensor(acc.layout, Float16)
         for i in cutlass.range_constexpr(cute.size(acc)):
             r, c = cC[i]
-            sN[r, c] = acc[i].to(Float16)
+            rN[i] = acc[i].to(Float16)
             ident = Float32(0.0)
             if r == c:
                 ident = Float32(1.0)
             rW_acc[i] = (ident - acc[i]).to(Float16)
+        store_fragment(mma_inv_rs, rN, sN, wg_tidx)
         cute.arch.fence_view_async_shared()
         cute.arch.sync_threads()
         tN = mma_inv_rs.make_fragment_B(thr.partition_B(transpose_view(sN)))
@@ -501,9 +508,11 @@ class GdnPrefillSm90:
                     ident = Float32(1.0)
                 rW_acc[i] = (ident - acc[i]).to(Float16)
         gemm(mma_inv_rs, acc, rW, mma_inv_rs.make_fragment_B(thr.partition_B(transpose_view(sD))))
+        rT = cute.make_rmem_tensor(acc.layout, sTo.element_type)
         for i in cutlass.range_constexpr(cute.size(acc)):
             r, c = cC[i]
-            sTo[r, c] = (acc[i] * sBeta[c]).to(sTo.element_type)
+            rT[i] = (acc[i] * sBeta[c]).to(sTo.element_type)
+        store_fragment(mma_inv_rs, rT, sTo, wg_tidx)
         cute.arch.sync_threads()
 
     # ================================ chain: the state through the chunks ================================
@@ -791,9 +800,9 @@ class GdnPrefillSm90:
         # O [t, v] into the output tile: this thread's wgmma reading T and P have completed, other
         # threads' may not have; sync first.
         cute.arch.sync_threads()
-        for i in cutlass.range_constexpr(cute.size(acc_O)):
-            r, t = cVT[i]
-            sO[t, r] = acc_O[i].to(io)
+        rO = cute.make_rmem_tensor(acc_O.layout, io)
+        rO.store(acc_O.load().to(io))
+        store_fragment(mma_rs, rO, transpose_view(sO), wg_tidx, transpose=True)
 
 
 # ================================ shared pieces ================================
@@ -815,6 +824,16 @@ def gemm(tiled_mma: cute.TiledMma, acc, tA, tB, accumulate: cutlass.Constexpr = 
     gemm_issue(tiled_mma, acc, tA, tB, accumulate)
     warpgroup.commit_group()
     warpgroup.wait_group(0)
+
+
+@cute.jit
+def store_fragment(tiled_mma: cute.TiledMma, rX, sX, wg_tidx, transpose: cutlass.Constexpr = False):
+    """A warpgroup's 16-bit fragment rX (in the layout of tiled_mma's accumulator) into the shared
+    tile sX, by stmatrix (four 8 x 8 matrices an instruction); transpose=True when sX's contiguous
+    dim is the fragment's row (M) dim."""
+    atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(transpose, 4), rX.element_type)
+    tiled = cute.make_tiled_copy_C(atom, tiled_mma)
+    cute.copy(tiled, tiled.retile(rX), tiled.get_slice(wg_tidx).partition_D(sX))
 
 
 @cute.jit
