@@ -370,12 +370,20 @@ class GdnPrefillSm90:
             cC = thr.partition_C(cute.make_identity_tensor((C, C)))
             # A: its diagonal 16 x 16 blocks (fp32) for the forward substitution, the blocks below
             # them (fp16, zeros elsewhere) for the tensor-core part of the inverse.
+            # The factors are read before any store, so that the compiler shares the loads of a row
+            # or column (a thread's fragment spans 2 rows and 16 columns); computed for every element
+            # and then masked, so that no load sits in a branch.
+            for i in cutlass.range_constexpr(cute.size(acc)):
+                t, s = cC[i]
+                full = (sBeta[t] * sRK[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
+                val = Float32(0.0)
+                if s < t:
+                    val = full
+                acc[i] = val
             rOff = cute.make_rmem_tensor(acc.layout, Float16)
             for i in cutlass.range_constexpr(cute.size(acc)):
                 t, s = cC[i]
-                val = Float32(0.0)
-                if s < t:
-                    val = (sBeta[t] * sRK[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
+                val = acc[i]
                 off = Float32(0.0)
                 if t // BLOCK == s // BLOCK:
                     sA[t, s % BLOCK] = val
@@ -405,9 +413,10 @@ class GdnPrefillSm90:
             rP = cute.make_rmem_tensor(acc.layout, sP.element_type)
             for i in cutlass.range_constexpr(cute.size(acc)):
                 t, s = cC[i]
+                full = (sRQ[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
                 val = Float32(0.0)
                 if s <= t:
-                    val = (sRQ[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
+                    val = full
                 rP[i] = val.to(sP.element_type)
             store_fragment(mma_ss, rP, sP, wg_tidx)
             cute.arch.sync_threads()
