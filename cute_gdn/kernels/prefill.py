@@ -235,7 +235,11 @@ class GdnPrefillSm90:
         tma_tp, tma_tensor_tp = cpasync.make_tiled_tma_atom(
             tma_op, cute.make_tensor(mWsTP.iterator, cute.select(mWsTP.layout, mode=[3, 4, 2, 1, 0])),
             cute.select(sTP_layout, mode=[0, 1]), (C, C))
-        tma = (tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp)
+        # ... and for the chain's o (full chunks): (C, 64) tiles of (T, V) per head from the T/P tiles.
+        tma_o, tma_tensor_o = cpasync.make_tiled_tma_atom(
+            cpasync.CopyBulkTensorTileS2GOp(), cute.make_tensor(mO.iterator, cute.select(mO.layout, mode=[1, 3, 2])),
+            cute.select(sTP_layout, mode=[0, 1]), (C, WG_ROWS))
+        tma = (tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_o, tma_tensor_o)
         num_seqs = mIndices.shape[0]
         if launch % 2 == 1:  # LAUNCH_AUX or LAUNCH_BOTH
             self.aux_kernel(mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, mWsFlag, scale,
@@ -545,6 +549,8 @@ class GdnPrefillSm90:
         tma_tensor_k: cute.Tensor,
         tma_tp: cute.CopyAtom,
         tma_tensor_tp: cute.Tensor,
+        tma_o: cute.CopyAtom,
+        tma_tensor_o: cute.Tensor,
         mma_rs: cute.TiledMma,
         mma_state: cute.TiledMma,
         sQK_layout: cute.ComposedLayout,
@@ -593,6 +599,7 @@ class GdnPrefillSm90:
             cpasync.prefetch_descriptor(tma_q)
             cpasync.prefetch_descriptor(tma_k)
             cpasync.prefetch_descriptor(tma_tp)
+            cpasync.prefetch_descriptor(tma_o)
             cute.arch.mbarrier_init(mbar, 1)
             cute.arch.mbarrier_init(mbar + 1, 1)
         cute.arch.mbarrier_init_fence()
@@ -605,6 +612,9 @@ class GdnPrefillSm90:
         tKs, tKg = cpasync.tma_partition(tma_k, 0, cute.make_layout(1), cute.group_modes(sKs, 0, 2),
                                          cute.group_modes(gK, 0, 2))
         loads = (tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar, overlap)
+        # The sequence's o as (C, 64) coordinate tiles [chunk, column tile] for the TMA stores.
+        gO = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_o)[None, None, hv], (C, WG_ROWS),
+                             (None, None))
 
         # The warpgroup's 64 rows of S, [64, K] fp32 accumulator of mma_state.
         thr_state = mma_state.get_slice(wg_tidx)
@@ -654,11 +664,25 @@ class GdnPrefillSm90:
                                  sTPs[None, None, 2 * stage], sTPs[None, None, 2 * stage + 1],
                                  sTPs[None, None, 2 * stage + wg], sFs[None, None, stage], mV, tok0 + C, eos,
                                  c + 1 < num_chunks, hv, c0, wg, wgs, tidx)
+                cute.arch.fence_view_async_shared()  # the output tiles' stores before a TMA store reads them
                 cute.arch.sync_threads()  # the output tiles are complete
                 stamp = self.mark(prof, 1, stamp)
-                self.store_output(sTPs, stage, mO, tok0, valid, hv, c0, wgs, tidx)
-                cute.arch.fence_view_async_shared()  # generic accesses of this stage before its next TMA fill
+                if valid == C:
+                    # A full chunk: TMA stores (warp 0), waited for before the stage's next fill.
+                    if tidx < 32:
+                        for w in cutlass.range_constexpr(wgs):
+                            s_tile, g_tile = cpasync.tma_partition(
+                                tma_o, 0, cute.make_layout(1), cute.group_modes(sTPs[None, None, 2 * stage + w], 0, 2),
+                                cute.group_modes(gO[None, None, c, z * wgs + w], 0, 2))
+                            cute.copy(tma_o, s_tile, g_tile)
+                        cute.arch.cp_async_bulk_commit_group()
+                else:
+                    # The last chunk of a sequence: only its rows (the next ones belong to another sequence).
+                    self.store_output(sTPs, stage, mO, tok0, valid, hv, c0, wgs, tidx)
+                    cute.arch.fence_view_async_shared()  # generic accesses of this stage before its next TMA fill
                 stamp = self.mark(prof, 2, stamp)
+            if tidx < 32:
+                cute.arch.cp_async_bulk_wait_group(0, read=True)  # the shared memory outlives the TMA stores
             if cutlass.const_expr(self.profile):
                 if tidx == 0:
                     cta = (n * self.num_v_heads + hv) * (self.V // (WG_ROWS * wgs)) + z
@@ -708,6 +732,8 @@ class GdnPrefillSm90:
         tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar, overlap = loads
         C = CHUNK
         if tidx < 32:
+            # The stage's output tiles (a TMA store of the chunk before) have been read.
+            cute.arch.cp_async_bulk_wait_group(0, read=True)
             if overlap != 0:
                 # T and P were written by another kernel's generic stores: order them before this
                 # warp's async-proxy (TMA) reads.
@@ -761,7 +787,6 @@ class GdnPrefillSm90:
         C = CHUNK
         io = self.io_dtype
         wg_tidx = tidx % 128
-        col = wg * WG_ROWS  # the warpgroup's columns of the v tile
         thr = mma_rs.get_slice(wg_tidx)
         cVT = thr.partition_C(cute.make_identity_tensor((WG_ROWS, C)))
         # S (fp32 accumulator) as the 16-bit register A operand.
@@ -770,25 +795,33 @@ class GdnPrefillSm90:
 
         acc_SK = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
         acc_O = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
+        # SK, then O1 (its own group: X needs only SK).
         gemm_issue(mma_rs, acc_SK, rS, mma_rs.make_fragment_B(thr.partition_B(sK)))
+        warpgroup.commit_group()
         gemm_issue(mma_rs, acc_O, rS, mma_rs.make_fragment_B(thr.partition_B(sQ)))
         warpgroup.commit_group()
-        warpgroup.wait_group(0)
-
-        # X[v, t] = v_t[v] - f0_t SK[v, t];  O1 scaled by f1_t
+        # v^T [v, t] of the warpgroup's columns, into X's registers (ldmatrix, transposed).
         rX = cute.make_rmem_tensor(acc_to_a_layout(acc_SK.layout), io)
         rX_acc = cute.make_tensor(rX.iterator, acc_SK.layout)
+        load_fragment(mma_rs, transpose_view(cute.local_tile(sV, (C, WG_ROWS), (0, wg))), rX_acc, wg_tidx,
+                      transpose=True)
+        warpgroup.wait_group(1)
+
+        # X[v, t] = v_t[v] - f0_t SK[v, t]
         for i in cutlass.range_constexpr(cute.size(acc_SK)):
             r, t = cVT[i]
-            rX_acc[i] = (sV[t, col + r].to(Float32) - sF[0, t] * acc_SK[i]).to(io)
-            acc_O[i] = acc_O[i] * sF[1, t]
+            rX_acc[i] = (rX_acc[i].to(Float32) - sF[0, t] * acc_SK[i]).to(io)
         cute.arch.sync_threads()  # every thread is past its reads of v
         if has_next:
             load_rows(io, WG_ROWS * wgs, 128 * wgs, mV, sV, next_tok0, eos, hv, c0, tidx)
         cute.arch.cp_async_commit_group()
         # U[v, n] = sum_s X[v, s] T[n, s]
         acc_U = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
-        gemm(mma_rs, acc_U, rX, mma_rs.make_fragment_B(thr.partition_B(sT)))
+        gemm(mma_rs, acc_U, rX, mma_rs.make_fragment_B(thr.partition_B(sT)))  # (O1 has completed too)
+        # O1 scaled by f1_t
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            r, t = cVT[i]
+            acc_O[i] = acc_O[i] * sF[1, t]
         # O += U P^T and S = f3 S + (U f2_s) K, issued together.
         rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
         cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(io))
@@ -843,6 +876,16 @@ def store_fragment(tiled_mma: cute.TiledMma, rX, sX, wg_tidx, transpose: cutlass
     atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(transpose, 4), rX.element_type)
     tiled = cute.make_tiled_copy_C(atom, tiled_mma)
     cute.copy(tiled, tiled.retile(rX), tiled.get_slice(wg_tidx).partition_D(sX))
+
+
+@cute.jit
+def load_fragment(tiled_mma: cute.TiledMma, sX, rX, wg_tidx, transpose: cutlass.Constexpr = False):
+    """The shared tile sX into a warpgroup's 16-bit fragment rX (in the layout of tiled_mma's
+    accumulator), by ldmatrix (four 8 x 8 matrices an instruction); transpose=True when sX's
+    contiguous dim is the fragment's row (M) dim."""
+    atom = cute.make_copy_atom(cute.nvgpu.warp.LdMatrix8x8x16bOp(transpose, 4), rX.element_type)
+    tiled = cute.make_tiled_copy_C(atom, tiled_mma)
+    cute.copy(tiled, tiled.get_slice(wg_tidx).partition_S(sX), tiled.retile(rX))
 
 
 @cute.jit
