@@ -46,7 +46,7 @@ def main():
                 x["has_init"].view(torch.int8), x["o"], *ws, D ** -0.5, wide, launch, 0, prof)
             fn = default_cache().get(prefill_key(H, HV, seqs))
             fn_prof = default_cache().get(prefill_key(H, HV, seqs, profile=True))
-            wide_used = int(ops.prefill_kernel.use_wide_chain(seqs, HV, ops._num_sms(x["q"].device)))
+            wide_used = int(ops.prefill_kernel.use_wide_chain(seqs, HV, D, ops._num_sms(x["q"].device)))
             overlap = ops.prefill_kernel.use_overlap(seqs, HV, D, ops._num_sms(x["q"].device))
             fn(*call(AUX))
             t_full = time_cold(full)

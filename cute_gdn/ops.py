@@ -629,7 +629,7 @@ def prefill(
         scale = K ** -0.5
     init = _ALL_TRUE.get(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
     sms = _num_sms(q.device)
-    wide = int(prefill_kernel.use_wide_chain(N, HV, sms))
+    wide = int(prefill_kernel.use_wide_chain(N, HV, V, sms))
     overlap = prefill_kernel.use_overlap(N, HV, V, sms)
     ws = prefill_workspace(T, N, HV, q.dtype, q.device, zero_flags=overlap)
     gates = (a, b, A_log, dt_bias) if raw else (g, beta, None, None)

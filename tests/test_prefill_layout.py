@@ -57,13 +57,16 @@ def test_ws_rows_is_tight_for_worst_case_lengths():
         assert max(owner, default=-1) < ws_rows(sum(lengths), len(lengths))
 
 
-def test_wide_chain_once_the_ctas_fill_the_gpu():
-    assert not use_wide_chain(1, 32, 132) and use_wide_chain(8, 32, 132) and use_wide_chain(5, 32, 132) is True
-    assert not use_wide_chain(4, 32, 132)
+def test_wide_chain_once_narrow_ctas_would_share_sms():
+    assert not use_wide_chain(1, 32, 128, 132) and not use_wide_chain(2, 32, 128, 132)  # 64, 128 narrow CTAs
+    assert use_wide_chain(3, 32, 128, 132) and use_wide_chain(8, 16, 128, 132)  # 192, 256
+    assert not use_wide_chain(4, 16, 128, 132) and use_wide_chain(5, 16, 128, 132)
 
 
-def test_overlap_only_while_the_narrow_chain_has_at_most_one_cta_per_sm():
+def test_overlap_exactly_while_the_chain_is_narrow():
     assert use_overlap(1, 32, 128, 132) and use_overlap(2, 32, 128, 132)  # 64 and 128 chain CTAs
     assert not use_overlap(3, 32, 128, 132)  # 192 narrow CTAs
     assert not use_overlap(8, 32, 128, 132)  # wide CTAs, several waves
     assert use_overlap(4, 16, 128, 132) and not use_overlap(5, 16, 128, 132)
+    for n in range(1, 20):
+        assert use_overlap(n, 16, 128, 132) != use_wide_chain(n, 16, 128, 132)

@@ -77,20 +77,21 @@ BLOCK = 16       # diagonal block of the inverse
 LDB = BLOCK + 1  # row stride (floats) of the fp32 diagonal blocks of A, [t, s % 16]
 
 
-def use_wide_chain(num_seqs: int, num_v_heads: int, num_sms: int) -> bool:
-    """Chain CTAs of two warpgroups (one per sequence and head, sharing the q/k/T/P loads) once they
-    fill the GPU; else one warpgroup per CTA, V / 64 CTAs per sequence and head (twice the SMs)."""
-    return num_seqs * num_v_heads >= num_sms
+def use_wide_chain(num_seqs: int, num_v_heads: int, head_v_dim: int, num_sms: int) -> bool:
+    """Chain CTAs of two warpgroups (one per sequence and head, sharing the q/k/T/P loads) once the
+    narrow ones (one warpgroup, V / 64 CTAs per sequence and head) would number more than one per SM:
+    two narrow CTAs on one SM take longer per 64 rows than one wide CTA (H100: 4.2 against 3.0 us per
+    chunk and 128 rows)."""
+    return num_seqs * num_v_heads * (head_v_dim // WG_ROWS) > num_sms
 
 
 def use_overlap(num_seqs: int, num_v_heads: int, head_v_dim: int, num_sms: int) -> bool:
     """Run the aux and chain kernels concurrently (the chain waiting on per-chunk flags) when the
-    narrow chain CTAs number at most one per SM: those calls (few, long sequences) leave most of the
-    GPU to the aux kernel, whose chunk-major order finishes the early chunks first. A bigger chain
-    grid could occupy every SM while waiting for aux CTAs that then never start, so those calls
-    launch the two kernels one after the other."""
-    return not use_wide_chain(num_seqs, num_v_heads, num_sms) and \
-        num_seqs * num_v_heads * (head_v_dim // WG_ROWS) <= num_sms
+    chain is narrow, i.e. its CTAs number at most one per SM: those calls (few, long sequences) leave
+    most of the GPU to the aux kernel, whose chunk-major order finishes the early chunks first. A
+    bigger chain grid could occupy every SM while waiting for aux CTAs that then never start, so those
+    calls launch the two kernels one after the other."""
+    return not use_wide_chain(num_seqs, num_v_heads, head_v_dim, num_sms)
 
 
 def ws_rows(tokens: int, num_seqs: int) -> int:
@@ -336,20 +337,26 @@ class GdnPrefillSm90:
             sRK = storage.sRK.get_tensor(cute.make_layout(C))
             sRQ = storage.sRQ.get_tensor(cute.make_layout(C))
 
+            # The token's gate inputs are loaded first (a past the sequence end reads as a no-op token,
+            # below), so that their round trip overlaps issuing the q/k copies.
+            t_gate = tok0 + wg_tidx
+            if t_gate >= eos:
+                t_gate = tok0
+            gate_a = mGateA[0, t_gate, hv]
+            gate_b = mGateB[0, t_gate, hv]
+            a_log = None
+            dt_bias = None
+            if cutlass.const_expr(self.gate_mode == "raw"):
+                a_log = mALog[hv]
+                dt_bias = mDtBias[hv]
             load_rows(self.io_dtype, self.K, threads, mQ, sQK[None, None, 0], tok0, eos, hk, 0, tidx)
             load_rows(self.io_dtype, self.K, threads, mK, sQK[None, None, 1], tok0, eos, hk, 0, tidx)
             cute.arch.cp_async_commit_group()
             if wg_tidx < C:
-                g = Float32(0.0)
-                beta = Float32(0.0)
-                if tok0 + wg_tidx < eos:
-                    a_log = None
-                    dt_bias = None
-                    if cutlass.const_expr(self.gate_mode == "raw"):
-                        a_log = mALog[hv]
-                        dt_bias = mDtBias[hv]
-                    g, beta = gate_log_decay_beta(self.gate_mode, mGateA[0, tok0 + wg_tidx, hv],
-                                                  mGateB[0, tok0 + wg_tidx, hv], a_log, dt_bias)
+                g, beta = gate_log_decay_beta(self.gate_mode, gate_a, gate_b, a_log, dt_bias)
+                if tok0 + wg_tidx >= eos:
+                    g = Float32(0.0)
+                    beta = Float32(0.0)
                 sG[wg_tidx] = g
                 sBeta[wg_tidx] = beta
             stamp = self.aux_mark(mProfile, row, hv0, 0, stamp)
