@@ -185,6 +185,8 @@ class GdnPrefillSm90:
         # The chain's v tile (its CTA's columns): one stage of (C, 64 * wgs).
         sV_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS * wgs), io, 1)
                       for wgs in (1, 2)]
+        # The chain's o tiles, [t, v] per warpgroup (the TMA store's source).
+        sO_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS), io, wgs) for wgs in (1, 2)]
 
         @cute.struct
         class AuxStorage:  # per value head j of the CTA: [..., j]
@@ -200,20 +202,21 @@ class GdnPrefillSm90:
 
         # 2 stages of q, k, T, P and one v tile: 106 KiB (one warpgroup: two CTAs share an SM) or
         # 114 KiB (two warpgroups) at 16-bit io.
-        def chain_storage(sV_layout):
+        def chain_storage(sV_layout, sO_layout):
             @cute.struct
             class ChainStorage:
                 sQ: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
                 sK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
                 sTP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sTP_layout)], 1024]
                 sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layout)], 1024]
+                sO: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sO_layout)], 1024]
                 sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
                 mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 2], 8]  # TMA arrival, per stage
             return ChainStorage
 
         assert pair * C * (C + 8) <= cute.cosize(sQK_layout)  # the P tiles fit where q and k were
         self.aux_storage = AuxStorage
-        self.chain_storage = {wgs: chain_storage(sV_layouts[wgs - 1]) for wgs in (1, 2)}
+        self.chain_storage = {wgs: chain_storage(sV_layouts[wgs - 1], sO_layouts[wgs - 1]) for wgs in (1, 2)}
         # wgmma tilings (one warpgroup each): SS products of aux, RS products of the chain.
         mma_ss = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
                                                    (1, 1, 1), (C, C))
@@ -251,16 +254,16 @@ class GdnPrefillSm90:
             chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mWsFlag, overlap, mProfile, *tma,
                           mma_rs, mma_state, sQK_layout)
             if wide != 0:
-                self.chain_kernel(*chain_args, sV_layouts[1], sTP_layout, 2, False).launch(
+                self.chain_kernel(*chain_args, sV_layouts[1], sTP_layout, sO_layouts[1], 2, False).launch(
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(256, 1, 1), stream=stream)
             elif overlap != 0:
                 # Next to a running aux kernel: claim more shared memory than an SM has left beside
                 # an aux CTA, so that the chain CTAs (at most one per SM) keep their SMs to themselves.
-                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, 1, True).launch(
+                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, sO_layouts[0], 1, True).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
             else:
-                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, 1, False).launch(
+                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, sO_layouts[0], 1, False).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream)
 
     # ================================ aux: one chunk, all of it off the state ================================
@@ -563,6 +566,7 @@ class GdnPrefillSm90:
         sQK_layout: cute.ComposedLayout,
         sV_layout: cute.ComposedLayout,
         sTP_layout: cute.ComposedLayout,
+        sO_layout: cute.ComposedLayout,
         wgs: cutlass.Constexpr,
         alone: cutlass.Constexpr,  # launched with CHAIN_ALONE_SMEM (a kernel of its own)
     ):
@@ -589,6 +593,7 @@ class GdnPrefillSm90:
         sKs = storage.sK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)[None, None, 0]
         sTPs = storage.sTP.get_tensor(sTP_layout.outer, swizzle=sTP_layout.inner)
+        sOs = storage.sO.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)
         sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, 2), stride=(C, 1, NUM_FACTORS * C)))
         mbar = storage.mbar.data_ptr()
         num_chunks = (eos - bos + C - 1) // C
@@ -669,24 +674,24 @@ class GdnPrefillSm90:
                 stamp = self.mark(prof, 0, stamp)
                 self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage], sV,
                                  sTPs[None, None, 2 * stage], sTPs[None, None, 2 * stage + 1],
-                                 sTPs[None, None, 2 * stage + wg], sFs[None, None, stage], mV, tok0 + C, eos,
+                                 sOs[None, None, wg], sFs[None, None, stage], mV, tok0 + C, eos,
                                  c + 1 < num_chunks, hv, c0, wg, wgs, tidx)
                 cute.arch.fence_view_async_shared()  # the output tiles' stores before a TMA store reads them
                 cute.arch.sync_threads()  # the output tiles are complete
                 stamp = self.mark(prof, 1, stamp)
                 if valid == C:
-                    # A full chunk: TMA stores (warp 0), waited for before the stage's next fill.
+                    # A full chunk: TMA stores (warp 0), whose reads of the o tiles are waited for in the
+                    # next chunk before it overwrites them (state_chain).
                     if tidx < 32:
                         for w in cutlass.range_constexpr(wgs):
                             s_tile, g_tile = cpasync.tma_partition(
-                                tma_o, 0, cute.make_layout(1), cute.group_modes(sTPs[None, None, 2 * stage + w], 0, 2),
+                                tma_o, 0, cute.make_layout(1), cute.group_modes(sOs[None, None, w], 0, 2),
                                 cute.group_modes(gO[None, None, c, z * wgs + w], 0, 2))
                             cute.copy(tma_o, s_tile, g_tile)
                         cute.arch.cp_async_bulk_commit_group()
                 else:
                     # The last chunk of a sequence: only its rows (the next ones belong to another sequence).
-                    self.store_output(sTPs, stage, mO, tok0, valid, hv, c0, wgs, tidx)
-                    cute.arch.fence_view_async_shared()  # generic accesses of this stage before its next TMA fill
+                    self.store_output(sOs, mO, tok0, valid, hv, c0, wgs, tidx)
                 stamp = self.mark(prof, 2, stamp)
             if tidx < 32:
                 cute.arch.cp_async_bulk_wait_group(0, read=True)  # the shared memory outlives the TMA stores
@@ -739,8 +744,6 @@ class GdnPrefillSm90:
         tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar, overlap = loads
         C = CHUNK
         if tidx < 32:
-            # The stage's output tiles (a TMA store of the chunk before) have been read.
-            cute.arch.cp_async_bulk_wait_group(0, read=True)
             if overlap != 0:
                 # T and P were written by another kernel's generic stores: order them before this
                 # warp's async-proxy (TMA) reads.
@@ -768,12 +771,12 @@ class GdnPrefillSm90:
                       cute.make_tensor((f_dst.iterator + j * 4).align(16), cute.make_layout(4)))
 
     @cute.jit
-    def store_output(self, sTPs, stage, mO, tok0, valid, hv, c0, wgs: cutlass.Constexpr, tidx):
+    def store_output(self, sOs, mO, tok0, valid, hv, c0, wgs: cutlass.Constexpr, tidx):
         """The chunk's output rows t < valid, columns c0 .. c0 + 64 * wgs, from the output tiles
-        (warpgroup w's in sTPs[..., 2 * stage + w]) to o, 16 bytes per store."""
+        (warpgroup w's in sOs[..., w]) to o, 16 bytes per store."""
         vecs_per_row = WG_ROWS // 8
         for w in cutlass.range_constexpr(wgs):
-            sO = sTPs[None, None, 2 * stage + w]
+            sO = sOs[None, None, w]
             for i in cutlass.range_constexpr(CHUNK * vecs_per_row // (128 * wgs)):
                 e = tidx + i * 128 * wgs
                 r = e // vecs_per_row
@@ -788,9 +791,8 @@ class GdnPrefillSm90:
     @cute.jit
     def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sO, sF, mV, next_tok0, eos, has_next, hv,
                     c0, wg, wgs: cutlass.Constexpr, tidx):
-        """One chunk of the warpgroup's 64 state rows; leaves its output [t, v] in sO (its T or P tile
-        of this stage). Once v is consumed, puts the next chunk's v tile in flight (its own cp.async
-        group)."""
+        """One chunk of the warpgroup's 64 state rows; leaves its output [t, v] in sO (its o tile).
+        Once v is consumed, puts the next chunk's v tile in flight (its own cp.async group)."""
         C = CHUNK
         io = self.io_dtype
         wg_tidx = tidx % 128
@@ -818,20 +820,16 @@ class GdnPrefillSm90:
         for i in cutlass.range_constexpr(cute.size(acc_SK)):
             r, t = cVT[i]
             rX_acc[i] = (rX_acc[i].to(Float32) - sF[0, t] * acc_SK[i]).to(io)
-        cute.arch.sync_threads()  # every thread is past its reads of v
+        if tidx < 32:
+            cute.arch.cp_async_bulk_wait_group(0, read=True)  # the last chunk's TMA store has read sO
+        cute.arch.sync_threads()  # every thread is past its reads of v, and sO is free
         if has_next:
             load_rows(io, WG_ROWS * wgs, 128 * wgs, mV, sV, next_tok0, eos, hv, c0, tidx)
         cute.arch.cp_async_commit_group()
         # U[v, n] = sum_s X[v, s] T[n, s]
         acc_U = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
         gemm(mma_rs, acc_U, rX, mma_rs.make_fragment_B(thr.partition_B(sT)))  # (O1 has completed too)
-        # O1 scaled by f1_t
-        for i in cutlass.range_constexpr(cute.size(acc_O)):
-            r, t = cVT[i]
-            acc_O[i] = acc_O[i] * sF[1, t]
-        # O += U P^T and S = f3 S + (U f2_s) K, issued together.
-        rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
-        cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(io))
+        # S = f3 S + (U f2_s) K first (the next chunk waits for it), then O = f1_t O1 + U P^T.
         rUd = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
         rUd_acc = cute.make_tensor(rUd.iterator, acc_U.layout)
         for i in cutlass.range_constexpr(cute.size(acc_U)):
@@ -841,14 +839,17 @@ class GdnPrefillSm90:
         for i in cutlass.range_constexpr(cute.size(acc_S)):
             acc_S[i] = acc_S[i] * decay
         thr_s = mma_state.get_slice(wg_tidx)
-        gemm_issue(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
         gemm_issue(mma_state, acc_S, rUd, mma_state.make_fragment_B(thr_s.partition_B(transpose_view(sK))),
                    accumulate=True)
+        rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
+        cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(io))
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            r, t = cVT[i]
+            acc_O[i] = acc_O[i] * sF[1, t]
+        gemm_issue(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
         warpgroup.commit_group()
         warpgroup.wait_group(0)
-        # O [t, v] into the output tile: this thread's wgmma reading T and P have completed, other
-        # threads' may not have; sync first.
-        cute.arch.sync_threads()
+        # O [t, v] into the warpgroup's o tile (free since the barrier after X).
         rO = cute.make_rmem_tensor(acc_O.layout, io)
         rO.store(acc_O.load().to(io))
         store_fragment(mma_rs, rO, transpose_view(sO), wg_tidx, transpose=True)
