@@ -25,9 +25,11 @@ Two kernels in one compiled function, which launches either or both (`launch`):
    which is reference.chunk_gated_delta_rule transposed (U is that function's `residual`). The
    chunk's q, k, T, P (TMA, warp 0, one mbarrier per stage) and f (cp.async) are double-buffered:
    chunk c + 1 is in flight while chunk c computes; v (single buffer, cp.async) goes in flight as
-   soon as the previous chunk has consumed its own. Narrow CTAs (one warpgroup, two per SM) double
-   the CTAs for calls too small to fill the GPU; wide ones (two warpgroups) share the loads across
-   128 rows (use_wide_chain).
+   soon as the previous chunk has consumed its own (read into registers by ldmatrix). o goes through
+   the warpgroup's own shared tile (stmatrix) to global memory by TMA store (row by row for a
+   sequence's partial last chunk). Narrow CTAs (one warpgroup) double the CTAs for calls too small to
+   fill the GPU, one per SM; wide ones (two warpgroups) share the loads across 128 rows, for all other
+   calls (use_wide_chain).
 
 Overlap (use_overlap): when the narrow chain CTAs number at most one per SM, ops.prefill launches
 the aux kernel on the caller's stream and the chain concurrently on a high-priority stream. The
@@ -69,7 +71,7 @@ AUX_WG_THREADS = 128  # aux: one warpgroup per value head of the CTA
 WG_ROWS = 64  # chain: each warpgroup owns 64 value rows of the state; a CTA has 1 or 2 warpgroups
 SUPPORTED_HEAD_DIM = 128
 AUX_CTAS_PER_SM = {1: 4, 2: 3}  # by value heads per aux CTA: registers capped for it (80 a thread at 2)
-# An overlapped chain CTA asks for this much shared memory (it uses 106 KiB): more than 228 KiB minus
+# An overlapped chain CTA asks for this much shared memory (it uses 114 KiB): more than 228 KiB minus
 # an aux CTA's 75 KiB, so no aux CTA shares its SM.
 CHAIN_ALONE_SMEM = 160 * 1024
 NUM_FACTORS = 4  # per-token fp32 factors of a chunk, see the module docstring
@@ -200,8 +202,8 @@ class GdnPrefillSm90:
             sRQ: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sSeq: cute.struct.Align[cute.struct.MemRange[Int32, 4], 16]  # n, bos, eos, slot of the row
 
-        # 2 stages of q, k, T, P and one v tile: 106 KiB (one warpgroup: two CTAs share an SM) or
-        # 114 KiB (two warpgroups) at 16-bit io.
+        # 2 stages of q, k, T, P, one v tile and the o tiles: 114 KiB (one warpgroup) or 130 KiB (two
+        # warpgroups) at 16-bit io.
         def chain_storage(sV_layout, sO_layout):
             @cute.struct
             class ChainStorage:
