@@ -241,7 +241,8 @@ class GdnPrefillSm90:
         tma_tp, tma_tensor_tp = cpasync.make_tiled_tma_atom(
             tma_op, cute.make_tensor(mWsTP.iterator, cute.select(mWsTP.layout, mode=[3, 4, 2, 1, 0])),
             cute.select(sTP_layout, mode=[0, 1]), (C, C))
-        # ... and for the chain's o (full chunks): (C, 64) tiles of (T, V) per head from the T/P tiles.
+        # ... and for the chain's o (full chunks): (C, 64) tiles of (T, V) per head, stored from o tiles
+        # laid out as the T/P tiles are.
         tma_o, tma_tensor_o = cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileS2GOp(), cute.make_tensor(mO.iterator, cute.select(mO.layout, mode=[1, 3, 2])),
             cute.select(sTP_layout, mode=[0, 1]), (C, WG_ROWS))
@@ -342,8 +343,8 @@ class GdnPrefillSm90:
             sRK = storage.sRK.get_tensor(cute.make_layout(C))
             sRQ = storage.sRQ.get_tensor(cute.make_layout(C))
 
-            # The token's gate inputs are loaded first (a past the sequence end reads as a no-op token,
-            # below), so that their round trip overlaps issuing the q/k copies.
+            # The token's gate inputs are loaded first, so that their round trip overlaps issuing the q/k
+            # copies. A token past the sequence end reads token tok0's and is made a no-op below.
             t_gate = tok0 + wg_tidx
             if t_gate >= eos:
                 t_gate = tok0
