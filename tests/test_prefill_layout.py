@@ -63,10 +63,12 @@ def test_wide_chain_once_narrow_ctas_would_share_sms():
     assert not use_wide_chain(4, 16, 128, 132) and use_wide_chain(5, 16, 128, 132)
 
 
-def test_overlap_exactly_while_the_chain_is_narrow():
-    assert use_overlap(1, 32, 128, 132) and use_overlap(2, 32, 128, 132)  # 64 and 128 chain CTAs
-    assert not use_overlap(3, 32, 128, 132)  # 192 narrow CTAs
+def test_overlap_only_while_the_chain_leaves_the_aux_kernel_half_the_sms():
+    assert use_overlap(1, 32, 128, 132) and use_overlap(2, 16, 128, 132)  # 64 narrow chain CTAs
+    assert not use_overlap(2, 32, 128, 132) and not use_overlap(3, 16, 128, 132)  # 128, 96: one stream
+    assert not use_overlap(33, 2, 128, 132)  # 132: one chain CTA on every SM could starve the aux kernel
     assert not use_overlap(8, 32, 128, 132)  # wide CTAs, several waves
-    assert use_overlap(4, 16, 128, 132) and not use_overlap(5, 16, 128, 132)
-    for n in range(1, 20):
-        assert use_overlap(n, 16, 128, 132) != use_wide_chain(n, 16, 128, 132)
+    for n in range(1, 40):
+        for hv in (2, 4, 16, 32):
+            assert not (use_overlap(n, hv, 128, 132) and use_wide_chain(n, hv, 128, 132))
+            assert use_overlap(n, hv, 128, 132) == (n * hv * 2 <= 66)

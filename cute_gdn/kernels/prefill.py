@@ -31,11 +31,11 @@ Two kernels in one compiled function, which launches either or both (`launch`):
    fill the GPU, one per SM; wide ones (two warpgroups) share the loads across 128 rows, for all other
    calls (use_wide_chain).
 
-Overlap (use_overlap): when the narrow chain CTAs number at most one per SM, ops.prefill launches
+Overlap (use_overlap): when the narrow chain CTAs number at most half the SMs, ops.prefill launches
 the aux kernel on the caller's stream and the chain concurrently on a high-priority stream. The
 chain then waits for each chunk's flag (acquire) before loading it, and claims enough shared memory
-(CHAIN_ALONE_SMEM) that no aux CTA shares its SM. The aux kernel never waits, and it has room on
-the other SMs, so the pair cannot deadlock; run one after the other they give the same bits.
+(CHAIN_ALONE_SMEM) that no aux CTA shares its SM. The aux kernel never waits, and it keeps at least
+half the SMs, so the pair cannot deadlock; run one after the other they give the same bits.
 
 Why two kernels: the chain is inherently sequential per sequence, so a single long sequence keeps
 only HV CTAs busy; moving every state-independent product and the triangular solve out of it runs
@@ -89,11 +89,13 @@ def use_wide_chain(num_seqs: int, num_v_heads: int, head_v_dim: int, num_sms: in
 
 def use_overlap(num_seqs: int, num_v_heads: int, head_v_dim: int, num_sms: int) -> bool:
     """Run the aux and chain kernels concurrently (the chain waiting on per-chunk flags) when the
-    chain is narrow, i.e. its CTAs number at most one per SM: those calls (few, long sequences) leave
-    most of the GPU to the aux kernel, whose chunk-major order finishes the early chunks first. A
-    bigger chain grid could occupy every SM while waiting for aux CTAs that then never start, so those
-    calls launch the two kernels one after the other."""
-    return not use_wide_chain(num_seqs, num_v_heads, head_v_dim, num_sms)
+    narrow chain CTAs number at most half the SMs: those calls (few, long sequences) leave at least
+    half the GPU to the aux kernel, whose chunk-major order finishes the early chunks first. An
+    overlapped chain CTA leaves no room for an aux CTA on its SM, so a chain grid of one CTA per SM
+    could take every SM while waiting for aux CTAs that then never start (a deadlock), and a grid
+    close to that would leave the aux kernel a few SMs. Those calls launch the two kernels one after
+    the other."""
+    return 2 * num_seqs * num_v_heads * (head_v_dim // WG_ROWS) <= num_sms
 
 
 def ws_rows(tokens: int, num_seqs: int) -> int:
@@ -261,7 +263,7 @@ class GdnPrefillSm90:
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(256, 1, 1), stream=stream)
             elif overlap != 0:
                 # Next to a running aux kernel: claim more shared memory than an SM has left beside
-                # an aux CTA, so that the chain CTAs (at most one per SM) keep their SMs to themselves.
+                # an aux CTA, so that the chain CTAs (at most half the SMs) keep their SMs to themselves.
                 self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, sO_layouts[0], 1, True).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
