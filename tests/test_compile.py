@@ -196,6 +196,11 @@ compile_prefill(io_dtype="bfloat16", state_dtype="float32", num_heads=2, num_v_h
     # then orders its TMA reads after the other kernel's generic stores.
     assert "st.release.gpu.global.b32" in ptx and "ld.acquire.gpu.global.b32" in ptx
     assert "fence.proxy.async.global" in ptx
+    # The chain's o leaves by TMA store, its tiles reused only once the store has read them; 16-bit
+    # fragments move between registers and shared memory by stmatrix / ldmatrix (v^T transposed).
+    assert "cp.async.bulk.tensor.3d.global.shared::cta" in ptx and "cp.async.bulk.wait_group.read" in ptx
+    assert "stmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx
+    assert "ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16" in ptx
 
 
 @pytest.mark.parametrize("K,V", [(64, 64), (128, 64), (256, 256)])

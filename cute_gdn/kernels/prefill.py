@@ -79,12 +79,17 @@ BLOCK = 16       # diagonal block of the inverse
 LDB = BLOCK + 1  # row stride (floats) of the fp32 diagonal blocks of A, [t, s % 16]
 
 
+def narrow_chain_ctas(num_seqs: int, num_v_heads: int, head_v_dim: int) -> int:
+    """Chain CTAs of one warpgroup a call would launch: one per sequence, value head and 64 value rows."""
+    return num_seqs * num_v_heads * (head_v_dim // WG_ROWS)
+
+
 def use_wide_chain(num_seqs: int, num_v_heads: int, head_v_dim: int, num_sms: int) -> bool:
     """Chain CTAs of two warpgroups (one per sequence and head, sharing the q/k/T/P loads) once the
     narrow ones (one warpgroup, V / 64 CTAs per sequence and head) would number more than one per SM:
     two narrow CTAs on one SM take longer per 64 rows than one wide CTA (H100: 4.2 against 3.0 us per
     chunk and 128 rows)."""
-    return num_seqs * num_v_heads * (head_v_dim // WG_ROWS) > num_sms
+    return narrow_chain_ctas(num_seqs, num_v_heads, head_v_dim) > num_sms
 
 
 def use_overlap(num_seqs: int, num_v_heads: int, head_v_dim: int, num_sms: int) -> bool:
@@ -95,7 +100,7 @@ def use_overlap(num_seqs: int, num_v_heads: int, head_v_dim: int, num_sms: int) 
     could take every SM while waiting for aux CTAs that then never start (a deadlock), and a grid
     close to that would leave the aux kernel a few SMs. Those calls launch the two kernels one after
     the other."""
-    return 2 * num_seqs * num_v_heads * (head_v_dim // WG_ROWS) <= num_sms
+    return 2 * narrow_chain_ctas(num_seqs, num_v_heads, head_v_dim) <= num_sms
 
 
 def ws_rows(tokens: int, num_seqs: int) -> int:
@@ -689,9 +694,7 @@ class GdnPrefillSm90:
                     # next chunk before it overwrites them (state_chain).
                     if tidx < 32:
                         for w in cutlass.range_constexpr(wgs):
-                            s_tile, g_tile = cpasync.tma_partition(
-                                tma_o, 0, cute.make_layout(1), cute.group_modes(sOs[None, None, w], 0, 2),
-                                cute.group_modes(gO[None, None, c, z * wgs + w], 0, 2))
+                            s_tile, g_tile = tma_tile(tma_o, sOs[None, None, w], gO[None, None, c, z * wgs + w])
                             cute.copy(tma_o, s_tile, g_tile)
                         cute.arch.cp_async_bulk_commit_group()
                 else:
@@ -761,9 +764,8 @@ class GdnPrefillSm90:
             cute.copy(tma_q, tQg[None, chunk], tQs[None, stage], tma_bar_ptr=mbar + stage)
             cute.copy(tma_k, tKg[None, chunk], tKs[None, stage], tma_bar_ptr=mbar + stage)
             for which in cutlass.range_constexpr(2):
-                s_tile, g_tile = cpasync.tma_partition(
-                    tma_tp, 0, cute.make_layout(1), cute.group_modes(sTPs[None, None, 2 * stage + which], 0, 2),
-                    cute.group_modes(tma_tensor_tp[None, None, which, hv, ws_row], 0, 2))
+                s_tile, g_tile = tma_tile(tma_tp, sTPs[None, None, 2 * stage + which],
+                                          tma_tensor_tp[None, None, which, hv, ws_row])
                 cute.copy(tma_tp, g_tile, s_tile, tma_bar_ptr=mbar + stage)
         f_atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
                                      Float32, num_bits_per_copy=128)
@@ -899,6 +901,13 @@ def load_fragment(tiled_mma: cute.TiledMma, sX, rX, wg_tidx, transpose: cutlass.
     atom = cute.make_copy_atom(cute.nvgpu.warp.LdMatrix8x8x16bOp(transpose, 4), rX.element_type)
     tiled = cute.make_tiled_copy_C(atom, tiled_mma)
     cute.copy(tiled, tiled.get_slice(wg_tidx).partition_S(sX), tiled.retile(rX))
+
+
+@cute.jit
+def tma_tile(atom: cute.CopyAtom, sX, gX):
+    """The TMA views (shared, global) of one 2-D tile: sX a shared tile, gX its coordinate tile."""
+    return cpasync.tma_partition(atom, 0, cute.make_layout(1), cute.group_modes(sX, 0, 2),
+                                 cute.group_modes(gX, 0, 2))
 
 
 @cute.jit
