@@ -22,8 +22,9 @@ Two kernels in one compiled function, which launches either or both (`launch`):
      U  = X T^T                                              [v, n]
      O  = f1_t O1 + U P^T                                    -> o[t, v]
      S  = f3 S + (U f2_s) K                                  [v, k]
-   which is reference.chunk_gated_delta_rule transposed (U is that function's `residual`). The
-   chunk's q, k, T, P (TMA, warp 0, one mbarrier per stage) and f (cp.async) are double-buffered:
+   which is reference.chunk_gated_delta_rule transposed (U is that function's `residual`); f1_t O1 and
+   f3 S are formed while U's wgmma runs. The chunk's q, k, T, P (TMA, warp 0, one mbarrier per
+   stage) and f (cp.async) are double-buffered:
    chunk c + 1 is in flight while chunk c computes; v (single buffer, cp.async) goes in flight as
    soon as the previous chunk has consumed its own (read into registers by ldmatrix). o goes through
    the warpgroup's own shared tile (stmatrix) to global memory by TMA store (row by row for a
@@ -835,24 +836,28 @@ class GdnPrefillSm90:
         cute.arch.cp_async_commit_group()
         # U[v, n] = sum_s X[v, s] T[n, s]
         acc_U = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
-        gemm(mma_rs, acc_U, rX, mma_rs.make_fragment_B(thr.partition_B(sT)))  # (O1 has completed too)
-        # S = f3 S + (U f2_s) K first (the next chunk waits for it), then O = f1_t O1 + U P^T.
+        gemm_issue(mma_rs, acc_U, rX, mma_rs.make_fragment_B(thr.partition_B(sT)))
+        warpgroup.commit_group()
+        # While U runs: O1 (complete once only U is pending) scaled by f1_t, S decayed by f3.
+        warpgroup.wait_group(1)
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            r, t = cVT[i]
+            acc_O[i] = acc_O[i] * sF[1, t]
+        decay = sF[3, 0]
+        for i in cutlass.range_constexpr(cute.size(acc_S)):
+            acc_S[i] = acc_S[i] * decay
+        warpgroup.wait_group(0)
+        # S += (U f2_s) K first (the next chunk waits for it), then O += U P^T.
         rUd = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
         rUd_acc = cute.make_tensor(rUd.iterator, acc_U.layout)
         for i in cutlass.range_constexpr(cute.size(acc_U)):
             r, s = cVT[i]
             rUd_acc[i] = (acc_U[i] * sF[2, s]).to(io)
-        decay = sF[3, 0]
-        for i in cutlass.range_constexpr(cute.size(acc_S)):
-            acc_S[i] = acc_S[i] * decay
         thr_s = mma_state.get_slice(wg_tidx)
         gemm_issue(mma_state, acc_S, rUd, mma_state.make_fragment_B(thr_s.partition_B(transpose_view(sK))),
                    accumulate=True)
         rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
         cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(io))
-        for i in cutlass.range_constexpr(cute.size(acc_O)):
-            r, t = cVT[i]
-            acc_O[i] = acc_O[i] * sF[1, t]
         gemm_issue(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
         warpgroup.commit_group()
         warpgroup.wait_group(0)
