@@ -265,16 +265,16 @@ class GdnPrefillSm90:
             chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mWsFlag, overlap, mProfile, *tma,
                           mma_rs, mma_state, sQK_layout)
             if wide != 0:
-                self.chain_kernel(*chain_args, sV_layouts[1], sTP_layout, sO_layouts[1], 2, False).launch(
+                self.chain_kernel(*chain_args, sV_layouts[1], sTP_layout, sO_layouts[1], 2).launch(
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(256, 1, 1), stream=stream)
             elif overlap != 0:
                 # Next to a running aux kernel: claim more shared memory than an SM has left beside
                 # an aux CTA, so that the chain CTAs (at most half the SMs) keep their SMs to themselves.
-                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, sO_layouts[0], 1, True).launch(
+                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, sO_layouts[0], 1).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
             else:
-                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, sO_layouts[0], 1, False).launch(
+                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, sO_layouts[0], 1).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream)
 
     # ================================ aux: one chunk, all of it off the state ================================
@@ -579,7 +579,6 @@ class GdnPrefillSm90:
         sTP_layout: cute.ComposedLayout,
         sO_layout: cute.ComposedLayout,
         wgs: cutlass.Constexpr,
-        alone: cutlass.Constexpr,  # launched with CHAIN_ALONE_SMEM (a kernel of its own)
     ):
         """CTA (hv, n, z) of `wgs` warpgroups: value rows z * 64 * wgs .. (z + 1) * 64 * wgs of sequence
         n's state, 64 per warpgroup. Chunk c + 1's q, k, T and P (TMA, one mbarrier per stage) and its
@@ -680,7 +679,7 @@ class GdnPrefillSm90:
                         e = tidx + i * threads
                         if e // K >= valid:
                             sKs[e // K, e % K, stage] = Float32(0.0).to(self.io_dtype)
-                cute.arch.fence_view_async_shared()
+                    cute.arch.fence_view_async_shared()  # those generic stores before wgmma reads them
                 cute.arch.sync_threads()
                 stamp = self.mark(prof, 0, stamp)
                 self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage], sV,
