@@ -21,6 +21,9 @@ from bench_prefill import D, cute_call, make_inputs, prefill_key, time_cold  # n
 from cute_gdn import ops  # noqa: E402
 from cute_gdn.cache import default_cache  # noqa: E402
 from cute_gdn.kernels.prefill import LAUNCH_AUX as AUX, LAUNCH_BOTH as BOTH, LAUNCH_CHAIN as CHAIN  # noqa: E402
+from cute_gdn.kernels.prefill import CHAIN_FOLDED as FOLDED, CHAIN_NARROW as NARROW, CHAIN_WIDE as WIDE  # noqa: E402
+
+KINDS = {NARROW: "narrow", WIDE: "wide", FOLDED: "folded"}
 
 PHASES = ("wait for loads", "state chain", "output store", "barrier", "issue loads")
 AUX_PHASES = ("issue loads, gates", "loads landed", "products, norms, scan", "epilogues", "inverse", "T/P stores")
@@ -40,33 +43,36 @@ def main():
             x = make_inputs(tokens, seqs, H, HV)
             full = cute_call(x, H, HV)
             full()
-            ws = ops.prefill_workspace(tokens, seqs, HV, x["q"].dtype, x["q"].device)
-            call = lambda launch, wide=0, prof=None: (  # noqa: E731
+            # A folded chain's workspace (T, P and W~) serves every chain kind.
+            ws = ops.prefill_workspace(tokens, seqs, HV, x["q"].dtype, x["q"].device, chain=FOLDED)
+            call = lambda launch, chain, prof=None: (  # noqa: E731
                 x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], x["cu"], x["pool"], x["slots"],
-                x["has_init"].view(torch.int8), x["o"], *ws, D ** -0.5, wide, launch, 0, prof)
+                x["has_init"].view(torch.int8), x["o"], *ws, D ** -0.5, chain, launch, 0, prof)
             fn = default_cache().get(prefill_key(H, HV, seqs))
             fn_prof = default_cache().get(prefill_key(H, HV, seqs, profile=True))
-            wide_used = int(ops.prefill_kernel.use_wide_chain(seqs, HV, D, ops._num_sms(x["q"].device)))
-            overlap = ops.prefill_kernel.use_overlap(seqs, HV, D, ops._num_sms(x["q"].device))
-            fn(*call(AUX))
+            sms = ops._num_sms(x["q"].device)
+            used = ops.prefill_kernel.chain_kind(seqs, HV, D, sms)
+            overlap = ops.prefill_kernel.use_overlap(seqs, HV, D, sms)
             t_full = time_cold(full)
-            t_serial = time_cold(lambda: fn(*call(BOTH, wide_used)))
-            t_aux = time_cold(lambda: fn(*call(AUX)))
-            line = (f"H={H} HV={HV} {tokens}x{seqs}: ops.prefill {t_full:.1f} us (overlap={overlap}); "
-                    f"one stream {t_serial:.1f} us = aux {t_aux:.1f} + chain")
-            for wide in (0, 1):
+            t_serial = time_cold(lambda: fn(*call(BOTH, used)))
+            t_aux = time_cold(lambda: fn(*call(AUX, used)))
+            t_aux_folded = time_cold(lambda: fn(*call(AUX, FOLDED)))
+            line = (f"H={H} HV={HV} {tokens}x{seqs}: ops.prefill {t_full:.1f} us (overlap={overlap}, chain "
+                    f"{KINDS[used]}); one stream {t_serial:.1f} us = aux {t_aux:.1f} (with W~ {t_aux_folded:.1f}) "
+                    f"+ chain")
+            for kind in (NARROW, WIDE, FOLDED):
                 prof = torch.zeros(HV * seqs * 2, 8, dtype=torch.int64, device="cuda")
-                t_chain = time_cold(lambda: fn(*call(CHAIN, wide)))
-                fn_prof(*call(CHAIN, wide, prof))
+                t_chain = time_cold(lambda: fn(*call(CHAIN, kind)))
+                fn_prof(*call(CHAIN, kind, prof))
                 torch.cuda.synchronize()
                 chunks = prof[:, 7].sum().item()
                 per_chunk = prof[:, :5].sum(0).double() / max(chunks, 1) / 1e3
-                line += (f"\n    chain {'wide' if wide else 'narrow'} {t_chain:.1f} us; per chunk (us): "
+                line += (f"\n    chain {KINDS[kind]} {t_chain:.1f} us; per chunk (us): "
                          + ", ".join(f"{name} {t:.2f}" for name, t in zip(PHASES, per_chunk.tolist()))
                          + f"; total {per_chunk.sum().item():.2f}")
             print(line, flush=True)
             prof = torch.zeros(ws[0].shape[0] * HV, 8, dtype=torch.int64, device="cuda")
-            fn_prof(*call(AUX, 0, prof))
+            fn_prof(*call(AUX, used, prof))
             torch.cuda.synchronize()
             aux_t = prof[prof[:, :6].sum(1) > 0, :6].double().mean(0) / 1e3
             print("    aux per CTA (us): " + ", ".join(f"{name} {t:.2f}" for name, t in zip(AUX_PHASES, aux_t.tolist()))

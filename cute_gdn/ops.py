@@ -548,14 +548,16 @@ def _num_sms(device: torch.device) -> int:
 
 
 def prefill_workspace(tokens: int, num_seqs: int, num_v_heads: int, dtype: torch.dtype, device: torch.device,
-                      zero_flags: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The per-call workspace of prefill: T and P tiles (io dtype), the per-token factors (fp32) and a
-    ready flag (int32) of every chunk, 17 KiB per chunk and value head at bf16 (see kernels/prefill.py).
-    The flags need zeros only when the aux and chain kernels run concurrently."""
+                      zero_flags: bool = False, chain: int = prefill_kernel.CHAIN_NARROW
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-call workspace of prefill for a chain of kind `chain`: the [64, 64] tiles of every chunk
+    (io dtype: T and P, and for a folded chain W~'s two column halves), its per-token factors (fp32) and
+    its ready flag (int32); 17 KiB per chunk and value head at bf16 (33 KiB folded), see
+    kernels/prefill.py. The flags need zeros only when the aux and chain kernels run concurrently."""
     rows = prefill_kernel.ws_rows(tokens, num_seqs)
     C = prefill_kernel.CHUNK
     flags = (torch.zeros if zero_flags else torch.empty)(rows, num_v_heads, dtype=torch.int32, device=device)
-    return (torch.empty(rows, num_v_heads, 2, C, C, dtype=dtype, device=device),
+    return (torch.empty(rows, num_v_heads, prefill_kernel.ws_tiles(chain), C, C, dtype=dtype, device=device),
             torch.empty(rows, num_v_heads, prefill_kernel.NUM_FACTORS, C, dtype=torch.float32, device=device),
             flags)
 
@@ -629,11 +631,11 @@ def prefill(
         scale = K ** -0.5
     init = _ALL_TRUE.get(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
     sms = _num_sms(q.device)
-    wide = int(prefill_kernel.use_wide_chain(N, HV, V, sms))
+    chain = prefill_kernel.chain_kind(N, HV, V, sms)
     overlap = prefill_kernel.use_overlap(N, HV, V, sms)
-    ws = prefill_workspace(T, N, HV, q.dtype, q.device, zero_flags=overlap)
+    ws = prefill_workspace(T, N, HV, q.dtype, q.device, zero_flags=overlap, chain=chain)
     gates = (a, b, A_log, dt_bias) if raw else (g, beta, None, None)
-    call = (q, k, v, *gates, cu_seqlens, state, state_indices, init, out, *ws, scale, wide)
+    call = (q, k, v, *gates, cu_seqlens, state, state_indices, init, out, *ws, scale, chain)
     try:
         if not overlap:
             fn(*call, prefill_kernel.LAUNCH_BOTH, 0, None)

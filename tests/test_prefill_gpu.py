@@ -214,10 +214,12 @@ def test_prefill_overlapped_and_serial_launches_agree_bitwise():
     o_a = cute_gdn.prefill(**inputs, cu_seqlens=cu, state=pool_a, state_indices=slots, scale=scale)
     pool_b = pool0.clone()
     o_b = torch.full_like(o_a, float("nan"))
-    ws = ops.prefill_workspace(T, N, HV, o_a.dtype, o_a.device)
+    chain = ops.prefill_kernel.chain_kind(N, HV, 128, ops._num_sms(torch.device("cuda")))
+    assert chain == ops.prefill_kernel.CHAIN_FOLDED
+    ws = ops.prefill_workspace(T, N, HV, o_a.dtype, o_a.device, chain=chain)
     fn = default_cache().get(_key(H, HV))
     fn(inputs["q"], inputs["k"], inputs["v"], inputs["a"], inputs["b"], inputs["A_log"], inputs["dt_bias"], cu,
-       pool_b, slots, torch.ones(N, dtype=torch.int8, device="cuda"), o_b, *ws, scale, 0,
+       pool_b, slots, torch.ones(N, dtype=torch.int8, device="cuda"), o_b, *ws, scale, chain,
        ops.prefill_kernel.LAUNCH_BOTH, 0, None)
     torch.cuda.synchronize()
     assert torch.equal(o_a, o_b) and torch.equal(pool_a, pool_b)

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from cute_gdn.kernels.prefill import CHUNK, use_overlap, use_wide_chain, ws_rows
+from cute_gdn.kernels.prefill import (CHAIN_FOLDED, CHAIN_NARROW, CHAIN_WIDE, CHUNK, chain_kind, use_overlap,
+                                      use_wide_chain, ws_rows, ws_tiles)
 
 
 def _rows(lengths):
@@ -72,3 +73,13 @@ def test_overlap_only_while_the_chain_leaves_the_aux_kernel_half_the_sms():
         for hv in (2, 4, 16, 32):
             assert not (use_overlap(n, hv, 128, 132) and use_wide_chain(n, hv, 128, 132))
             assert use_overlap(n, hv, 128, 132) == (n * hv * 2 <= 66)
+
+
+def test_chain_kind_folds_exactly_the_overlapped_calls():
+    assert chain_kind(1, 32, 128, 132) == CHAIN_FOLDED and chain_kind(2, 16, 128, 132) == CHAIN_FOLDED
+    assert chain_kind(2, 32, 128, 132) == CHAIN_NARROW and chain_kind(33, 2, 128, 132) == CHAIN_NARROW
+    assert chain_kind(8, 32, 128, 132) == CHAIN_WIDE
+    for n in range(1, 70):
+        for hv in (1, 2, 4, 16, 32, 64):
+            assert (chain_kind(n, hv, 128, 132) == CHAIN_FOLDED) == use_overlap(n, hv, 128, 132)
+    assert (ws_tiles(CHAIN_NARROW), ws_tiles(CHAIN_WIDE), ws_tiles(CHAIN_FOLDED)) == (2, 2, 4)

@@ -13,7 +13,8 @@ Two kernels in one compiled function, which launches either or both (`launch`):
    substitution) and N = D A_off strictly block-lower (N^4 = 0), so (I + N)^-1 = I - N + N^2 - N^3:
    four 64 x 64 x 64 fp16 wgmma products,
    and the factors f = (exp(G_t) rk_t, exp(G_t) rq_t, exp(G_last - G_t) rk_t, exp(G_last)). T, P
-   (io dtype) and f (fp32) go to a workspace indexed by chunk, then a per-chunk flag (release).
+   (io dtype) and f (fp32) go to a workspace indexed by chunk, then a per-chunk flag (release). For a
+   folded chain (below) also W~ = -T diag(f0) K [n, k] (two more 64 x 64 x 64 wgmma products).
 2. `chain` (one CTA per sequence, value head and 64 or 128 value rows, sequential over the chunks).
    The CTA's rows of S = state[state_indices[n], h] ([V, K] fp32) stay in the registers of its one or
    two warpgroups, 64 rows each; per chunk, with the raw (unnormalized) q and k as wgmma B operands:
@@ -30,7 +31,8 @@ Two kernels in one compiled function, which launches either or both (`launch`):
    the warpgroup's own shared tile (stmatrix) to global memory by TMA store (row by row for a
    sequence's partial last chunk). Narrow CTAs (one warpgroup) double the CTAs for calls too small to
    fill the GPU, one per SM; wide ones (two warpgroups) share the loads across 128 rows, for all other
-   calls (use_wide_chain).
+   calls (use_wide_chain). A folded chain (narrow, for overlapped calls, chain_kind) reads W~ too and
+   forms U = V^T T^T + S W~^T: one product on the state instead of SK, X and X T^T in a row.
 
 Overlap (use_overlap): when the narrow chain CTAs number at most half the SMs, ops.prefill launches
 the aux kernel on the caller's stream and the chain concurrently on a high-priority stream. The
@@ -68,6 +70,7 @@ from .common.problem import check_problem
 
 CHUNK = 64
 LAUNCH_AUX, LAUNCH_CHAIN, LAUNCH_BOTH = 1, 2, 3  # the compiled function's `launch` argument
+CHAIN_NARROW, CHAIN_WIDE, CHAIN_FOLDED = 0, 1, 2  # its `chain` argument, see chain_kind
 AUX_WG_THREADS = 128  # aux: one warpgroup per value head of the CTA
 WG_ROWS = 64  # chain: each warpgroup owns 64 value rows of the state; a CTA has 1 or 2 warpgroups
 SUPPORTED_HEAD_DIM = 128
@@ -102,6 +105,22 @@ def use_overlap(num_seqs: int, num_v_heads: int, head_v_dim: int, num_sms: int) 
     close to that would leave the aux kernel a few SMs. Those calls launch the two kernels one after
     the other."""
     return 2 * narrow_chain_ctas(num_seqs, num_v_heads, head_v_dim) <= num_sms
+
+
+def chain_kind(num_seqs: int, num_v_heads: int, head_v_dim: int, num_sms: int) -> int:
+    """The chain ops.prefill runs: wide (use_wide_chain), folded (a narrow chain reading W~ from the aux
+    kernel, see state_chain_folded) when the call is overlapped (use_overlap), else narrow. Folding moves
+    work from the chain to the aux kernel: it pays where the chain alone sets the time (H200, CUDA-graph
+    replay: 8192 x 1, H16/HV32 261 -> 243 us), not where the aux kernel runs first (8192 x 2 209 -> 228 us)."""
+    if use_wide_chain(num_seqs, num_v_heads, head_v_dim, num_sms):
+        return CHAIN_WIDE
+    return CHAIN_FOLDED if use_overlap(num_seqs, num_v_heads, head_v_dim, num_sms) else CHAIN_NARROW
+
+
+def ws_tiles(chain: int) -> int:
+    """[C, C] workspace tiles per chunk and value head: T and P, and for a folded chain the two column
+    halves of W~ (see state_chain_folded)."""
+    return 4 if chain == CHAIN_FOLDED else 2
 
 
 def ws_rows(tokens: int, num_seqs: int) -> int:
@@ -177,7 +196,7 @@ class GdnPrefillSm90:
         mWsF: cute.Tensor,        # [rows, HV, NUM_FACTORS, C] fp32
         mWsFlag: cute.Tensor,     # [rows, HV] int32: set to 1 by the aux CTA once its chunk is written
         scale: Float32,
-        wide: Int32,              # chain CTAs: 1 = two warpgroups (all V rows), 0 = one (V / 64 CTAs)
+        chain: Int32,             # CHAIN_NARROW / CHAIN_WIDE / CHAIN_FOLDED (chain_kind)
         launch: Int32,            # 1: the aux kernel, 2: the chain kernel, 3: both, in that order
         overlap: Int32,           # 1: the chain waits on mWsFlag (aux and chain run concurrently)
         mProfile: Optional[cute.Tensor],  # [HV * N * 2, 8] int64 (profile builds), else None
@@ -190,8 +209,13 @@ class GdnPrefillSm90:
         pair = self.aux_heads
         sInv_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), Float16, pair)
         sQK_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, K), io, 2)  # (C, K, 2)
-        # Chain: T and P of 2 stages as one (C, C, 4) tile array, index 2 * stage + (0: T, 1: P).
-        sTP_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, 4)
+        # Aux: the P, then T tile of each head of the CTA, where q was.
+        sTile_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, pair)
+        # Chain: the workspace tiles of 2 stages as one (C, C, 2 * tiles) array, index tiles * stage + (0: T,
+        # 1: P; folded chains also 2, 3: W~'s column halves).
+        sTP_layouts = {kind: sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, 2 * ws_tiles(kind))
+                       for kind in (CHAIN_NARROW, CHAIN_WIDE, CHAIN_FOLDED)}
+        sTP_layout = sTP_layouts[CHAIN_WIDE]
         # The chain's v tile (its CTA's columns): one stage of (C, 64 * wgs).
         sV_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS * wgs), io, 1)
                       for wgs in (1, 2)]
@@ -206,13 +230,14 @@ class GdnPrefillSm90:
             sA: cute.struct.Align[cute.struct.MemRange[Float32, pair * C * LDB], 16]  # diagonal blocks of A
             sG: cute.struct.Align[cute.struct.MemRange[Float32, pair * C], 16]
             sBeta: cute.struct.Align[cute.struct.MemRange[Float32, pair * C], 16]
+            sBF0: cute.struct.Align[cute.struct.MemRange[Float32, pair * C], 16]  # beta_t f0_t, for W
             sRK: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sRQ: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sSeq: cute.struct.Align[cute.struct.MemRange[Int32, 4], 16]  # n, bos, eos, slot of the row
 
-        # 2 stages of q, k, T, P, one v tile and the o tiles: 114 KiB (one warpgroup) or 130 KiB (two
-        # warpgroups) at 16-bit io.
-        def chain_storage(sV_layout, sO_layout):
+        # 2 stages of q, k and the workspace tiles, one v tile and the o tiles at 16-bit io: 114 KiB (one
+        # warpgroup), 146 KiB (one warpgroup, folded) or 130 KiB (two warpgroups).
+        def chain_storage(sV_layout, sO_layout, sTP_layout):
             @cute.struct
             class ChainStorage:
                 sQ: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
@@ -224,9 +249,11 @@ class GdnPrefillSm90:
                 mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 2], 8]  # TMA arrival, per stage
             return ChainStorage
 
-        assert pair * C * (C + 8) <= cute.cosize(sQK_layout)  # the P tiles fit where q and k were
+        assert pair * C * (C + 8) <= cute.cosize(sQK_layout)  # the padded P tiles fit where q and k were
+        assert cute.cosize(sTile_layout) * 2 <= cute.cosize(sQK_layout)  # the swizzled ones where q was
         self.aux_storage = AuxStorage
-        self.chain_storage = {wgs: chain_storage(sV_layouts[wgs - 1], sO_layouts[wgs - 1]) for wgs in (1, 2)}
+        self.chain_storage = {kind: chain_storage(sV_layouts[wgs - 1], sO_layouts[wgs - 1], sTP_layouts[kind])
+                              for kind, wgs in ((CHAIN_NARROW, 1), (CHAIN_WIDE, 2), (CHAIN_FOLDED, 1))}
         # wgmma tilings (one warpgroup each): SS products of aux, RS products of the chain.
         mma_ss = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
                                                    (1, 1, 1), (C, C))
@@ -239,6 +266,9 @@ class GdnPrefillSm90:
                                                    (1, 1, 1), (64, C), warpgroup.OperandSource.RMEM)
         mma_state = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
                                                       (1, 1, 1), (64, K), warpgroup.OperandSource.RMEM)
+        # Aux W = T diag(f0) K by column halves: register A (T), B an MN-major view of k's [t, k] tile.
+        mma_w = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
+                                                  (1, 1, 1), (C, C), warpgroup.OperandSource.RMEM)
         # TMA for the chain's q, k (per head: (T, K) tiles of (C, K) at any token offset) and T, P tiles.
         tma_op = cpasync.CopyBulkTensorTileG2SOp()
         qk_tile = cute.select(sQK_layout, mode=[0, 1])
@@ -257,25 +287,35 @@ class GdnPrefillSm90:
         tma = (tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_o, tma_tensor_o)
         num_seqs = mIndices.shape[0]
         if launch % 2 == 1:  # LAUNCH_AUX or LAUNCH_BOTH
-            self.aux_kernel(mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, mWsFlag, scale,
-                            mProfile, mma_ss, mma_inv_ss, mma_inv_rs, sQK_layout, sInv_layout).launch(
-                grid=(self.num_v_heads // pair, mWsTP.shape[0], 1), block=(AUX_WG_THREADS * pair, 1, 1),
-                stream=stream, min_blocks_per_mp=AUX_CTAS_PER_SM[pair], preferred_smem_carveout=100)
+            aux_args = (mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, mWsFlag, scale,
+                        mProfile, mma_ss, mma_inv_ss, mma_inv_rs, mma_w, sQK_layout, sInv_layout, sTile_layout)
+            aux_launch = dict(grid=(self.num_v_heads // pair, mWsTP.shape[0], 1), block=(AUX_WG_THREADS * pair, 1, 1),
+                              stream=stream, min_blocks_per_mp=AUX_CTAS_PER_SM[pair], preferred_smem_carveout=100)
+            # Two instances, so that only a folded chain's aux kernel carries W~'s registers.
+            if chain == CHAIN_FOLDED:
+                self.aux_kernel(*aux_args, True).launch(**aux_launch)
+            else:
+                self.aux_kernel(*aux_args, False).launch(**aux_launch)
         if launch // 2 == 1:  # LAUNCH_CHAIN or LAUNCH_BOTH
             chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mWsFlag, overlap, mProfile, *tma,
                           mma_rs, mma_state, sQK_layout)
-            if wide != 0:
-                self.chain_kernel(*chain_args, sV_layouts[1], sTP_layout, sO_layouts[1], 2).launch(
+            if chain == CHAIN_WIDE:
+                self.chain_kernel(*chain_args, sV_layouts[1], sTP_layouts[CHAIN_WIDE], sO_layouts[1], 2,
+                                  CHAIN_WIDE).launch(
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(256, 1, 1), stream=stream)
-            elif overlap != 0:
-                # Next to a running aux kernel: claim more shared memory than an SM has left beside
-                # an aux CTA, so that the chain CTAs (at most half the SMs) keep their SMs to themselves.
-                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, sO_layouts[0], 1).launch(
+            # Narrow chains claim more shared memory than an SM has left beside an aux CTA, so that next to
+            # a running aux kernel (overlap) the chain CTAs (at most half the SMs) keep their SMs to
+            # themselves; one after the other, narrow CTAs number at most one per SM anyway.
+            elif chain == CHAIN_FOLDED:
+                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layouts[CHAIN_FOLDED], sO_layouts[0], 1,
+                                  CHAIN_FOLDED).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
             else:
-                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layout, sO_layouts[0], 1).launch(
-                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream)
+                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layouts[CHAIN_NARROW], sO_layouts[0], 1,
+                                  CHAIN_NARROW).launch(
+                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream,
+                    smem=CHAIN_ALONE_SMEM)
 
     # ================================ aux: one chunk, all of it off the state ================================
 
@@ -298,8 +338,11 @@ class GdnPrefillSm90:
         mma_ss: cute.TiledMma,
         mma_inv_ss: cute.TiledMma,
         mma_inv_rs: cute.TiledMma,
+        mma_w: cute.TiledMma,
         sQK_layout: cute.ComposedLayout,
         sInv_layout: cute.ComposedLayout,
+        sTile_layout: cute.ComposedLayout,
+        fold: cutlass.Constexpr,
     ):
         C = CHUNK
         pair = self.aux_heads
@@ -341,13 +384,16 @@ class GdnPrefillSm90:
             sA = storage.sA.get_tensor(cute.make_layout((C, BLOCK, pair), stride=(LDB, 1, C * LDB)))[None, None, j]
             sAoff = storage.sAoff.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, j]
             sD = storage.sD.get_tensor(sInv_layout.outer, swizzle=sInv_layout.inner)[None, None, j]
-            # P reuses the q/k tiles once every warpgroup's products are done (rows padded to C + 8),
-            # and T reuses P's once P is stored.
+            # P goes where q and k were once every warpgroup's products are done (rows padded to C + 8;
+            # folded: swizzled tiles where q was, as k stays for W~), and T reuses P's tile once P is stored.
             sP = cute.make_tensor((storage.sQK.data_ptr() + j * C * (C + 8)).align(16),
                                   cute.make_layout((C, C), stride=(C + 8, 1)))
+            if cutlass.const_expr(fold):
+                sP = storage.sQK.get_tensor(sTile_layout.outer, swizzle=sTile_layout.inner)[None, None, j]
             sTo = sP
             sG = storage.sG.get_tensor(cute.make_layout((C, pair), stride=(1, C)))[None, j]
             sBeta = storage.sBeta.get_tensor(cute.make_layout((C, pair), stride=(1, C)))[None, j]
+            sBF0 = storage.sBF0.get_tensor(cute.make_layout((C, pair), stride=(1, C)))[None, j]
             sRK = storage.sRK.get_tensor(cute.make_layout(C))
             sRQ = storage.sRQ.get_tensor(cute.make_layout(C))
 
@@ -434,6 +480,8 @@ class GdnPrefillSm90:
                 mWsF[row, hv, 1, wg_tidx] = gamma * sRQ[wg_tidx]
                 mWsF[row, hv, 2, wg_tidx] = cute.math.exp(g_last - g_t) * sRK[wg_tidx]
                 mWsF[row, hv, 3, wg_tidx] = cute.math.exp(g_last)
+                if cutlass.const_expr(fold):
+                    sBF0[wg_tidx] = sBeta[wg_tidx] * (gamma * sRK[wg_tidx])
             cute.arch.sync_threads()  # every warpgroup is done reading q and k
             rP = cute.make_rmem_tensor(acc.layout, sP.element_type)
             for i in cutlass.range_constexpr(cute.size(acc)):
@@ -449,11 +497,20 @@ class GdnPrefillSm90:
             if wg_tidx < C:
                 solve_diagonal_blocks(sA, sD, wg_tidx)
             cute.arch.fence_view_async_shared()
-            store_tile(sP, mWsTP[row, hv, 1, None, None], wg_tidx, AUX_WG_THREADS)
+            store_rows(sP, mWsTP[row, hv, 1, None, None], C, wg_tidx, AUX_WG_THREADS)
             cute.arch.sync_threads()
-            self.invert_offdiagonal(mma_inv_ss, mma_inv_rs, sAoff, sD, sTo, sBeta, wg_tidx)
+            acc_inv = self.invert_offdiagonal(mma_inv_ss, mma_inv_rs, sAoff, sD, sTo, sBeta, wg_tidx)
             stamp = self.aux_mark(mProfile, row, hv0, 4, stamp)
-            store_tile(sTo, mWsTP[row, hv, 0, None, None], wg_tidx, AUX_WG_THREADS)
+            store_rows(sTo, mWsTP[row, hv, 0, None, None], C, wg_tidx, AUX_WG_THREADS)
+            if cutlass.const_expr(fold):
+                # The folded chain's W~ = -T diag(f0) K [n, k] (see state_chain_folded), by column halves
+                # staged where A_off and D were (free since the inverse's closing barrier).
+                sW = [cute.make_tensor(cute.recast_ptr(buf.data_ptr(), sTile_layout.inner, self.io_dtype),
+                                       sTile_layout.outer)[None, None, j] for buf in (storage.sAoff, storage.sD)]
+                self.w_products(mma_w, acc_inv, sBF0, sQK[None, None, 1], sW, wg_tidx)
+                cute.arch.sync_threads()
+                for h in cutlass.range_constexpr(2):
+                    store_rows(sW[h], mWsTP[row, hv, 2 + h, None, None], C, wg_tidx, AUX_WG_THREADS)
             stamp = self.aux_mark(mProfile, row, hv0, 5, stamp)
             # Publish the chunk to a concurrent chain kernel: every thread's stores, then the flags.
             cute.arch.sync_threads()
@@ -548,6 +605,29 @@ class GdnPrefillSm90:
             rT[i] = (acc[i] * sBeta[c]).to(sTo.element_type)
         store_fragment(mma_inv_rs, rT, sTo, wg_tidx)
         cute.arch.sync_threads()
+        return acc
+
+    @cute.jit
+    def w_products(self, mma_w, acc_inv, sBF0, sK, sW, wg_tidx):
+        """W~ = -T diag(f0) K = -(I + A)^-1 diag(beta f0) K for the warpgroup's head, from acc_inv (the
+        fp32 (I + A)^-1 of invert_offdiagonal) and k's [t, k] tile: two 64 x 64 x 64 wgmma products, one per
+        column half h of W~, each into its shared tile sW[h] (io dtype)."""
+        C = CHUNK
+        io = self.io_dtype
+        thr = mma_w.get_slice(wg_tidx)
+        cC = thr.partition_C(cute.make_identity_tensor((C, C)))
+        rA = cute.make_rmem_tensor(acc_to_a_layout(acc_inv.layout), io)
+        rA_acc = cute.make_tensor(rA.iterator, acc_inv.layout)
+        for i in cutlass.range_constexpr(cute.size(acc_inv)):
+            n, s = cC[i]
+            rA_acc[i] = (acc_inv[i] * sBF0[s]).to(io)
+        for h in cutlass.range_constexpr(2):
+            acc = cute.make_rmem_tensor(thr.partition_shape_C((C, C)), Float32)
+            tB = mma_w.make_fragment_B(thr.partition_B(transpose_view(cute.local_tile(sK, (C, C), (0, h)))))
+            gemm(mma_w, acc, rA, tB)
+            rW = cute.make_rmem_tensor(acc.layout, io)
+            rW.store((-acc.load()).to(io))
+            store_fragment(mma_w, rW, sW[h], wg_tidx)
 
     # ================================ chain: the state through the chunks ================================
 
@@ -579,6 +659,7 @@ class GdnPrefillSm90:
         sTP_layout: cute.ComposedLayout,
         sO_layout: cute.ComposedLayout,
         wgs: cutlass.Constexpr,
+        kind: cutlass.Constexpr,
     ):
         """CTA (hv, n, z) of `wgs` warpgroups: value rows z * 64 * wgs .. (z + 1) * 64 * wgs of sequence
         n's state, 64 per warpgroup. Chunk c + 1's q, k, T and P (TMA, one mbarrier per stage) and its
@@ -598,7 +679,7 @@ class GdnPrefillSm90:
         slot = mIndices[n]
         ws_row0 = bos // C + n
 
-        storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage[wgs])
+        storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage[kind])
         sQs = storage.sQ.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
         sKs = storage.sK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
         sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)[None, None, 0]
@@ -682,10 +763,17 @@ class GdnPrefillSm90:
                     cute.arch.fence_view_async_shared()  # those generic stores before wgmma reads them
                 cute.arch.sync_threads()
                 stamp = self.mark(prof, 0, stamp)
-                self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage], sV,
-                                 sTPs[None, None, 2 * stage], sTPs[None, None, 2 * stage + 1],
-                                 sOs[None, None, wg], sFs[None, None, stage], mV, tok0 + C, eos,
-                                 c + 1 < num_chunks, hv, c0, wg, wgs, tidx)
+                if cutlass.const_expr(kind == CHAIN_FOLDED):
+                    self.state_chain_folded(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage],
+                                            sV, sTPs[None, None, 4 * stage], sTPs[None, None, 4 * stage + 1],
+                                            sTPs[None, None, 4 * stage + 2], sTPs[None, None, 4 * stage + 3],
+                                            sOs[None, None, 0], sFs[None, None, stage], mV, tok0 + C, eos,
+                                            c + 1 < num_chunks, hv, c0, tidx)
+                else:
+                    self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage], sV,
+                                     sTPs[None, None, 2 * stage], sTPs[None, None, 2 * stage + 1],
+                                     sOs[None, None, wg], sFs[None, None, stage], mV, tok0 + C, eos,
+                                     c + 1 < num_chunks, hv, c0, wg, wgs, tidx)
                 cute.arch.fence_view_async_shared()  # the output tiles' stores before a TMA store reads them
                 cute.arch.sync_threads()  # the output tiles are complete
                 stamp = self.mark(prof, 1, stamp)
@@ -746,11 +834,13 @@ class GdnPrefillSm90:
 
     @cute.jit
     def issue_chunk_loads(self, loads, mWsF, sTPs, sFs, chunk, ws_row, stage, hv, tidx):
-        """Chunk `chunk` (of the sequence) into shared-memory stage `stage`: q, k, T and P by TMA (warp 0;
+        """Chunk `chunk` (of the sequence) into shared-memory stage `stage`: q, k and the workspace tiles
+        (T, P and for narrow chains W~) by TMA (warp 0;
         thread 0 arrives on the stage's mbarrier with the byte count), the factors by cp.async (the
         caller commits the group)."""
         tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar, overlap = loads
         C = CHUNK
+        tiles = cute.size(sTPs, mode=[2]) // 2
         if tidx < 32:
             if overlap != 0:
                 # T and P were written by another kernel's generic stores: order them before this
@@ -759,12 +849,12 @@ class GdnPrefillSm90:
             # The whole warp: each TMA copy elects one lane (elect.sync over the full warp), so it must
             # not be called from a single-thread branch.
             if tidx == 0:
-                nbytes = (2 * C * self.K + 2 * C * C) * (self.io_dtype.width // 8)
+                nbytes = (2 * C * self.K + tiles * C * C) * (self.io_dtype.width // 8)
                 cute.arch.mbarrier_arrive_and_expect_tx(mbar + stage, nbytes)
             cute.copy(tma_q, tQg[None, chunk], tQs[None, stage], tma_bar_ptr=mbar + stage)
             cute.copy(tma_k, tKg[None, chunk], tKs[None, stage], tma_bar_ptr=mbar + stage)
-            for which in cutlass.range_constexpr(2):
-                s_tile, g_tile = tma_tile(tma_tp, sTPs[None, None, 2 * stage + which],
+            for which in cutlass.range_constexpr(tiles):
+                s_tile, g_tile = tma_tile(tma_tp, sTPs[None, None, tiles * stage + which],
                                           tma_tensor_tp[None, None, which, hv, ws_row])
                 cute.copy(tma_tp, g_tile, s_tile, tma_bar_ptr=mbar + stage)
         f_atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
@@ -780,20 +870,10 @@ class GdnPrefillSm90:
     @cute.jit
     def store_output(self, sOs, mO, tok0, valid, hv, c0, wgs: cutlass.Constexpr, tidx):
         """The chunk's output rows t < valid, columns c0 .. c0 + 64 * wgs, from the output tiles
-        (warpgroup w's in sOs[..., w]) to o, 16 bytes per store."""
-        vecs_per_row = WG_ROWS // 8
+        (warpgroup w's in sOs[..., w]) to o."""
         for w in cutlass.range_constexpr(wgs):
-            sO = sOs[None, None, w]
-            for i in cutlass.range_constexpr(CHUNK * vecs_per_row // (128 * wgs)):
-                e = tidx + i * 128 * wgs
-                r = e // vecs_per_row
-                j = e % vecs_per_row
-                if r < valid:
-                    frag = cute.make_rmem_tensor(cute.make_layout(8), sO.element_type)
-                    cute.autovec_copy(cute.local_tile(sO, (1, 8), (r, j))[0, None], frag)
-                    dst = mO[0, tok0 + r, hv, None]
-                    cute.autovec_copy(frag, cute.make_tensor((dst.iterator + c0 + w * WG_ROWS + j * 8).align(16),
-                                                             cute.make_layout(8)))
+            store_rows(sOs[None, None, w], cute.domain_offset((tok0, c0 + w * WG_ROWS), mO[0, None, hv, None]), valid,
+                       tidx, 128 * wgs)
 
     @cute.jit
     def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sO, sF, mV, next_tok0, eos, has_next, hv,
@@ -861,6 +941,70 @@ class GdnPrefillSm90:
         warpgroup.commit_group()
         warpgroup.wait_group(0)
         # O [t, v] into the warpgroup's o tile (free since the barrier after X).
+        rO = cute.make_rmem_tensor(acc_O.layout, io)
+        rO.store(acc_O.load().to(io))
+        store_fragment(mma_rs, rO, transpose_view(sO), wg_tidx, transpose=True)
+
+
+    @cute.jit
+    def state_chain_folded(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sW0, sW1, sO, sF, mV, next_tok0, eos,
+                           has_next, hv, c0, tidx):
+        """One chunk of a folded chain (one warpgroup, 64 state rows) with X's state term folded into
+        the aux kernel's W~ = -T diag(f0) K ([n, k], two column halves sW0, sW1):
+          U = V^T T^T + S W~^T
+        two products, one of them on the state, where state_chain has S K^T, X and X T^T in a row. The
+        rest is state_chain's."""
+        C = CHUNK
+        io = self.io_dtype
+        wg_tidx = tidx % 128
+        thr = mma_rs.get_slice(wg_tidx)
+        cVT = thr.partition_C(cute.make_identity_tensor((WG_ROWS, C)))
+        acc_U = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
+        acc_O = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
+        # S (fp32 accumulator) as the 16-bit register A operand, and v^T [v, t] (ldmatrix, transposed).
+        # (Converting S while a wgmma runs makes ptxas wait for it: it cannot tell acc_S is not its.)
+        rS = cute.make_rmem_tensor(acc_to_a_layout(acc_S.layout), io)
+        cute.make_tensor(rS.iterator, acc_S.layout).store(acc_S.load().to(io))
+        rV = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
+        load_fragment(mma_rs, transpose_view(sV), cute.make_tensor(rV.iterator, acc_U.layout), wg_tidx,
+                      transpose=True)
+        gemm_issue(mma_rs, acc_U, rV, mma_rs.make_fragment_B(thr.partition_B(sT)))
+        tW = [mma_rs.make_fragment_B(thr.partition_B(sW)) for sW in (sW0, sW1)]
+        kbs = cute.size(tW[0], mode=[2])
+        for kb in cutlass.range_constexpr(2 * kbs):
+            cute.gemm(mma_rs, acc_U, rS[None, None, kb], tW[kb // kbs][None, None, kb % kbs], acc_U)
+        warpgroup.commit_group()
+        gemm_issue(mma_rs, acc_O, rS, mma_rs.make_fragment_B(thr.partition_B(sQ)))
+        warpgroup.commit_group()
+        if tidx < 32:
+            cute.arch.cp_async_bulk_wait_group(0, read=True)  # the last chunk's TMA store has read sO
+        cute.arch.sync_threads()  # every thread is past its reads of v, and sO is free
+        if has_next:
+            load_rows(io, WG_ROWS, 128, mV, sV, next_tok0, eos, hv, c0, tidx)
+        cute.arch.cp_async_commit_group()
+        warpgroup.wait_group(1)
+        decay = sF[3, 0]
+        for i in cutlass.range_constexpr(cute.size(acc_S)):
+            acc_S[i] = acc_S[i] * decay
+        # S = f3 S + (U f2_s) K first (the next chunk waits for it), then O = f1_t O1 + U P^T.
+        rUd = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
+        rUd_acc = cute.make_tensor(rUd.iterator, acc_U.layout)
+        for i in cutlass.range_constexpr(cute.size(acc_U)):
+            r, s = cVT[i]
+            rUd_acc[i] = (acc_U[i] * sF[2, s]).to(io)
+        thr_s = mma_state.get_slice(wg_tidx)
+        gemm_issue(mma_state, acc_S, rUd, mma_state.make_fragment_B(thr_s.partition_B(transpose_view(sK))),
+                   accumulate=True)
+        warpgroup.commit_group()
+        rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
+        cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(io))
+        warpgroup.wait_group(1)  # O1 (the state update may still run)
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            r, t = cVT[i]
+            acc_O[i] = acc_O[i] * sF[1, t]
+        gemm_issue(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
         rO = cute.make_rmem_tensor(acc_O.layout, io)
         rO.store(acc_O.load().to(io))
         store_fragment(mma_rs, rO, transpose_view(sO), wg_tidx, transpose=True)
@@ -985,18 +1129,19 @@ def solve_diagonal_blocks(sA, sD, tidx):
 
 
 @cute.jit
-def store_tile(sX, gX, tidx, threads: cutlass.Constexpr):
-    """A [CHUNK, CHUNK] 16-bit tile (rows 16-byte aligned) from shared to global memory, 16 bytes per
-    store, by `threads` threads. sX must have a plain layout: from a swizzled tile it gave wrong data
-    (its row-pointer arithmetic, we believe, does not follow the swizzle)."""
-    for i in cutlass.range_constexpr(CHUNK * CHUNK // 8 // threads):
+def store_rows(sX, gX, rows, tidx, threads: cutlass.Constexpr):
+    """Rows r < rows of the [CHUNK, W] 16-bit shared tile sX (plain or swizzled: local_tile follows the
+    swizzle) into gX[r, 0:W] (rows 16-byte aligned), 16 bytes per copy, by `threads` threads."""
+    vecs_per_row = cute.size(sX, mode=[1]) // 8
+    for i in cutlass.range_constexpr(CHUNK * vecs_per_row // threads):
         e = tidx + i * threads
-        r = e // (CHUNK // 8)
-        j = e % (CHUNK // 8)
-        frag = cute.make_rmem_tensor(cute.make_layout(8), sX.element_type)
-        cute.autovec_copy(cute.make_tensor((sX[r, None].iterator + j * 8).align(16), cute.make_layout(8)), frag)
-        dst = gX[r, None]
-        cute.autovec_copy(frag, cute.make_tensor((dst.iterator + j * 8).align(16), cute.make_layout(8)))
+        r = e // vecs_per_row
+        j = e % vecs_per_row
+        if r < rows:
+            frag = cute.make_rmem_tensor(cute.make_layout(8), sX.element_type)
+            cute.autovec_copy(cute.local_tile(sX, (1, 8), (r, j))[0, None], frag)
+            dst = gX[r, None]
+            cute.autovec_copy(frag, cute.make_tensor((dst.iterator + j * 8).align(16), cute.make_layout(8)))
 
 
 def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
@@ -1005,13 +1150,14 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
     """Compile the prefill kernels for one key. Tensor-free: never touches a GPU.
 
     The returned tvm-ffi function takes (q, k, v, gate_a, gate_b, A_log, dt_bias, cu_seqlens, state,
-    state_indices, has_initial_state (int8), o, ws_tp, ws_f, ws_flag, scale, wide, launch, overlap,
+    state_indices, has_initial_state (int8), o, ws_tp, ws_f, ws_flag, scale, chain, launch, overlap,
     profile); see prefill_workspace in ops.py for the workspace:
-    - wide (int) picks the chain CTA (see use_wide_chain);
+    - chain (int) picks the chain kernel (see chain_kind); the aux and chain launches of a call must
+      agree on it (a folded chain reads the aux kernel's W~), and ws_tp must have ws_tiles(chain) tiles;
     - launch: 1 launches the aux kernel, 2 the chain kernel, 3 both in that order on the current stream;
     - overlap: 1 makes the chain wait, chunk by chunk, for the aux kernel's flags in ws_flag (zeroed by
-      the caller), for an aux launch and a chain launch running concurrently on two streams
-      (see use_overlap);
+      the caller), for an aux launch and a narrow or folded chain launch running concurrently on two
+      streams (see use_overlap);
     - profile is None, or (profile builds, benchmarks only) an int64 [CTAs, 8] tensor that receives
       per-CTA phase times of the one kernel launched.
     """
@@ -1052,7 +1198,8 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
     indices = cute.runtime.make_fake_compact_tensor(Int32, (seqs,))
     has_init = cute.runtime.make_fake_compact_tensor(cutlass.Int8, (seqs,))
     rows = cute.sym_int()
-    ws_tp = cute.runtime.make_fake_compact_tensor(io, (rows, HV, 2, CHUNK, CHUNK), stride_order=(4, 3, 2, 1, 0),
+    ws_tp = cute.runtime.make_fake_compact_tensor(io, (rows, HV, cute.sym_int(), CHUNK, CHUNK),
+                                                  stride_order=(4, 3, 2, 1, 0),
                                                   assumed_align=16)
     ws_f = cute.runtime.make_fake_compact_tensor(Float32, (rows, HV, NUM_FACTORS, CHUNK), stride_order=(3, 2, 1, 0),
                                                  assumed_align=16)
