@@ -32,7 +32,10 @@ Two kernels in one compiled function, which launches either or both (`launch`):
    sequence's partial last chunk). Narrow CTAs (one warpgroup) double the CTAs for calls too small to
    fill the GPU, one per SM; wide ones (two warpgroups) share the loads across 128 rows, for all other
    calls (use_wide_chain). A folded chain (narrow, for overlapped calls, chain_kind) reads W~ too and
-   forms U = V^T T^T + S W~^T: one product on the state instead of SK, X and X T^T in a row.
+   forms U = V^T T^T + S W~^T: one product on the state instead of SK, X and X T^T in a row. Its CTA
+   (folded_chain_kernel) adds a producer warp that issues every load (q, k, T, P, W~, v and f by TMA,
+   two stages, full/empty mbarriers), so the math warpgroup never issues a load or waits at a
+   barrier that includes the loads.
 
 Overlap (use_overlap): when the narrow chain CTAs number at most half the SMs, ops.prefill launches
 the aux kernel on the caller's stream and the chain concurrently on a high-priority stream. The
@@ -219,6 +222,8 @@ class GdnPrefillSm90:
         # The chain's v tile (its CTA's columns): one stage of (C, 64 * wgs).
         sV_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS * wgs), io, 1)
                       for wgs in (1, 2)]
+        # The folded chain's v tiles: two stages of (C, 64), loaded by TMA.
+        sV2_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS), io, 2)
         # The chain's o tiles, [t, v] per warpgroup (the TMA store's source).
         sO_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS), io, wgs) for wgs in (1, 2)]
 
@@ -245,14 +250,15 @@ class GdnPrefillSm90:
                 sTP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sTP_layout)], 1024]
                 sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layout)], 1024]
                 sO: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sO_layout)], 1024]
-                sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 16]
-                mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 2], 8]  # TMA arrival, per stage
+                sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 128]
+                mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 4], 8]  # per stage: full, empty
             return ChainStorage
 
         assert pair * C * (C + 8) <= cute.cosize(sQK_layout)  # the padded P tiles fit where q and k were
         assert cute.cosize(sTile_layout) * 2 <= cute.cosize(sQK_layout)  # the swizzled ones where q was
         self.aux_storage = AuxStorage
-        self.chain_storage = {kind: chain_storage(sV_layouts[wgs - 1], sO_layouts[wgs - 1], sTP_layouts[kind])
+        self.chain_storage = {kind: chain_storage(sV_layouts[wgs - 1] if kind != CHAIN_FOLDED else sV2_layout,
+                                                  sO_layouts[wgs - 1], sTP_layouts[kind])
                               for kind, wgs in ((CHAIN_NARROW, 1), (CHAIN_WIDE, 2), (CHAIN_FOLDED, 1))}
         # wgmma tilings (one warpgroup each): SS products of aux, RS products of the chain.
         mma_ss = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
@@ -262,10 +268,13 @@ class GdnPrefillSm90:
                                                        Float32, (1, 1, 1), (C, C))
         mma_inv_rs = sm90_utils.make_trivial_tiled_mma(Float16, Float16, OperandMajorMode.K, OperandMajorMode.MN,
                                                        Float32, (1, 1, 1), (C, C), warpgroup.OperandSource.RMEM)
-        mma_rs = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
-                                                   (1, 1, 1), (64, C), warpgroup.OperandSource.RMEM)
-        mma_state = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
-                                                      (1, 1, 1), (64, K), warpgroup.OperandSource.RMEM)
+        # The chain's RS products and its state update, a fresh pair per chain kernel: a TiledMma carries
+        # its ACCUMULATE field, and one set inside a kernel's loop must not reach another kernel's launch.
+        chain_mmas = [(sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
+                                                         (1, 1, 1), (64, C), warpgroup.OperandSource.RMEM),
+                       sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
+                                                         (1, 1, 1), (64, K), warpgroup.OperandSource.RMEM))
+                      for _ in range(3)]
         # Aux W = T diag(f0) K by column halves: register A (T), B an MN-major view of k's [t, k] tile.
         mma_w = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
                                                   (1, 1, 1), (C, C), warpgroup.OperandSource.RMEM)
@@ -285,6 +294,14 @@ class GdnPrefillSm90:
             cpasync.CopyBulkTensorTileS2GOp(), cute.make_tensor(mO.iterator, cute.select(mO.layout, mode=[1, 3, 2])),
             cute.select(sTP_layout, mode=[0, 1]), (C, WG_ROWS))
         tma = (tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_o, tma_tensor_o)
+        # The folded chain also loads v ((C, 64) tiles of (T, V) per head) and f ((C, 4) fp32 tiles of the
+        # workspace) by TMA.
+        tma_v, tma_tensor_v = cpasync.make_tiled_tma_atom(
+            tma_op, cute.make_tensor(mV.iterator, cute.select(mV.layout, mode=[1, 3, 2])),
+            cute.select(sV2_layout, mode=[0, 1]), (C, WG_ROWS))
+        tma_f, tma_tensor_f = cpasync.make_tiled_tma_atom(
+            tma_op, cute.make_tensor(mWsF.iterator, cute.select(mWsF.layout, mode=[3, 2, 1, 0])),
+            cute.make_layout((C, NUM_FACTORS), stride=(1, C)), (C, NUM_FACTORS))
         num_seqs = mIndices.shape[0]
         if launch % 2 == 1:  # LAUNCH_AUX or LAUNCH_BOTH
             aux_args = (mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, mWsFlag, scale,
@@ -297,22 +314,21 @@ class GdnPrefillSm90:
             else:
                 self.aux_kernel(*aux_args, False).launch(**aux_launch)
         if launch // 2 == 1:  # LAUNCH_CHAIN or LAUNCH_BOTH
-            chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mWsFlag, overlap, mProfile, *tma,
-                          mma_rs, mma_state, sQK_layout)
+            chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mWsFlag, overlap, mProfile, *tma)
             if chain == CHAIN_WIDE:
-                self.chain_kernel(*chain_args, sV_layouts[1], sTP_layouts[CHAIN_WIDE], sO_layouts[1], 2,
+                self.chain_kernel(*chain_args, *chain_mmas[0], sQK_layout, sV_layouts[1], sTP_layouts[CHAIN_WIDE], sO_layouts[1], 2,
                                   CHAIN_WIDE).launch(
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(256, 1, 1), stream=stream)
             # Narrow chains claim more shared memory than an SM has left beside an aux CTA, so that next to
             # a running aux kernel (overlap) the chain CTAs (at most half the SMs) keep their SMs to
             # themselves; one after the other, narrow CTAs number at most one per SM anyway.
             elif chain == CHAIN_FOLDED:
-                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layouts[CHAIN_FOLDED], sO_layouts[0], 1,
-                                  CHAIN_FOLDED).launch(
-                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream,
+                self.folded_chain_kernel(*chain_args, *chain_mmas[1], sQK_layout, tma_v, tma_tensor_v, tma_f, tma_tensor_f, sV2_layout,
+                                         sTP_layouts[CHAIN_FOLDED], sO_layouts[0]).launch(
+                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
             else:
-                self.chain_kernel(*chain_args, sV_layouts[0], sTP_layouts[CHAIN_NARROW], sO_layouts[0], 1,
+                self.chain_kernel(*chain_args, *chain_mmas[2], sQK_layout, sV_layouts[0], sTP_layouts[CHAIN_NARROW], sO_layouts[0], 1,
                                   CHAIN_NARROW).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
@@ -763,17 +779,10 @@ class GdnPrefillSm90:
                     cute.arch.fence_view_async_shared()  # those generic stores before wgmma reads them
                 cute.arch.sync_threads()
                 stamp = self.mark(prof, 0, stamp)
-                if cutlass.const_expr(kind == CHAIN_FOLDED):
-                    self.state_chain_folded(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage],
-                                            sV, sTPs[None, None, 4 * stage], sTPs[None, None, 4 * stage + 1],
-                                            sTPs[None, None, 4 * stage + 2], sTPs[None, None, 4 * stage + 3],
-                                            sOs[None, None, 0], sFs[None, None, stage], mV, tok0 + C, eos,
-                                            c + 1 < num_chunks, hv, c0, tidx)
-                else:
-                    self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage], sV,
-                                     sTPs[None, None, 2 * stage], sTPs[None, None, 2 * stage + 1],
-                                     sOs[None, None, wg], sFs[None, None, stage], mV, tok0 + C, eos,
-                                     c + 1 < num_chunks, hv, c0, wg, wgs, tidx)
+                self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage], sV,
+                                 sTPs[None, None, 2 * stage], sTPs[None, None, 2 * stage + 1],
+                                 sOs[None, None, wg], sFs[None, None, stage], mV, tok0 + C, eos,
+                                 c + 1 < num_chunks, hv, c0, wg, wgs, tidx)
                 cute.arch.fence_view_async_shared()  # the output tiles' stores before a TMA store reads them
                 cute.arch.sync_threads()  # the output tiles are complete
                 stamp = self.mark(prof, 1, stamp)
@@ -800,6 +809,187 @@ class GdnPrefillSm90:
             self.store_state(acc_S, cS, mState, slot, hv, v0)
         else:
             self.zero_output(mO, bos, eos, hv, c0, wgs, tidx)
+
+    @cute.kernel
+    def folded_chain_kernel(
+        self,
+        mV: cute.Tensor,
+        mCuSeqlens: cute.Tensor,
+        mState: cute.Tensor,
+        mIndices: cute.Tensor,
+        mHasInit: cute.Tensor,
+        mO: cute.Tensor,
+        mWsF: cute.Tensor,
+        mWsFlag: cute.Tensor,
+        overlap: Int32,
+        mProfile: Optional[cute.Tensor],
+        tma_q: cute.CopyAtom,
+        tma_tensor_q: cute.Tensor,
+        tma_k: cute.CopyAtom,
+        tma_tensor_k: cute.Tensor,
+        tma_tp: cute.CopyAtom,
+        tma_tensor_tp: cute.Tensor,
+        tma_o: cute.CopyAtom,
+        tma_tensor_o: cute.Tensor,
+        mma_rs: cute.TiledMma,
+        mma_state: cute.TiledMma,
+        sQK_layout: cute.ComposedLayout,
+        tma_v: cute.CopyAtom,
+        tma_tensor_v: cute.Tensor,
+        tma_f: cute.CopyAtom,
+        tma_tensor_f: cute.Tensor,
+        sV_layout: cute.ComposedLayout,
+        sTP_layout: cute.ComposedLayout,
+        sO_layout: cute.ComposedLayout,
+    ):
+        """The folded chain: CTA (hv, n, z), value rows z * 64 .. z * 64 + 64 of sequence n's state in one
+        math warpgroup (warps 0-3), and a producer warp (warp 4) that loads every chunk's q, k, T, P, W~,
+        v and f by TMA into two stages: it waits for a stage's `empty` mbarrier (128 arrivals, one per
+        math thread once its chunk is done with the stage) and, when overlapped, for the chunk's flag,
+        then arms the stage's `full` mbarrier with the byte count. The math warpgroup waits on `full`
+        and synchronizes only itself (named barrier 1)."""
+        C, K = CHUNK, self.K
+        tidx, _, _ = cute.arch.thread_idx()
+        hv, n, z = cute.arch.block_idx()
+        warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        hk = hv // (self.num_v_heads // self.num_heads)
+        c0 = z * WG_ROWS
+        bos = mCuSeqlens[n]
+        eos = mCuSeqlens[n + 1]
+        slot = mIndices[n]
+        ws_row0 = bos // C + n
+        num_chunks = (eos - bos + C - 1) // C
+
+        storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage[CHAIN_FOLDED])
+        sQs = storage.sQ.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
+        sKs = storage.sK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
+        sVs = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
+        sTPs = storage.sTP.get_tensor(sTP_layout.outer, swizzle=sTP_layout.inner)
+        sOs = storage.sO.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)
+        sO = sOs[None, None, 0]
+        sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, 2), stride=(C, 1, NUM_FACTORS * C)))
+        sF_tma = storage.sF.get_tensor(cute.make_layout((C, NUM_FACTORS, 2), stride=(1, C, NUM_FACTORS * C)))
+        full = storage.mbar.data_ptr()
+        empty = full + 2
+        if tidx == 0:
+            for d in (tma_q, tma_k, tma_tp, tma_o, tma_v, tma_f):
+                cpasync.prefetch_descriptor(d)
+            for st in cutlass.range_constexpr(2):
+                cute.arch.mbarrier_init(full + st, 1)
+                cute.arch.mbarrier_init(empty + st, 128)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()  # the last barrier of all 160 threads
+
+        # (Made here, outside the role branches: a TiledMma used inside a branch whose helpers set its
+        # ACCUMULATE field would be yielded out of the branch, which the IR verifier rejects.)
+        thr_state = mma_state.get_slice(tidx % 128)
+        acc_S = cute.make_rmem_tensor(thr_state.partition_shape_C((WG_ROWS, K)), Float32)
+        cS = thr_state.partition_C(cute.make_identity_tensor((WG_ROWS, K)))
+        if warp == 4:
+            if slot >= 0:
+                self.produce_chunks(tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_v,
+                                    tma_tensor_v, tma_f, tma_tensor_f, sQs, sKs, sTPs, sVs, sF_tma, full, empty,
+                                    mWsFlag, overlap, bos, ws_row0, num_chunks, hv, hk, z, tidx % 32)
+        if warp < 4:
+            gO = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_o)[None, None, hv], (C, WG_ROWS),
+                                 (None, None))
+            if slot >= 0:
+                self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, c0)
+                prof = cute.make_rmem_tensor(cute.make_layout(5), cutlass.Int64)
+                prof.fill(0)
+                stamp = cute.arch.globaltimer()
+                for c in cutlass.range(num_chunks, unroll=1):
+                    stage = c % 2
+                    tok0 = bos + c * C
+                    valid = eos - tok0
+                    if valid > C:
+                        valid = C
+                    cute.arch.mbarrier_wait(full + stage, (c // 2) % 2)
+                    if valid < C:
+                        # k rows past the sequence end hold the next sequence's tokens (or TMA zeros).
+                        self.zero_rows_from(sKs[None, None, stage], valid, tidx, 128)
+                        cute.arch.fence_view_async_shared()
+                        cute.arch.barrier(barrier_id=1, number_of_threads=128)
+                    stamp = self.mark(prof, 0, stamp)
+                    self.state_chain_folded(mma_rs, mma_state, acc_S, sQs[None, None, stage],
+                                            sKs[None, None, stage], sVs[None, None, stage],
+                                            sTPs[None, None, 4 * stage], sTPs[None, None, 4 * stage + 1],
+                                            sTPs[None, None, 4 * stage + 2], sTPs[None, None, 4 * stage + 3],
+                                            sO, sFs[None, None, stage], tidx)
+                    cute.arch.mbarrier_arrive(empty + stage)  # this thread is done with the stage
+                    cute.arch.fence_view_async_shared()  # the o tile's stores before a TMA store reads it
+                    cute.arch.barrier(barrier_id=1, number_of_threads=128)
+                    stamp = self.mark(prof, 1, stamp)
+                    if valid == C:
+                        if tidx < 32:
+                            s_tile, g_tile = tma_tile(tma_o, sO, gO[None, None, c, z])
+                            cute.copy(tma_o, s_tile, g_tile)
+                            cute.arch.cp_async_bulk_commit_group()
+                    else:
+                        self.store_output(sOs, mO, tok0, valid, hv, c0, 1, tidx)
+                    stamp = self.mark(prof, 2, stamp)
+                if tidx < 32:
+                    cute.arch.cp_async_bulk_wait_group(0, read=True)
+                if cutlass.const_expr(self.profile):
+                    if tidx == 0:
+                        cta = (n * self.num_v_heads + hv) * (self.V // WG_ROWS) + z
+                        for i in cutlass.range_constexpr(5):
+                            mProfile[cta, i] = prof[i]
+                        mProfile[cta, 7] = cutlass.Int64(num_chunks)
+                self.store_state(acc_S, cS, mState, slot, hv, c0)
+            else:
+                self.zero_output(mO, bos, eos, hv, c0, 1, tidx)
+
+    @cute.jit
+    def zero_rows_from(self, sX, first, tidx, threads: cutlass.Constexpr):
+        """Zero rows first .. CHUNK of the [CHUNK, K] shared tile sX (generic stores, by `threads` threads)."""
+        K = self.K
+        for i in cutlass.range_constexpr(CHUNK * K // threads):
+            e = tidx + i * threads
+            if e // K >= first:
+                sX[e // K, e % K] = Float32(0.0).to(self.io_dtype)
+
+    @cute.jit
+    def produce_chunks(self, tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_v, tma_tensor_v,
+                       tma_f, tma_tensor_f, sQs, sKs, sTPs, sVs, sF_tma, full, empty, mWsFlag, overlap, bos, ws_row0,
+                       num_chunks, hv, hk, z, lane):
+        """The folded chain's producer warp: every chunk's loads into stage c % 2, once the math warpgroup
+        has released the stage (chunk c - 2) and, when overlapped, the aux kernel has flagged the chunk."""
+        C, K = CHUNK, self.K
+        gQ = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_q)[None, None, hk], (C, K), (None, 0))
+        gK = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_k)[None, None, hk], (C, K), (None, 0))
+        gV = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_v)[None, None, hv], (C, WG_ROWS),
+                             (None, z))
+        tQs, tQg = cpasync.tma_partition(tma_q, 0, cute.make_layout(1), cute.group_modes(sQs, 0, 2),
+                                         cute.group_modes(gQ, 0, 2))
+        tKs, tKg = cpasync.tma_partition(tma_k, 0, cute.make_layout(1), cute.group_modes(sKs, 0, 2),
+                                         cute.group_modes(gK, 0, 2))
+        tVs, tVg = cpasync.tma_partition(tma_v, 0, cute.make_layout(1), cute.group_modes(sVs, 0, 2),
+                                         cute.group_modes(gV, 0, 2))
+        nbytes = (2 * C * K + 4 * C * C + C * WG_ROWS) * (self.io_dtype.width // 8) + NUM_FACTORS * C * 4
+        for c in cutlass.range(num_chunks, unroll=1):
+            stage = c % 2
+            ws_row = ws_row0 + c
+            if c >= 2:
+                cute.arch.mbarrier_wait(empty + stage, (c // 2 - 1) % 2)
+            if overlap != 0:
+                if lane == 0:
+                    wait_flag(flag_ptr(mWsFlag, ws_row, hv))
+                cute.arch.sync_warp()
+                # T, P, W~ and f were written by another kernel's generic stores: order them before this
+                # warp's async-proxy (TMA) reads.
+                cute.arch.fence_proxy("async.global")
+            if lane == 0:
+                cute.arch.mbarrier_arrive_and_expect_tx(full + stage, nbytes)
+            cute.copy(tma_q, tQg[None, c], tQs[None, stage], tma_bar_ptr=full + stage)
+            cute.copy(tma_k, tKg[None, c], tKs[None, stage], tma_bar_ptr=full + stage)
+            cute.copy(tma_v, tVg[None, c], tVs[None, stage], tma_bar_ptr=full + stage)
+            for which in cutlass.range_constexpr(4):
+                s_tile, g_tile = tma_tile(tma_tp, sTPs[None, None, 4 * stage + which],
+                                          tma_tensor_tp[None, None, which, hv, ws_row])
+                cute.copy(tma_tp, g_tile, s_tile, tma_bar_ptr=full + stage)
+            s_tile, g_tile = tma_tile(tma_f, sF_tma[None, None, stage], tma_tensor_f[None, None, hv, ws_row])
+            cute.copy(tma_f, g_tile, s_tile, tma_bar_ptr=full + stage)
 
     @cute.jit
     def mark(self, prof, phase: cutlass.Constexpr, stamp):
@@ -947,8 +1137,7 @@ class GdnPrefillSm90:
 
 
     @cute.jit
-    def state_chain_folded(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sW0, sW1, sO, sF, mV, next_tok0, eos,
-                           has_next, hv, c0, tidx):
+    def state_chain_folded(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sW0, sW1, sO, sF, tidx):
         """One chunk of a folded chain (one warpgroup, 64 state rows) with X's state term folded into
         the aux kernel's W~ = -T diag(f0) K ([n, k], two column halves sW0, sW1):
           U = V^T T^T + S W~^T
@@ -978,10 +1167,7 @@ class GdnPrefillSm90:
         warpgroup.commit_group()
         if tidx < 32:
             cute.arch.cp_async_bulk_wait_group(0, read=True)  # the last chunk's TMA store has read sO
-        cute.arch.sync_threads()  # every thread is past its reads of v, and sO is free
-        if has_next:
-            load_rows(io, WG_ROWS, 128, mV, sV, next_tok0, eos, hv, c0, tidx)
-        cute.arch.cp_async_commit_group()
+        cute.arch.barrier(barrier_id=1, number_of_threads=128)  # so sO is free
         warpgroup.wait_group(1)
         decay = sF[3, 0]
         for i in cutlass.range_constexpr(cute.size(acc_S)):
