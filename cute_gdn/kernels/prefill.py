@@ -24,18 +24,17 @@ Two kernels in one compiled function, which launches either or both (`launch`):
      O  = f1_t O1 + U P^T                                    -> o[t, v]
      S  = f3 S + (U f2_s) K                                  [v, k]
    which is reference.chunk_gated_delta_rule transposed (U is that function's `residual`); f1_t O1 and
-   f3 S are formed while U's wgmma runs. The chunk's q, k, T, P (TMA, warp 0, one mbarrier per
-   stage) and f (cp.async) are double-buffered:
-   chunk c + 1 is in flight while chunk c computes; v (single buffer, cp.async) goes in flight as
-   soon as the previous chunk has consumed its own (read into registers by ldmatrix). o goes through
+   f3 S are formed while U's wgmma runs. The chunk's q, k, T, P, v and f are double-buffered (see
+   the producer warp below); v^T is read into registers by transposed ldmatrix. o goes through
    the warpgroup's own shared tile (stmatrix) to global memory by TMA store (row by row for a
    sequence's partial last chunk). Narrow CTAs (one warpgroup) double the CTAs for calls too small to
    fill the GPU, one per SM; wide ones (two warpgroups) share the loads across 128 rows, for all other
    calls (use_wide_chain). A folded chain (narrow, for overlapped calls, chain_kind) reads W~ too and
-   forms U = V^T T^T + S W~^T: one product on the state instead of SK, X and X T^T in a row. Its CTA
-   (folded_chain_kernel) adds a producer warp that issues every load (q, k, T, P, W~, v and f by TMA,
-   two stages, full/empty mbarriers), so the math warpgroup never issues a load or waits at a
-   barrier that includes the loads.
+   forms U = V^T T^T + S W~^T: one product on the state instead of SK, X and X T^T in a row. Every
+   chain CTA has a producer warp that issues all loads (q, k, the workspace tiles, v and f by TMA,
+   two stages, full/empty mbarriers), so the math warpgroups never issue a load or wait at a barrier
+   that includes the loads; a wide CTA's producer is a warpgroup, for setmaxnreg (math 224
+   registers, producer 56).
 
 Overlap (use_overlap): when the narrow chain CTAs number at most half the SMs, ops.prefill launches
 the aux kernel on the caller's stream and the chain concurrently on a high-priority stream. The
@@ -222,8 +221,9 @@ class GdnPrefillSm90:
         # The chain's v tile (its CTA's columns): one stage of (C, 64 * wgs).
         sV_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS * wgs), io, 1)
                       for wgs in (1, 2)]
-        # The folded chain's v tiles: two stages of (C, 64), loaded by TMA.
-        sV2_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS), io, 2)
+        # The chain's v tiles: two stages of (C, 64 * wgs), loaded by TMA.
+        sV2_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS * wgs), io, 2)
+                       for wgs in (1, 2)]
         # The chain's o tiles, [t, v] per warpgroup (the TMA store's source).
         sO_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS), io, wgs) for wgs in (1, 2)]
 
@@ -257,8 +257,7 @@ class GdnPrefillSm90:
         assert pair * C * (C + 8) <= cute.cosize(sQK_layout)  # the padded P tiles fit where q and k were
         assert cute.cosize(sTile_layout) * 2 <= cute.cosize(sQK_layout)  # the swizzled ones where q was
         self.aux_storage = AuxStorage
-        self.chain_storage = {kind: chain_storage(sV_layouts[wgs - 1] if kind != CHAIN_FOLDED else sV2_layout,
-                                                  sO_layouts[wgs - 1], sTP_layouts[kind])
+        self.chain_storage = {kind: chain_storage(sV2_layouts[wgs - 1], sO_layouts[wgs - 1], sTP_layouts[kind])
                               for kind, wgs in ((CHAIN_NARROW, 1), (CHAIN_WIDE, 2), (CHAIN_FOLDED, 1))}
         # wgmma tilings (one warpgroup each): SS products of aux, RS products of the chain.
         mma_ss = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
@@ -296,9 +295,9 @@ class GdnPrefillSm90:
         tma = (tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_o, tma_tensor_o)
         # The folded chain also loads v ((C, 64) tiles of (T, V) per head) and f ((C, 4) fp32 tiles of the
         # workspace) by TMA.
-        tma_v, tma_tensor_v = cpasync.make_tiled_tma_atom(
+        tma_vs = [cpasync.make_tiled_tma_atom(
             tma_op, cute.make_tensor(mV.iterator, cute.select(mV.layout, mode=[1, 3, 2])),
-            cute.select(sV2_layout, mode=[0, 1]), (C, WG_ROWS))
+            cute.select(sV2_layouts[wgs - 1], mode=[0, 1]), (C, WG_ROWS * wgs)) for wgs in (1, 2)]
         tma_f, tma_tensor_f = cpasync.make_tiled_tma_atom(
             tma_op, cute.make_tensor(mWsF.iterator, cute.select(mWsF.layout, mode=[3, 2, 1, 0])),
             cute.make_layout((C, NUM_FACTORS), stride=(1, C)), (C, NUM_FACTORS))
@@ -315,22 +314,23 @@ class GdnPrefillSm90:
                 self.aux_kernel(*aux_args, False).launch(**aux_launch)
         if launch // 2 == 1:  # LAUNCH_CHAIN or LAUNCH_BOTH
             chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mWsFlag, overlap, mProfile, *tma)
-            if chain == CHAIN_WIDE:
-                self.chain_kernel(*chain_args, *chain_mmas[0], sQK_layout, sV_layouts[1], sTP_layouts[CHAIN_WIDE], sO_layouts[1], 2,
-                                  CHAIN_WIDE).launch(
-                    grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(256, 1, 1), stream=stream)
             # Narrow chains claim more shared memory than an SM has left beside an aux CTA, so that next to
             # a running aux kernel (overlap) the chain CTAs (at most half the SMs) keep their SMs to
             # themselves; one after the other, narrow CTAs number at most one per SM anyway.
+            if chain == CHAIN_WIDE:
+                self.chain_kernel(*chain_args, *chain_mmas[0], sQK_layout, *tma_vs[1], tma_f, tma_tensor_f,
+                                  sV2_layouts[1], sTP_layouts[CHAIN_WIDE], sO_layouts[1], 2, False).launch(
+                    grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(3 * 128, 1, 1),
+                    stream=stream)
             elif chain == CHAIN_FOLDED:
-                self.folded_chain_kernel(*chain_args, *chain_mmas[1], sQK_layout, tma_v, tma_tensor_v, tma_f, tma_tensor_f, sV2_layout,
-                                         sTP_layouts[CHAIN_FOLDED], sO_layouts[0]).launch(
+                self.chain_kernel(*chain_args, *chain_mmas[1], sQK_layout, *tma_vs[0], tma_f, tma_tensor_f,
+                                  sV2_layouts[0], sTP_layouts[CHAIN_FOLDED], sO_layouts[0], 1, True).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
             else:
-                self.chain_kernel(*chain_args, *chain_mmas[2], sQK_layout, sV_layouts[0], sTP_layouts[CHAIN_NARROW], sO_layouts[0], 1,
-                                  CHAIN_NARROW).launch(
-                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128, 1, 1), stream=stream,
+                self.chain_kernel(*chain_args, *chain_mmas[2], sQK_layout, *tma_vs[0], tma_f, tma_tensor_f,
+                                  sV2_layouts[0], sTP_layouts[CHAIN_NARROW], sO_layouts[0], 1, False).launch(
+                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
 
     # ================================ aux: one chunk, all of it off the state ================================
@@ -671,169 +671,6 @@ class GdnPrefillSm90:
         mma_rs: cute.TiledMma,
         mma_state: cute.TiledMma,
         sQK_layout: cute.ComposedLayout,
-        sV_layout: cute.ComposedLayout,
-        sTP_layout: cute.ComposedLayout,
-        sO_layout: cute.ComposedLayout,
-        wgs: cutlass.Constexpr,
-        kind: cutlass.Constexpr,
-    ):
-        """CTA (hv, n, z) of `wgs` warpgroups: value rows z * 64 * wgs .. (z + 1) * 64 * wgs of sequence
-        n's state, 64 per warpgroup. Chunk c + 1's q, k, T and P (TMA, one mbarrier per stage) and its
-        factors (cp.async) are issued at the top of chunk c (double-buffered); the single v tile of
-        chunk c + 1 (cp.async, zero past the sequence end) once chunk c has consumed its own (after X)."""
-        C, K = CHUNK, self.K
-        threads = 128 * wgs
-        tidx, _, _ = cute.arch.thread_idx()
-        hv, n, z = cute.arch.block_idx()
-        wg = tidx // 128
-        wg_tidx = tidx % 128
-        hk = hv // (self.num_v_heads // self.num_heads)
-        c0 = z * WG_ROWS * wgs   # the CTA's first value row
-        v0 = c0 + wg * WG_ROWS   # the warpgroup's
-        bos = mCuSeqlens[n]
-        eos = mCuSeqlens[n + 1]
-        slot = mIndices[n]
-        ws_row0 = bos // C + n
-
-        storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage[kind])
-        sQs = storage.sQ.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
-        sKs = storage.sK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
-        sV = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)[None, None, 0]
-        sTPs = storage.sTP.get_tensor(sTP_layout.outer, swizzle=sTP_layout.inner)
-        sOs = storage.sO.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)
-        sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, 2), stride=(C, 1, NUM_FACTORS * C)))
-        mbar = storage.mbar.data_ptr()
-        num_chunks = (eos - bos + C - 1) // C
-        # With overlap, chunk j's T, P and factors are read once the aux kernel has flagged them. Thread
-        # 0 waits for chunk 0 here, and for chunk j + 1 at the loop top of chunk j, before the barrier
-        # that precedes the loads; the flag of j + 1 is read (relaxed) a chunk ahead, so a flag that is
-        # already set costs no round trip on the chain's critical path.
-        pending = Int32(1)
-        if overlap != 0 and slot >= 0 and tidx == 0:
-            if num_chunks > 0:
-                wait_flag(flag_ptr(mWsFlag, ws_row0, hv))
-            if num_chunks > 1:
-                pending = cute.arch.load(flag_ptr(mWsFlag, ws_row0 + 1, hv), Int32, sem="relaxed", scope="gpu")
-        if tidx == 0:
-            cpasync.prefetch_descriptor(tma_q)
-            cpasync.prefetch_descriptor(tma_k)
-            cpasync.prefetch_descriptor(tma_tp)
-            cpasync.prefetch_descriptor(tma_o)
-            cute.arch.mbarrier_init(mbar, 1)
-            cute.arch.mbarrier_init(mbar + 1, 1)
-        cute.arch.mbarrier_init_fence()
-        cute.arch.sync_threads()
-        # The sequence's chunks of q and k for TMA: (C, K, chunk) coordinate tiles from token bos on.
-        gQ = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_q)[None, None, hk], (C, K), (None, 0))
-        gK = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_k)[None, None, hk], (C, K), (None, 0))
-        tQs, tQg = cpasync.tma_partition(tma_q, 0, cute.make_layout(1), cute.group_modes(sQs, 0, 2),
-                                         cute.group_modes(gQ, 0, 2))
-        tKs, tKg = cpasync.tma_partition(tma_k, 0, cute.make_layout(1), cute.group_modes(sKs, 0, 2),
-                                         cute.group_modes(gK, 0, 2))
-        loads = (tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar, overlap)
-        # The sequence's o as (C, 64) coordinate tiles [chunk, column tile] for the TMA stores.
-        gO = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_o)[None, None, hv], (C, WG_ROWS),
-                             (None, None))
-
-        # The warpgroup's 64 rows of S, [64, K] fp32 accumulator of mma_state.
-        thr_state = mma_state.get_slice(wg_tidx)
-        acc_S = cute.make_rmem_tensor(thr_state.partition_shape_C((WG_ROWS, K)), Float32)
-        cS = thr_state.partition_C(cute.make_identity_tensor((WG_ROWS, K)))
-
-        if slot >= 0:
-            self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, v0)
-            if num_chunks > 0:
-                self.issue_chunk_loads(loads, mWsF, sTPs, sFs, 0, ws_row0, 0, hv, tidx)
-                load_rows(self.io_dtype, WG_ROWS * wgs, threads, mV, sV, bos, eos, hv, c0, tidx)
-            cute.arch.cp_async_commit_group()
-            prof = cute.make_rmem_tensor(cute.make_layout(5), cutlass.Int64)
-            prof.fill(0)
-            stamp = cute.arch.globaltimer()
-            for c in cutlass.range(num_chunks, unroll=1):
-                stage = c % 2
-                tok0 = bos + c * C
-                valid = eos - tok0
-                if valid > C:
-                    valid = C
-                if overlap != 0 and tidx == 0 and c + 1 < num_chunks:
-                    if pending == 0:
-                        wait_flag(flag_ptr(mWsFlag, ws_row0 + c + 1, hv))
-                cute.arch.sync_threads()  # chunk c - 1 is done with stage 1 - stage
-                stamp = self.mark(prof, 3, stamp)
-                if c + 1 < num_chunks:
-                    self.issue_chunk_loads(loads, mWsF, sTPs, sFs, c + 1, ws_row0 + c + 1, 1 - stage, hv, tidx)
-                cute.arch.cp_async_commit_group()
-                if overlap != 0 and tidx == 0 and c + 2 < num_chunks:
-                    pending = cute.arch.load(flag_ptr(mWsFlag, ws_row0 + c + 2, hv), Int32, sem="relaxed",
-                                             scope="gpu")
-                stamp = self.mark(prof, 4, stamp)
-                cute.arch.cp_async_wait_group(1)  # chunk c's factors and v have landed
-                cute.arch.mbarrier_wait(mbar + stage, (c // 2) % 2)  # and its q, k, T, P
-                if valid < C:
-                    # k rows past the sequence end hold the next sequence's tokens (or TMA zeros): zero
-                    # them, so that only exact zeros meet them in the state update.
-                    for i in cutlass.range_constexpr(C * K // threads):
-                        e = tidx + i * threads
-                        if e // K >= valid:
-                            sKs[e // K, e % K, stage] = Float32(0.0).to(self.io_dtype)
-                    cute.arch.fence_view_async_shared()  # those generic stores before wgmma reads them
-                cute.arch.sync_threads()
-                stamp = self.mark(prof, 0, stamp)
-                self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage], sV,
-                                 sTPs[None, None, 2 * stage], sTPs[None, None, 2 * stage + 1],
-                                 sOs[None, None, wg], sFs[None, None, stage], mV, tok0 + C, eos,
-                                 c + 1 < num_chunks, hv, c0, wg, wgs, tidx)
-                cute.arch.fence_view_async_shared()  # the output tiles' stores before a TMA store reads them
-                cute.arch.sync_threads()  # the output tiles are complete
-                stamp = self.mark(prof, 1, stamp)
-                if valid == C:
-                    # A full chunk: TMA stores (warp 0), whose reads of the o tiles are waited for in the
-                    # next chunk before it overwrites them (state_chain).
-                    if tidx < 32:
-                        for w in cutlass.range_constexpr(wgs):
-                            s_tile, g_tile = tma_tile(tma_o, sOs[None, None, w], gO[None, None, c, z * wgs + w])
-                            cute.copy(tma_o, s_tile, g_tile)
-                        cute.arch.cp_async_bulk_commit_group()
-                else:
-                    # The last chunk of a sequence: only its rows (the next ones belong to another sequence).
-                    self.store_output(sOs, mO, tok0, valid, hv, c0, wgs, tidx)
-                stamp = self.mark(prof, 2, stamp)
-            if tidx < 32:
-                cute.arch.cp_async_bulk_wait_group(0, read=True)  # the shared memory outlives the TMA stores
-            if cutlass.const_expr(self.profile):
-                if tidx == 0:
-                    cta = (n * self.num_v_heads + hv) * (self.V // (WG_ROWS * wgs)) + z
-                    for i in cutlass.range_constexpr(5):
-                        mProfile[cta, i] = prof[i]
-                    mProfile[cta, 7] = cutlass.Int64(num_chunks)
-            self.store_state(acc_S, cS, mState, slot, hv, v0)
-        else:
-            self.zero_output(mO, bos, eos, hv, c0, wgs, tidx)
-
-    @cute.kernel
-    def folded_chain_kernel(
-        self,
-        mV: cute.Tensor,
-        mCuSeqlens: cute.Tensor,
-        mState: cute.Tensor,
-        mIndices: cute.Tensor,
-        mHasInit: cute.Tensor,
-        mO: cute.Tensor,
-        mWsF: cute.Tensor,
-        mWsFlag: cute.Tensor,
-        overlap: Int32,
-        mProfile: Optional[cute.Tensor],
-        tma_q: cute.CopyAtom,
-        tma_tensor_q: cute.Tensor,
-        tma_k: cute.CopyAtom,
-        tma_tensor_k: cute.Tensor,
-        tma_tp: cute.CopyAtom,
-        tma_tensor_tp: cute.Tensor,
-        tma_o: cute.CopyAtom,
-        tma_tensor_o: cute.Tensor,
-        mma_rs: cute.TiledMma,
-        mma_state: cute.TiledMma,
-        sQK_layout: cute.ComposedLayout,
         tma_v: cute.CopyAtom,
         tma_tensor_v: cute.Tensor,
         tma_f: cute.CopyAtom,
@@ -841,32 +678,40 @@ class GdnPrefillSm90:
         sV_layout: cute.ComposedLayout,
         sTP_layout: cute.ComposedLayout,
         sO_layout: cute.ComposedLayout,
+        wgs: cutlass.Constexpr,
+        fold: cutlass.Constexpr,
     ):
-        """The folded chain: CTA (hv, n, z), value rows z * 64 .. z * 64 + 64 of sequence n's state in one
-        math warpgroup (warps 0-3), and a producer warp (warp 4) that loads every chunk's q, k, T, P, W~,
-        v and f by TMA into two stages: it waits for a stage's `empty` mbarrier (128 arrivals, one per
-        math thread once its chunk is done with the stage) and, when overlapped, for the chunk's flag,
-        then arms the stage's `full` mbarrier with the byte count. The math warpgroup waits on `full`
-        and synchronizes only itself (named barrier 1)."""
+        """CTA (hv, n, z): value rows z * 64 * wgs .. (z + 1) * 64 * wgs of sequence n's state, 64 per math
+        warpgroup (warps 0 .. 4 wgs - 1), and a producer warp (warp 4 wgs; with two math warpgroups, the
+        first warp of a producer warpgroup, for setmaxnreg) that loads every chunk's q, k,
+        workspace tiles (T, P, and W~ when folded), v and f by TMA into two stages: it waits for a
+        stage's `empty` mbarrier (one arrival per math thread once its chunk is done with the stage)
+        and, when overlapped, for the chunk's flag, then arms the stage's `full` mbarrier with the byte
+        count. The math warpgroups wait on `full` and synchronize only among themselves (named barrier
+        1). fold picks state_chain_folded over state_chain."""
         C, K = CHUNK, self.K
+        math_threads = 128 * wgs
+        tiles = ws_tiles(CHAIN_FOLDED if fold else CHAIN_NARROW)
+        kind = CHAIN_FOLDED if fold else (CHAIN_WIDE if wgs == 2 else CHAIN_NARROW)
         tidx, _, _ = cute.arch.thread_idx()
         hv, n, z = cute.arch.block_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+        wg = tidx // 128
         hk = hv // (self.num_v_heads // self.num_heads)
-        c0 = z * WG_ROWS
+        c0 = z * WG_ROWS * wgs
+        v0 = c0 + wg * WG_ROWS
         bos = mCuSeqlens[n]
         eos = mCuSeqlens[n + 1]
         slot = mIndices[n]
         ws_row0 = bos // C + n
         num_chunks = (eos - bos + C - 1) // C
 
-        storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage[CHAIN_FOLDED])
+        storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage[kind])
         sQs = storage.sQ.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
         sKs = storage.sK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
         sVs = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         sTPs = storage.sTP.get_tensor(sTP_layout.outer, swizzle=sTP_layout.inner)
         sOs = storage.sO.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)
-        sO = sOs[None, None, 0]
         sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, 2), stride=(C, 1, NUM_FACTORS * C)))
         sF_tma = storage.sF.get_tensor(cute.make_layout((C, NUM_FACTORS, 2), stride=(1, C, NUM_FACTORS * C)))
         full = storage.mbar.data_ptr()
@@ -876,25 +721,32 @@ class GdnPrefillSm90:
                 cpasync.prefetch_descriptor(d)
             for st in cutlass.range_constexpr(2):
                 cute.arch.mbarrier_init(full + st, 1)
-                cute.arch.mbarrier_init(empty + st, 128)
+                cute.arch.mbarrier_init(empty + st, math_threads)
         cute.arch.mbarrier_init_fence()
-        cute.arch.sync_threads()  # the last barrier of all 160 threads
-
+        cute.arch.sync_threads()  # the last barrier of all the CTA's threads
         # (Made here, outside the role branches: a TiledMma used inside a branch whose helpers set its
         # ACCUMULATE field would be yielded out of the branch, which the IR verifier rejects.)
         thr_state = mma_state.get_slice(tidx % 128)
         acc_S = cute.make_rmem_tensor(thr_state.partition_shape_C((WG_ROWS, K)), Float32)
         cS = thr_state.partition_C(cute.make_identity_tensor((WG_ROWS, K)))
-        if warp == 4:
+        # With two math warpgroups the producer is a warpgroup (only its first warp works): three warps
+        # share each SM sub-partition's 16K registers, so the math warps take 224 and the producers 56
+        # (setmaxnreg, inside each role's branch so that ptxas sees each role's code apart).
+        if warp >= 4 * wgs:
+            if cutlass.const_expr(wgs == 2):
+                cute.arch.warpgroup_reg_dealloc(56)
+        if warp == 4 * wgs:
             if slot >= 0:
                 self.produce_chunks(tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_v,
                                     tma_tensor_v, tma_f, tma_tensor_f, sQs, sKs, sTPs, sVs, sF_tma, full, empty,
-                                    mWsFlag, overlap, bos, ws_row0, num_chunks, hv, hk, z, tidx % 32)
-        if warp < 4:
+                                    mWsFlag, overlap, bos, ws_row0, num_chunks, hv, hk, z, tiles, wgs, tidx % 32)
+        if warp < 4 * wgs:
+            if cutlass.const_expr(wgs == 2):
+                cute.arch.warpgroup_reg_alloc(224)
             gO = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_o)[None, None, hv], (C, WG_ROWS),
                                  (None, None))
             if slot >= 0:
-                self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, c0)
+                self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, v0)
                 prof = cute.make_rmem_tensor(cute.make_layout(5), cutlass.Int64)
                 prof.fill(0)
                 stamp = cute.arch.globaltimer()
@@ -907,38 +759,45 @@ class GdnPrefillSm90:
                     cute.arch.mbarrier_wait(full + stage, (c // 2) % 2)
                     if valid < C:
                         # k rows past the sequence end hold the next sequence's tokens (or TMA zeros).
-                        self.zero_rows_from(sKs[None, None, stage], valid, tidx, 128)
+                        self.zero_rows_from(sKs[None, None, stage], valid, tidx, math_threads)
                         cute.arch.fence_view_async_shared()
-                        cute.arch.barrier(barrier_id=1, number_of_threads=128)
+                        cute.arch.barrier(barrier_id=1, number_of_threads=math_threads)
                     stamp = self.mark(prof, 0, stamp)
-                    self.state_chain_folded(mma_rs, mma_state, acc_S, sQs[None, None, stage],
-                                            sKs[None, None, stage], sVs[None, None, stage],
-                                            sTPs[None, None, 4 * stage], sTPs[None, None, 4 * stage + 1],
-                                            sTPs[None, None, 4 * stage + 2], sTPs[None, None, 4 * stage + 3],
-                                            sO, sFs[None, None, stage], tidx)
+                    if cutlass.const_expr(fold):
+                        self.state_chain_folded(mma_rs, mma_state, acc_S, sQs[None, None, stage],
+                                                sKs[None, None, stage], sVs[None, None, stage],
+                                                sTPs[None, None, 4 * stage], sTPs[None, None, 4 * stage + 1],
+                                                sTPs[None, None, 4 * stage + 2], sTPs[None, None, 4 * stage + 3],
+                                                sOs[None, None, 0], sFs[None, None, stage], tidx)
+                    else:
+                        self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage],
+                                         sVs[None, None, stage], sTPs[None, None, 2 * stage],
+                                         sTPs[None, None, 2 * stage + 1], sOs[None, None, wg],
+                                         sFs[None, None, stage], wg, wgs, tidx)
                     cute.arch.mbarrier_arrive(empty + stage)  # this thread is done with the stage
-                    cute.arch.fence_view_async_shared()  # the o tile's stores before a TMA store reads it
-                    cute.arch.barrier(barrier_id=1, number_of_threads=128)
+                    cute.arch.fence_view_async_shared()  # the o tiles' stores before a TMA store reads them
+                    cute.arch.barrier(barrier_id=1, number_of_threads=math_threads)
                     stamp = self.mark(prof, 1, stamp)
                     if valid == C:
                         if tidx < 32:
-                            s_tile, g_tile = tma_tile(tma_o, sO, gO[None, None, c, z])
-                            cute.copy(tma_o, s_tile, g_tile)
+                            for w in cutlass.range_constexpr(wgs):
+                                s_tile, g_tile = tma_tile(tma_o, sOs[None, None, w], gO[None, None, c, z * wgs + w])
+                                cute.copy(tma_o, s_tile, g_tile)
                             cute.arch.cp_async_bulk_commit_group()
                     else:
-                        self.store_output(sOs, mO, tok0, valid, hv, c0, 1, tidx)
+                        self.store_output(sOs, mO, tok0, valid, hv, c0, wgs, tidx)
                     stamp = self.mark(prof, 2, stamp)
                 if tidx < 32:
                     cute.arch.cp_async_bulk_wait_group(0, read=True)
                 if cutlass.const_expr(self.profile):
                     if tidx == 0:
-                        cta = (n * self.num_v_heads + hv) * (self.V // WG_ROWS) + z
+                        cta = (n * self.num_v_heads + hv) * (self.V // (WG_ROWS * wgs)) + z
                         for i in cutlass.range_constexpr(5):
                             mProfile[cta, i] = prof[i]
                         mProfile[cta, 7] = cutlass.Int64(num_chunks)
-                self.store_state(acc_S, cS, mState, slot, hv, c0)
+                self.store_state(acc_S, cS, mState, slot, hv, v0)
             else:
-                self.zero_output(mO, bos, eos, hv, c0, 1, tidx)
+                self.zero_output(mO, bos, eos, hv, c0, wgs, tidx)
 
     @cute.jit
     def zero_rows_from(self, sX, first, tidx, threads: cutlass.Constexpr):
@@ -952,13 +811,13 @@ class GdnPrefillSm90:
     @cute.jit
     def produce_chunks(self, tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_v, tma_tensor_v,
                        tma_f, tma_tensor_f, sQs, sKs, sTPs, sVs, sF_tma, full, empty, mWsFlag, overlap, bos, ws_row0,
-                       num_chunks, hv, hk, z, lane):
+                       num_chunks, hv, hk, z, tiles: cutlass.Constexpr, wgs: cutlass.Constexpr, lane):
         """The folded chain's producer warp: every chunk's loads into stage c % 2, once the math warpgroup
         has released the stage (chunk c - 2) and, when overlapped, the aux kernel has flagged the chunk."""
         C, K = CHUNK, self.K
         gQ = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_q)[None, None, hk], (C, K), (None, 0))
         gK = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_k)[None, None, hk], (C, K), (None, 0))
-        gV = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_v)[None, None, hv], (C, WG_ROWS),
+        gV = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_v)[None, None, hv], (C, WG_ROWS * wgs),
                              (None, z))
         tQs, tQg = cpasync.tma_partition(tma_q, 0, cute.make_layout(1), cute.group_modes(sQs, 0, 2),
                                          cute.group_modes(gQ, 0, 2))
@@ -966,7 +825,7 @@ class GdnPrefillSm90:
                                          cute.group_modes(gK, 0, 2))
         tVs, tVg = cpasync.tma_partition(tma_v, 0, cute.make_layout(1), cute.group_modes(sVs, 0, 2),
                                          cute.group_modes(gV, 0, 2))
-        nbytes = (2 * C * K + 4 * C * C + C * WG_ROWS) * (self.io_dtype.width // 8) + NUM_FACTORS * C * 4
+        nbytes = (2 * C * K + tiles * C * C + C * WG_ROWS * wgs) * (self.io_dtype.width // 8) + NUM_FACTORS * C * 4
         for c in cutlass.range(num_chunks, unroll=1):
             stage = c % 2
             ws_row = ws_row0 + c
@@ -984,8 +843,8 @@ class GdnPrefillSm90:
             cute.copy(tma_q, tQg[None, c], tQs[None, stage], tma_bar_ptr=full + stage)
             cute.copy(tma_k, tKg[None, c], tKs[None, stage], tma_bar_ptr=full + stage)
             cute.copy(tma_v, tVg[None, c], tVs[None, stage], tma_bar_ptr=full + stage)
-            for which in cutlass.range_constexpr(4):
-                s_tile, g_tile = tma_tile(tma_tp, sTPs[None, None, 4 * stage + which],
+            for which in cutlass.range_constexpr(tiles):
+                s_tile, g_tile = tma_tile(tma_tp, sTPs[None, None, tiles * stage + which],
                                           tma_tensor_tp[None, None, which, hv, ws_row])
                 cute.copy(tma_tp, g_tile, s_tile, tma_bar_ptr=full + stage)
             s_tile, g_tile = tma_tile(tma_f, sF_tma[None, None, stage], tma_tensor_f[None, None, hv, ws_row])
@@ -1023,41 +882,6 @@ class GdnPrefillSm90:
             mO[0, t, hv, c0 + tidx % (WG_ROWS * wgs)] = Float32(0.0).to(mO.element_type)
 
     @cute.jit
-    def issue_chunk_loads(self, loads, mWsF, sTPs, sFs, chunk, ws_row, stage, hv, tidx):
-        """Chunk `chunk` (of the sequence) into shared-memory stage `stage`: q, k and the workspace tiles
-        (T, P and for narrow chains W~) by TMA (warp 0;
-        thread 0 arrives on the stage's mbarrier with the byte count), the factors by cp.async (the
-        caller commits the group)."""
-        tma_q, tQs, tQg, tma_k, tKs, tKg, tma_tp, tma_tensor_tp, mbar, overlap = loads
-        C = CHUNK
-        tiles = cute.size(sTPs, mode=[2]) // 2
-        if tidx < 32:
-            if overlap != 0:
-                # T and P were written by another kernel's generic stores: order them before this
-                # warp's async-proxy (TMA) reads.
-                cute.arch.fence_proxy("async.global")
-            # The whole warp: each TMA copy elects one lane (elect.sync over the full warp), so it must
-            # not be called from a single-thread branch.
-            if tidx == 0:
-                nbytes = (2 * C * self.K + tiles * C * C) * (self.io_dtype.width // 8)
-                cute.arch.mbarrier_arrive_and_expect_tx(mbar + stage, nbytes)
-            cute.copy(tma_q, tQg[None, chunk], tQs[None, stage], tma_bar_ptr=mbar + stage)
-            cute.copy(tma_k, tKg[None, chunk], tKs[None, stage], tma_bar_ptr=mbar + stage)
-            for which in cutlass.range_constexpr(tiles):
-                s_tile, g_tile = tma_tile(tma_tp, sTPs[None, None, tiles * stage + which],
-                                          tma_tensor_tp[None, None, which, hv, ws_row])
-                cute.copy(tma_tp, g_tile, s_tile, tma_bar_ptr=mbar + stage)
-        f_atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
-                                     Float32, num_bits_per_copy=128)
-        if tidx < NUM_FACTORS * CHUNK // 4:
-            f = tidx // (CHUNK // 4)
-            j = tidx % (CHUNK // 4)
-            f_src = mWsF[ws_row, hv, f, None]
-            f_dst = sFs[f, None, stage]
-            cute.copy(f_atom, cute.make_tensor((f_src.iterator + j * 4).align(16), cute.make_layout(4)),
-                      cute.make_tensor((f_dst.iterator + j * 4).align(16), cute.make_layout(4)))
-
-    @cute.jit
     def store_output(self, sOs, mO, tok0, valid, hv, c0, wgs: cutlass.Constexpr, tidx):
         """The chunk's output rows t < valid, columns c0 .. c0 + 64 * wgs, from the output tiles
         (warpgroup w's in sOs[..., w]) to o."""
@@ -1066,8 +890,7 @@ class GdnPrefillSm90:
                        tidx, 128 * wgs)
 
     @cute.jit
-    def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sO, sF, mV, next_tok0, eos, has_next, hv,
-                    c0, wg, wgs: cutlass.Constexpr, tidx):
+    def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sO, sF, wg, wgs: cutlass.Constexpr, tidx):
         """One chunk of the warpgroup's 64 state rows; leaves its output [t, v] in sO (its o tile).
         Once v is consumed, puts the next chunk's v tile in flight (its own cp.async group)."""
         C = CHUNK
@@ -1099,10 +922,7 @@ class GdnPrefillSm90:
             rX_acc[i] = (rX_acc[i].to(Float32) - sF[0, t] * acc_SK[i]).to(io)
         if tidx < 32:
             cute.arch.cp_async_bulk_wait_group(0, read=True)  # the last chunk's TMA store has read sO
-        cute.arch.sync_threads()  # every thread is past its reads of v, and sO is free
-        if has_next:
-            load_rows(io, WG_ROWS * wgs, 128 * wgs, mV, sV, next_tok0, eos, hv, c0, tidx)
-        cute.arch.cp_async_commit_group()
+        cute.arch.barrier(barrier_id=1, number_of_threads=128 * wgs)  # so sO is free
         # U[v, n] = sum_s X[v, s] T[n, s]
         acc_U = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
         gemm_issue(mma_rs, acc_U, rX, mma_rs.make_fragment_B(thr.partition_B(sT)))
