@@ -77,7 +77,7 @@ AUX_WG_THREADS = 128  # aux: one warpgroup per value head of the CTA
 WG_ROWS = 64  # chain: each warpgroup owns 64 value rows of the state; a CTA has 1 or 2 warpgroups
 SUPPORTED_HEAD_DIM = 128
 AUX_CTAS_PER_SM = {1: 4, 2: 3}  # by value heads per aux CTA: registers capped for it (80 a thread at 2)
-# An overlapped chain CTA asks for this much shared memory (it uses 114 KiB): more than 228 KiB minus
+# A narrow chain CTA asks for this much shared memory (it uses 122 or 154 KiB): more than 228 KiB minus
 # an aux CTA's 75 KiB, so no aux CTA shares its SM.
 CHAIN_ALONE_SMEM = 160 * 1024
 NUM_FACTORS = 4  # per-token fp32 factors of a chunk, see the module docstring
@@ -218,10 +218,7 @@ class GdnPrefillSm90:
         sTP_layouts = {kind: sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, 2 * ws_tiles(kind))
                        for kind in (CHAIN_NARROW, CHAIN_WIDE, CHAIN_FOLDED)}
         sTP_layout = sTP_layouts[CHAIN_WIDE]
-        # The chain's v tile (its CTA's columns): one stage of (C, 64 * wgs).
-        sV_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS * wgs), io, 1)
-                      for wgs in (1, 2)]
-        # The chain's v tiles: two stages of (C, 64 * wgs), loaded by TMA.
+        # The chain's v tiles (its CTA's columns): two stages of (C, 64 * wgs), loaded by TMA.
         sV2_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS * wgs), io, 2)
                        for wgs in (1, 2)]
         # The chain's o tiles, [t, v] per warpgroup (the TMA store's source).
@@ -240,8 +237,8 @@ class GdnPrefillSm90:
             sRQ: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sSeq: cute.struct.Align[cute.struct.MemRange[Int32, 4], 16]  # n, bos, eos, slot of the row
 
-        # 2 stages of q, k and the workspace tiles, one v tile and the o tiles at 16-bit io: 114 KiB (one
-        # warpgroup), 146 KiB (one warpgroup, folded) or 130 KiB (two warpgroups).
+        # 2 stages of q, k, the workspace tiles and v, and the o tiles at 16-bit io: 122 KiB (one
+        # warpgroup), 154 KiB (one warpgroup, folded) or 146 KiB (two warpgroups).
         def chain_storage(sV_layout, sO_layout, sTP_layout):
             @cute.struct
             class ChainStorage:
@@ -937,23 +934,12 @@ class GdnPrefillSm90:
             acc_S[i] = acc_S[i] * decay
         warpgroup.wait_group(0)
         # S += (U f2_s) K first (the next chunk waits for it), then O += U P^T.
-        rUd = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
-        rUd_acc = cute.make_tensor(rUd.iterator, acc_U.layout)
-        for i in cutlass.range_constexpr(cute.size(acc_U)):
-            r, s = cVT[i]
-            rUd_acc[i] = (acc_U[i] * sF[2, s]).to(io)
-        thr_s = mma_state.get_slice(wg_tidx)
-        gemm_issue(mma_state, acc_S, rUd, mma_state.make_fragment_B(thr_s.partition_B(transpose_view(sK))),
-                   accumulate=True)
-        rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
-        cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(io))
+        rU = self.issue_state_update(mma_state, acc_S, acc_U, sK, sF, cVT, wg_tidx)
         gemm_issue(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
         warpgroup.commit_group()
         warpgroup.wait_group(0)
         # O [t, v] into the warpgroup's o tile (free since the barrier after X).
-        rO = cute.make_rmem_tensor(acc_O.layout, io)
-        rO.store(acc_O.load().to(io))
-        store_fragment(mma_rs, rO, transpose_view(sO), wg_tidx, transpose=True)
+        store_fragment_io(mma_rs, acc_O, transpose_view(sO), wg_tidx)
 
 
     @cute.jit
@@ -993,6 +979,22 @@ class GdnPrefillSm90:
         for i in cutlass.range_constexpr(cute.size(acc_S)):
             acc_S[i] = acc_S[i] * decay
         # S = f3 S + (U f2_s) K first (the next chunk waits for it), then O = f1_t O1 + U P^T.
+        rU = self.issue_state_update(mma_state, acc_S, acc_U, sK, sF, cVT, wg_tidx, commit=True)
+        warpgroup.wait_group(1)  # O1 (the state update may still run)
+        for i in cutlass.range_constexpr(cute.size(acc_O)):
+            r, t = cVT[i]
+            acc_O[i] = acc_O[i] * sF[1, t]
+        gemm_issue(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
+        warpgroup.commit_group()
+        warpgroup.wait_group(0)
+        store_fragment_io(mma_rs, acc_O, transpose_view(sO), wg_tidx)
+
+
+    @cute.jit
+    def issue_state_update(self, mma_state, acc_S, acc_U, sK, sF, cVT, wg_tidx, commit: cutlass.Constexpr = False):
+        """Issue S += (U f2_s) K (acc_S already decayed by f3) for the warpgroup, committed as its own
+        wgmma group if `commit`; returns U as the 16-bit register A operand of O += U P^T."""
+        io = self.io_dtype
         rUd = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
         rUd_acc = cute.make_tensor(rUd.iterator, acc_U.layout)
         for i in cutlass.range_constexpr(cute.size(acc_U)):
@@ -1001,19 +1003,11 @@ class GdnPrefillSm90:
         thr_s = mma_state.get_slice(wg_tidx)
         gemm_issue(mma_state, acc_S, rUd, mma_state.make_fragment_B(thr_s.partition_B(transpose_view(sK))),
                    accumulate=True)
-        warpgroup.commit_group()
+        if cutlass.const_expr(commit):
+            warpgroup.commit_group()
         rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
         cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(io))
-        warpgroup.wait_group(1)  # O1 (the state update may still run)
-        for i in cutlass.range_constexpr(cute.size(acc_O)):
-            r, t = cVT[i]
-            acc_O[i] = acc_O[i] * sF[1, t]
-        gemm_issue(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
-        warpgroup.commit_group()
-        warpgroup.wait_group(0)
-        rO = cute.make_rmem_tensor(acc_O.layout, io)
-        rO.store(acc_O.load().to(io))
-        store_fragment(mma_rs, rO, transpose_view(sO), wg_tidx, transpose=True)
+        return rU
 
 
 # ================================ shared pieces ================================
@@ -1045,6 +1039,14 @@ def store_fragment(tiled_mma: cute.TiledMma, rX, sX, wg_tidx, transpose: cutlass
     atom = cute.make_copy_atom(cute.nvgpu.warp.StMatrix8x8x16bOp(transpose, 4), rX.element_type)
     tiled = cute.make_tiled_copy_C(atom, tiled_mma)
     cute.copy(tiled, tiled.retile(rX), tiled.get_slice(wg_tidx).partition_D(sX))
+
+
+@cute.jit
+def store_fragment_io(tiled_mma: cute.TiledMma, acc, sX, wg_tidx):
+    """The fp32 accumulator acc, rounded to sX's 16-bit type, into sX transposed (store_fragment)."""
+    rX = cute.make_rmem_tensor(acc.layout, sX.element_type)
+    rX.store(acc.load().to(sX.element_type))
+    store_fragment(tiled_mma, rX, sX, wg_tidx, transpose=True)
 
 
 @cute.jit
