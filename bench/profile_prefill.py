@@ -25,7 +25,7 @@ from cute_gdn.kernels.prefill import CHAIN_FOLDED as FOLDED, CHAIN_NARROW as NAR
 
 KINDS = {NARROW: "narrow", WIDE: "wide", FOLDED: "folded"}
 
-PHASES = ("wait for loads", "state chain", "output store", "barrier", "issue loads")
+PHASES = ("wait for loads", "state chain", "output store")  # the producer warp issues the loads
 AUX_PHASES = ("issue loads, gates", "loads landed", "products, norms, scan", "epilogues", "inverse", "T/P stores")
 
 
@@ -66,7 +66,7 @@ def main():
                 fn_prof(*call(CHAIN, kind, prof))
                 torch.cuda.synchronize()
                 chunks = prof[:, 7].sum().item()
-                per_chunk = prof[:, :5].sum(0).double() / max(chunks, 1) / 1e3
+                per_chunk = prof[:, :len(PHASES)].sum(0).double() / max(chunks, 1) / 1e3
                 line += (f"\n    chain {KINDS[kind]} {t_chain:.1f} us; per chunk (us): "
                          + ", ".join(f"{name} {t:.2f}" for name, t in zip(PHASES, per_chunk.tolist()))
                          + f"; total {per_chunk.sum().item():.2f}")

@@ -175,7 +175,8 @@ class GdnPrefillSm90:
         self.aux_heads = 2 if (num_v_heads // num_heads) % 2 == 0 else 1
         # Benchmarks only: profile=True makes thread 0 of each chain CTA sum the wall time
         # (%globaltimer, ns) of the chunk phases into mProfile[cta, phase]: 0 wait for loads, 1 state
-        # chain, 2 output store, 3 loop barrier, 4 issuing loads; [cta, 7] = chunks. The aux kernel's
+        # chain (and its closing barrier), 2 output store (the producer warp issues the loads, so the
+        # math warps have no load phase); [cta, 7] = chunks. The aux kernel's
         # CTAs write theirs (see aux_mark) into the same tensor, so a profile call launches one kernel.
         self.profile = profile
 
@@ -194,7 +195,7 @@ class GdnPrefillSm90:
         mIndices: cute.Tensor,    # [N] int32
         mHasInit: cute.Tensor,    # [N] int8 (0: start from zeros)
         mO: cute.Tensor,          # [1, T, HV, V]
-        mWsTP: cute.Tensor,       # [rows, HV, 2, C, C] io dtype: T, P per chunk
+        mWsTP: cute.Tensor,       # [rows, HV, ws_tiles(chain), C, C] io dtype: T, P (and W~) per chunk
         mWsF: cute.Tensor,        # [rows, HV, NUM_FACTORS, C] fp32
         mWsFlag: cute.Tensor,     # [rows, HV] int32: set to 1 by the aux CTA once its chunk is written
         scale: Float32,
@@ -290,8 +291,8 @@ class GdnPrefillSm90:
             cpasync.CopyBulkTensorTileS2GOp(), cute.make_tensor(mO.iterator, cute.select(mO.layout, mode=[1, 3, 2])),
             cute.select(sTP_layout, mode=[0, 1]), (C, WG_ROWS))
         tma = (tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_o, tma_tensor_o)
-        # The folded chain also loads v ((C, 64) tiles of (T, V) per head) and f ((C, 4) fp32 tiles of the
-        # workspace) by TMA.
+        # ... and for its v ((C, 64 * wgs) tiles of (T, V) per head) and f ((C, 4) fp32 tiles of the
+        # workspace).
         tma_vs = [cpasync.make_tiled_tma_atom(
             tma_op, cute.make_tensor(mV.iterator, cute.select(mV.layout, mode=[1, 3, 2])),
             cute.select(sV2_layouts[wgs - 1], mode=[0, 1]), (C, WG_ROWS * wgs)) for wgs in (1, 2)]
@@ -310,23 +311,23 @@ class GdnPrefillSm90:
             else:
                 self.aux_kernel(*aux_args, False).launch(**aux_launch)
         if launch // 2 == 1:  # LAUNCH_CHAIN or LAUNCH_BOTH
-            chain_args = (mV, mCuSeqlens, mState, mIndices, mHasInit, mO, mWsF, mWsFlag, overlap, mProfile, *tma)
+            chain_args = (mCuSeqlens, mState, mIndices, mHasInit, mO, mWsFlag, overlap, mProfile, *tma)
             # Narrow chains claim more shared memory than an SM has left beside an aux CTA, so that next to
             # a running aux kernel (overlap) the chain CTAs (at most half the SMs) keep their SMs to
             # themselves; one after the other, narrow CTAs number at most one per SM anyway.
             if chain == CHAIN_WIDE:
                 self.chain_kernel(*chain_args, *chain_mmas[0], sQK_layout, *tma_vs[1], tma_f, tma_tensor_f,
-                                  sV2_layouts[1], sTP_layouts[CHAIN_WIDE], sO_layouts[1], 2, False).launch(
+                                  sV2_layouts[1], sTP_layouts[CHAIN_WIDE], sO_layouts[1], CHAIN_WIDE).launch(
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(3 * 128, 1, 1),
                     stream=stream)
             elif chain == CHAIN_FOLDED:
                 self.chain_kernel(*chain_args, *chain_mmas[1], sQK_layout, *tma_vs[0], tma_f, tma_tensor_f,
-                                  sV2_layouts[0], sTP_layouts[CHAIN_FOLDED], sO_layouts[0], 1, True).launch(
+                                  sV2_layouts[0], sTP_layouts[CHAIN_FOLDED], sO_layouts[0], CHAIN_FOLDED).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
             else:
                 self.chain_kernel(*chain_args, *chain_mmas[2], sQK_layout, *tma_vs[0], tma_f, tma_tensor_f,
-                                  sV2_layouts[0], sTP_layouts[CHAIN_NARROW], sO_layouts[0], 1, False).launch(
+                                  sV2_layouts[0], sTP_layouts[CHAIN_NARROW], sO_layouts[0], CHAIN_NARROW).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
 
@@ -647,13 +648,11 @@ class GdnPrefillSm90:
     @cute.kernel
     def chain_kernel(
         self,
-        mV: cute.Tensor,
         mCuSeqlens: cute.Tensor,
         mState: cute.Tensor,
         mIndices: cute.Tensor,
         mHasInit: cute.Tensor,
         mO: cute.Tensor,
-        mWsF: cute.Tensor,
         mWsFlag: cute.Tensor,
         overlap: Int32,
         mProfile: Optional[cute.Tensor],
@@ -675,8 +674,7 @@ class GdnPrefillSm90:
         sV_layout: cute.ComposedLayout,
         sTP_layout: cute.ComposedLayout,
         sO_layout: cute.ComposedLayout,
-        wgs: cutlass.Constexpr,
-        fold: cutlass.Constexpr,
+        kind: cutlass.Constexpr,
     ):
         """CTA (hv, n, z): value rows z * 64 * wgs .. (z + 1) * 64 * wgs of sequence n's state, 64 per math
         warpgroup (warps 0 .. 4 wgs - 1), and a producer warp (warp 4 wgs; with two math warpgroups, the
@@ -685,11 +683,13 @@ class GdnPrefillSm90:
         stage's `empty` mbarrier (one arrival per math thread once its chunk is done with the stage)
         and, when overlapped, for the chunk's flag, then arms the stage's `full` mbarrier with the byte
         count. The math warpgroups wait on `full` and synchronize only among themselves (named barrier
-        1). fold picks state_chain_folded over state_chain."""
+        1). kind: CHAIN_WIDE has two math warpgroups, the others one; CHAIN_FOLDED runs
+        state_chain_folded, the others state_chain."""
         C, K = CHUNK, self.K
+        wgs = 2 if kind == CHAIN_WIDE else 1
+        fold = kind == CHAIN_FOLDED
         math_threads = 128 * wgs
-        tiles = ws_tiles(CHAIN_FOLDED if fold else CHAIN_NARROW)
-        kind = CHAIN_FOLDED if fold else (CHAIN_WIDE if wgs == 2 else CHAIN_NARROW)
+        tiles = ws_tiles(kind)
         tidx, _, _ = cute.arch.thread_idx()
         hv, n, z = cute.arch.block_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
@@ -744,7 +744,7 @@ class GdnPrefillSm90:
                                  (None, None))
             if slot >= 0:
                 self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, v0)
-                prof = cute.make_rmem_tensor(cute.make_layout(5), cutlass.Int64)
+                prof = cute.make_rmem_tensor(cute.make_layout(3), cutlass.Int64)
                 prof.fill(0)
                 stamp = cute.arch.globaltimer()
                 for c in cutlass.range(num_chunks, unroll=1):
@@ -789,7 +789,7 @@ class GdnPrefillSm90:
                 if cutlass.const_expr(self.profile):
                     if tidx == 0:
                         cta = (n * self.num_v_heads + hv) * (self.V // (WG_ROWS * wgs)) + z
-                        for i in cutlass.range_constexpr(5):
+                        for i in cutlass.range_constexpr(3):
                             mProfile[cta, i] = prof[i]
                         mProfile[cta, 7] = cutlass.Int64(num_chunks)
                 self.store_state(acc_S, cS, mState, slot, hv, v0)
@@ -809,8 +809,8 @@ class GdnPrefillSm90:
     def produce_chunks(self, tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_v, tma_tensor_v,
                        tma_f, tma_tensor_f, sQs, sKs, sTPs, sVs, sF_tma, full, empty, mWsFlag, overlap, bos, ws_row0,
                        num_chunks, hv, hk, z, tiles: cutlass.Constexpr, wgs: cutlass.Constexpr, lane):
-        """The folded chain's producer warp: every chunk's loads into stage c % 2, once the math warpgroup
-        has released the stage (chunk c - 2) and, when overlapped, the aux kernel has flagged the chunk."""
+        """The chain's producer warp: every chunk's loads into stage c % 2, once the math warpgroups have
+        released the stage (chunk c - 2) and, when overlapped, the aux kernel has flagged the chunk."""
         C, K = CHUNK, self.K
         gQ = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_q)[None, None, hk], (C, K), (None, 0))
         gK = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_k)[None, None, hk], (C, K), (None, 0))
