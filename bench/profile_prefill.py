@@ -47,7 +47,8 @@ def main():
             ws = ops.prefill_workspace(tokens, seqs, HV, x["q"].dtype, x["q"].device, chain=FOLDED)
             call = lambda launch, chain, prof=None: (  # noqa: E731
                 x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], x["cu"], x["pool"], x["slots"],
-                x["has_init"].view(torch.int8), x["o"], *ws, D ** -0.5, chain, launch, 0, prof)
+                x["has_init"].view(torch.int8), x["o"], *ws, D ** -0.5, chain, launch, 0, prof,
+                ops._cp_unused(HV, D, D, x["q"].device), ops.prefill_kernel.CP_OFF, ops.prefill_kernel.CHUNK)
             fn = default_cache().get(prefill_key(H, HV, seqs))
             fn_prof = default_cache().get(prefill_key(H, HV, seqs, profile=True))
             sms = ops._num_sms(x["q"].device)

@@ -562,6 +562,19 @@ def prefill_workspace(tokens: int, num_seqs: int, num_v_heads: int, dtype: torch
             flags)
 
 
+def prefill_cp_workspace(pieces: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
+                         device: torch.device) -> torch.Tensor:
+    """Context parallelism's per-call workspace, fp32 [pieces, HV, V + K, K]: piece p's start state
+    (rows :V) and transition map (rows V:); see kernels/prefill.cp_pieces. Calls that run their
+    sequences whole pass a one-piece tensor that the kernels never read (_cp_unused)."""
+    return torch.empty(pieces, num_v_heads, head_v_dim + head_k_dim, head_k_dim, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cp_unused(num_v_heads: int, head_k_dim: int, head_v_dim: int, device: torch.device) -> torch.Tensor:
+    return prefill_cp_workspace(1, num_v_heads, head_k_dim, head_v_dim, device)
+
+
 @functools.lru_cache(maxsize=None)
 def _chain_stream(device_index: int) -> torch.cuda.Stream:
     """A high-priority stream per device for the chain kernel of an overlapped prefill, so that its
@@ -631,23 +644,44 @@ def prefill(
         scale = K ** -0.5
     init = _ALL_TRUE.get(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
     sms = _num_sms(q.device)
+    gates = (a, b, A_log, dt_bias) if raw else (g, beta, None, None)
+    pieces = prefill_kernel.cp_pieces(N, T, HV, K, V, sms)
+    if pieces:
+        # Context parallelism (one long sequence, few heads): the aux kernel over the whole sequence, the
+        # maps of its pieces, their scan, then every piece from its start (kernels/prefill.cp_pieces).
+        step = prefill_kernel.cp_step(T, pieces)
+        ws = prefill_workspace(T, N, HV, q.dtype, q.device, chain=prefill_kernel.CHAIN_NARROW)
+        cp_ws = prefill_cp_workspace(pieces, HV, K, V, q.device)
+        call = (q, k, v, *gates, cu_seqlens, state, state_indices, init, out, *ws, scale, prefill_kernel.CHAIN_NARROW)
+        try:
+            fn(*call, prefill_kernel.LAUNCH_AUX, 0, None, cp_ws, prefill_kernel.CP_OFF,
+               step)
+            fn(*call, prefill_kernel.LAUNCH_CHAIN, 0, None, cp_ws, prefill_kernel.CP_MAP, step)
+            starts, maps = cp_ws[:, :, :V], cp_ws[:, :, V:]
+            for p in range(1, pieces - 1):
+                starts[p + 1].baddbmm_(starts[p], maps[p])
+            fn(*call, prefill_kernel.LAUNCH_CHAIN, 0, None, cp_ws, prefill_kernel.CP_PIECES, step)
+        except (ValueError, TypeError):
+            validate_prefill(*args)
+            raise
+        return out
     chain = prefill_kernel.chain_kind(N, HV, V, sms)
     overlap = prefill_kernel.use_overlap(N, HV, V, sms)
     ws = prefill_workspace(T, N, HV, q.dtype, q.device, zero_flags=overlap, chain=chain)
-    gates = (a, b, A_log, dt_bias) if raw else (g, beta, None, None)
     call = (q, k, v, *gates, cu_seqlens, state, state_indices, init, out, *ws, scale, chain)
+    unused = (_cp_unused(HV, K, V, q.device), prefill_kernel.CP_OFF, prefill_kernel.CHUNK)
     try:
         if not overlap:
-            fn(*call, prefill_kernel.LAUNCH_BOTH, 0, None)
+            fn(*call, prefill_kernel.LAUNCH_BOTH, 0, None, *unused)
         else:
             # The aux kernel on the caller's stream, the chain concurrently on a high-priority one,
             # waiting for each chunk's flag; the caller's stream then waits for the chain.
             current = torch.cuda.current_stream(q.device)
             side = _chain_stream(q.device.index)
             side.wait_stream(current)
-            fn(*call, prefill_kernel.LAUNCH_AUX, 1, None)
+            fn(*call, prefill_kernel.LAUNCH_AUX, 1, None, *unused)
             with torch.cuda.stream(side):
-                fn(*call, prefill_kernel.LAUNCH_CHAIN, 1, None)
+                fn(*call, prefill_kernel.LAUNCH_CHAIN, 1, None, *unused)
             current.wait_stream(side)
     except (ValueError, TypeError):
         validate_prefill(*args)

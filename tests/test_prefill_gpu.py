@@ -38,7 +38,8 @@ def _key(H, HV, io="bfloat16", state="float32", gates="raw", bias="float32", l2n
 
 @pytest.fixture(scope="module", autouse=True)
 def precompiled():
-    keys = {_key(2, 4), _key(2, 4, state="bfloat16"), _key(16, 32), _key(4, 4), _key(1, 4)}
+    keys = {_key(2, 4), _key(2, 4, state="bfloat16"), _key(16, 32), _key(4, 4), _key(1, 4), _key(8, 16),
+            _key(1, 4, state="bfloat16")}
     keys |= {_key(2, 4, io, st, gm, bias or "float32", l2) for io, st, gm, bias, l2 in VARIANT_CASES}
     default_cache().compile(sorted(keys, key=lambda k: k.name), jobs=os.cpu_count() or 1)
 
@@ -114,6 +115,44 @@ def test_prefill_gva(H, HV):
 @pytest.mark.parametrize("length", [8192, 32768])
 def test_prefill_long_single_sequence(length):
     _run([length], seed=1)
+
+
+CP_CASES = [  # length, H, HV, state, has_init, pad, decay
+    (5000, 2, 4, "float32", [False], (), "moderate"),   # 4 pieces, a partial last chunk, zero start
+    (8192, 8, 16, "float32", None, (), "moderate"),     # 3 pieces, the benchmark's heads
+    (3100, 1, 4, "bfloat16", None, (), "strong"),       # 3 pieces, bf16 pool, strong decay
+    (4000, 2, 4, "float32", None, (0,), "tiny"),        # padding: zero output, no state touched
+]
+
+
+@pytest.mark.parametrize("length,H,HV,state,has_init,pad,decay", CP_CASES)
+def test_prefill_context_parallel(length, H, HV, state, has_init, pad, decay):
+    # One long sequence with few heads runs in pieces (kernels/prefill.cp_pieces): maps, scan, pieces.
+    pieces = ops.prefill_kernel.cp_pieces(1, length, HV, 128, 128, ops._num_sms(torch.device("cuda")))
+    assert pieces >= 3
+    _run([length], H=H, HV=HV, state=state, has_init=has_init, pad=pad, decay=decay, seed=7)
+
+
+def test_prefill_context_parallel_graph_replay_matches_eager():
+    torch.manual_seed(8)
+    T = 4500
+    assert ops.prefill_kernel.cp_pieces(1, T, 4, 128, 128, ops._num_sms(torch.device("cuda"))) >= 3
+    inputs = make_step_inputs(1, T, 2, 4, 128, 128)
+    pool0 = make_pool(POOL, 4, 128, 128, torch.float32)
+    slots = torch.tensor([11], dtype=torch.int32, device="cuda")
+    cu = _cu([T])
+    eager_pool = pool0.clone()
+    eager_o = cute_gdn.prefill(**inputs, cu_seqlens=cu, state=eager_pool, state_indices=slots)
+    graph_pool = pool0.clone()
+    out = torch.empty_like(eager_o)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cute_gdn.prefill(**inputs, cu_seqlens=cu, state=graph_pool, state_indices=slots, out=out)
+    graph_pool.copy_(pool0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager_o) and torch.equal(graph_pool, eager_pool)
 
 
 @pytest.mark.parametrize("decay", ["tiny", "strong"])
@@ -220,7 +259,8 @@ def test_prefill_overlapped_and_serial_launches_agree_bitwise():
     fn = default_cache().get(_key(H, HV))
     fn(inputs["q"], inputs["k"], inputs["v"], inputs["a"], inputs["b"], inputs["A_log"], inputs["dt_bias"], cu,
        pool_b, slots, torch.ones(N, dtype=torch.int8, device="cuda"), o_b, *ws, scale, chain,
-       ops.prefill_kernel.LAUNCH_BOTH, 0, None)
+       ops.prefill_kernel.LAUNCH_BOTH, 0, None, ops._cp_unused(HV, 128, 128, o_a.device), ops.prefill_kernel.CP_OFF,
+       ops.prefill_kernel.CHUNK)
     torch.cuda.synchronize()
     assert torch.equal(o_a, o_b) and torch.equal(pool_a, pool_b)
 

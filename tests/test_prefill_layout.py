@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from cute_gdn.kernels.prefill import (CHAIN_FOLDED, CHAIN_NARROW, CHAIN_WIDE, CHUNK, chain_kind, use_overlap,
-                                      use_wide_chain, ws_rows, ws_tiles)
+from cute_gdn.kernels.prefill import (CHAIN_FOLDED, CHAIN_NARROW, CHAIN_WIDE, CHUNK, CP_MIN_CHUNKS, chain_kind,
+                                      cp_pieces, cp_step, use_overlap, use_wide_chain, ws_rows, ws_tiles)
 
 
 def _rows(lengths):
@@ -83,3 +83,21 @@ def test_chain_kind_folds_exactly_the_overlapped_calls():
         for hv in (1, 2, 4, 16, 32, 64):
             assert (chain_kind(n, hv, 128, 132) == CHAIN_FOLDED) == use_overlap(n, hv, 128, 132)
     assert (ws_tiles(CHAIN_NARROW), ws_tiles(CHAIN_WIDE), ws_tiles(CHAIN_FOLDED)) == (2, 2, 4)
+
+
+def test_context_parallel_pieces_fill_one_wave():
+    # One sequence, few heads: the maps pass (V / 64 CTAs a head for piece 0, (V + K) / 64 for the
+    # middle ones) in one wave, at least 3 pieces of at least CP_MIN_CHUNKS chunks.
+    assert cp_pieces(1, 32768, 16, 128, 128, 132) == 3   # maps 32 + 64, pieces 96 CTAs
+    assert cp_pieces(1, 32768, 8, 128, 128, 132) == 5    # 16 + 3 * 32, pieces 80
+    assert cp_pieces(1, 32768, 32, 128, 128, 132) == 0   # 64 + 128 > 132: run whole
+    assert cp_pieces(2, 32768, 16, 128, 128, 132) == 0   # several sequences run whole
+    assert cp_pieces(1, 3 * 1024 - 1, 16, 128, 128, 132) == 0 and cp_pieces(1, 3 * 1024, 16, 128, 128, 132) == 3
+    for hv in (1, 2, 4, 8, 16):
+        for tokens in (1, 1000, 5000, 8192, 32768, 100000):
+            p = cp_pieces(1, tokens, hv, 128, 128, 132)
+            if p:
+                assert p >= 3 and hv * 2 + (p - 2) * hv * 4 <= 132 and p * hv * 2 <= 132
+                step = cp_step(tokens, p)
+                assert step % CHUNK == 0 and (p - 1) * step < tokens <= p * step  # no empty piece
+                assert step >= CP_MIN_CHUNKS * CHUNK

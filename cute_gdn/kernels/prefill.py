@@ -73,6 +73,7 @@ from .common.problem import check_problem
 CHUNK = 64
 LAUNCH_AUX, LAUNCH_CHAIN, LAUNCH_BOTH = 1, 2, 3  # the compiled function's `launch` argument
 CHAIN_NARROW, CHAIN_WIDE, CHAIN_FOLDED = 0, 1, 2  # its `chain` argument, see chain_kind
+CP_OFF, CP_MAP, CP_PIECES = 0, 1, 2  # its `cp` argument (context parallelism), see cp_pieces
 AUX_WG_THREADS = 128  # aux: one warpgroup per value head of the CTA
 WG_ROWS = 64  # chain: each warpgroup owns 64 value rows of the state; a CTA has 1 or 2 warpgroups
 SUPPORTED_HEAD_DIM = 128
@@ -80,9 +81,13 @@ AUX_CTAS_PER_SM = {1: 4, 2: 3}  # by value heads per aux CTA: registers capped f
 # A narrow chain CTA asks for this much shared memory (it uses 122 or 154 KiB): more than 228 KiB minus
 # an aux CTA's 75 KiB, so no aux CTA shares its SM.
 CHAIN_ALONE_SMEM = 160 * 1024
+CP_MIN_CHUNKS = 16  # context parallelism: chunks per piece at least (see cp_pieces)
 NUM_FACTORS = 4  # per-token fp32 factors of a chunk, see the module docstring
 BLOCK = 16       # diagonal block of the inverse
 LDB = BLOCK + 1  # row stride (floats) of the fp32 diagonal blocks of A, [t, s % 16]
+# Chain named barriers: BAR_WG + wg for math warpgroup wg alone, BAR_MATH for all math warps.
+BAR_WG, BAR_MATH = 1, 3
+LOG2E = 1.4426950408889634
 
 
 def narrow_chain_ctas(num_seqs: int, num_v_heads: int, head_v_dim: int) -> int:
@@ -117,6 +122,30 @@ def chain_kind(num_seqs: int, num_v_heads: int, head_v_dim: int, num_sms: int) -
     if use_wide_chain(num_seqs, num_v_heads, head_v_dim, num_sms):
         return CHAIN_WIDE
     return CHAIN_FOLDED if use_overlap(num_seqs, num_v_heads, head_v_dim, num_sms) else CHAIN_NARROW
+
+
+def cp_pieces(num_seqs: int, tokens: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, num_sms: int) -> int:
+    """Pieces of a context-parallel call, or 0 to run the sequences whole. One long sequence with few
+    heads leaves most SMs idle in the chain (HV * V / 64 CTAs); split into P pieces it costs about 3x the
+    chain work, on up to all SMs: the maps pass (piece 0 from its true start, V / 64 CTAs a head;
+    pieces 1 .. P - 2 with their transition maps too, (V + K) / 64 CTAs a head), a scan of P - 2 matrix
+    products, then every piece with its output (P * V / 64 CTAs a head). P is the most pieces whose maps
+    pass fits in one wave; calls with fewer than 3 pieces (HV * (2V + K) / 64 above the SMs) or pieces
+    under CP_MIN_CHUNKS chunks run whole."""
+    if num_seqs != 1:
+        return 0
+    first = num_v_heads * head_v_dim // WG_ROWS
+    middle = num_v_heads * (head_v_dim + head_k_dim) // WG_ROWS
+    if first + middle > num_sms:
+        return 0
+    pieces = min(2 + (num_sms - first) // middle, tokens // (CP_MIN_CHUNKS * CHUNK))
+    return pieces if pieces >= 3 else 0
+
+
+def cp_step(tokens: int, pieces: int) -> int:
+    """Tokens per piece (a multiple of CHUNK; the last piece takes the rest)."""
+    chunks = -(-tokens // CHUNK)
+    return -(-chunks // pieces) * CHUNK
 
 
 def ws_tiles(chain: int) -> int:
@@ -203,6 +232,9 @@ class GdnPrefillSm90:
         launch: Int32,            # 1: the aux kernel, 2: the chain kernel, 3: both, in that order
         overlap: Int32,           # 1: the chain waits on mWsFlag (aux and chain run concurrently)
         mProfile: Optional[cute.Tensor],  # [HV * N * 2, 8] int64 (profile builds), else None
+        mCp: cute.Tensor,         # [pieces, HV, V + K, K] fp32: context parallelism's starts and maps
+        cp: Int32,                # CP_OFF, or the context-parallel pass (cp_pieces)
+        cp_step: Int32,           # tokens per piece (a multiple of 64)
         stream,
     ):
         C, K, V = CHUNK, self.K, self.V
@@ -271,7 +303,7 @@ class GdnPrefillSm90:
                                                          (1, 1, 1), (64, C), warpgroup.OperandSource.RMEM),
                        sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
                                                          (1, 1, 1), (64, K), warpgroup.OperandSource.RMEM))
-                      for _ in range(3)]
+                      for _ in range(5)]
         # Aux W = T diag(f0) K by column halves: register A (T), B an MN-major view of k's [t, k] tile.
         mma_w = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
                                                   (1, 1, 1), (C, C), warpgroup.OperandSource.RMEM)
@@ -311,23 +343,34 @@ class GdnPrefillSm90:
             else:
                 self.aux_kernel(*aux_args, False).launch(**aux_launch)
         if launch // 2 == 1:  # LAUNCH_CHAIN or LAUNCH_BOTH
-            chain_args = (mCuSeqlens, mState, mIndices, mHasInit, mO, mWsFlag, overlap, mProfile, *tma)
+            chain_args = (mCuSeqlens, mState, mIndices, mHasInit, mO, mWsFlag, overlap, mProfile, mCp, cp_step, *tma)
+            narrow = (sQK_layout, *tma_vs[0], tma_f, tma_tensor_f, sV2_layouts[0], sTP_layouts[CHAIN_NARROW],
+                      sO_layouts[0], CHAIN_NARROW)
             # Narrow chains claim more shared memory than an SM has left beside an aux CTA, so that next to
             # a running aux kernel (overlap) the chain CTAs (at most half the SMs) keep their SMs to
             # themselves; one after the other, narrow CTAs number at most one per SM anyway.
-            if chain == CHAIN_WIDE:
+            if cp == CP_MAP:
+                # Per piece, value head and 64 rows of [S; I]: the state's V rows, then K identity rows.
+                self.chain_kernel(*chain_args, *chain_mmas[3], *narrow, CP_MAP).launch(
+                    grid=(self.num_v_heads, mCp.shape[0] - 1, (V + K) // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
+                    smem=CHAIN_ALONE_SMEM)
+            elif cp == CP_PIECES:
+                self.chain_kernel(*chain_args, *chain_mmas[4], *narrow, CP_PIECES).launch(
+                    grid=(self.num_v_heads, mCp.shape[0], V // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
+                    smem=CHAIN_ALONE_SMEM)
+            elif chain == CHAIN_WIDE:
                 self.chain_kernel(*chain_args, *chain_mmas[0], sQK_layout, *tma_vs[1], tma_f, tma_tensor_f,
-                                  sV2_layouts[1], sTP_layouts[CHAIN_WIDE], sO_layouts[1], CHAIN_WIDE).launch(
+                                  sV2_layouts[1], sTP_layouts[CHAIN_WIDE], sO_layouts[1], CHAIN_WIDE, CP_OFF).launch(
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(3 * 128, 1, 1),
                     stream=stream)
             elif chain == CHAIN_FOLDED:
                 self.chain_kernel(*chain_args, *chain_mmas[1], sQK_layout, *tma_vs[0], tma_f, tma_tensor_f,
-                                  sV2_layouts[0], sTP_layouts[CHAIN_FOLDED], sO_layouts[0], CHAIN_FOLDED).launch(
+                                  sV2_layouts[0], sTP_layouts[CHAIN_FOLDED], sO_layouts[0], CHAIN_FOLDED,
+                                  CP_OFF).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
             else:
-                self.chain_kernel(*chain_args, *chain_mmas[2], sQK_layout, *tma_vs[0], tma_f, tma_tensor_f,
-                                  sV2_layouts[0], sTP_layouts[CHAIN_NARROW], sO_layouts[0], CHAIN_NARROW).launch(
+                self.chain_kernel(*chain_args, *chain_mmas[2], *narrow, CP_OFF).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
                     smem=CHAIN_ALONE_SMEM)
 
@@ -431,7 +474,7 @@ class GdnPrefillSm90:
                 if tok0 + wg_tidx >= eos:
                     g = Float32(0.0)
                     beta = Float32(0.0)
-                sG[wg_tidx] = g
+                sG[wg_tidx] = g * LOG2E  # log2 units: the epilogues' decays are one ex2 each
                 sBeta[wg_tidx] = beta
             stamp = self.aux_mark(mProfile, row, hv0, 0, stamp)
             cute.arch.cp_async_wait_group(0)
@@ -460,7 +503,7 @@ class GdnPrefillSm90:
             # and then masked, so that no load sits in a branch.
             for i in cutlass.range_constexpr(cute.size(acc)):
                 t, s = cC[i]
-                full = (sBeta[t] * sRK[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
+                full = (sBeta[t] * sRK[t] * sRK[s]) * acc[i] * exp2(sG[t] - sG[s])
                 val = Float32(0.0)
                 if s < t:
                     val = full
@@ -489,18 +532,18 @@ class GdnPrefillSm90:
             if wg_tidx < C:
                 g_t = sG[wg_tidx]
                 g_last = sG[C - 1]
-                gamma = cute.math.exp(g_t)
+                gamma = exp2(g_t)
                 mWsF[row, hv, 0, wg_tidx] = gamma * sRK[wg_tidx]
                 mWsF[row, hv, 1, wg_tidx] = gamma * sRQ[wg_tidx]
-                mWsF[row, hv, 2, wg_tidx] = cute.math.exp(g_last - g_t) * sRK[wg_tidx]
-                mWsF[row, hv, 3, wg_tidx] = cute.math.exp(g_last)
+                mWsF[row, hv, 2, wg_tidx] = exp2(g_last - g_t) * sRK[wg_tidx]
+                mWsF[row, hv, 3, wg_tidx] = exp2(g_last)
                 if cutlass.const_expr(fold):
                     sBF0[wg_tidx] = sBeta[wg_tidx] * (gamma * sRK[wg_tidx])
             cute.arch.sync_threads()  # every warpgroup is done reading q and k
             rP = cute.make_rmem_tensor(acc.layout, sP.element_type)
             for i in cutlass.range_constexpr(cute.size(acc)):
                 t, s = cC[i]
-                full = (sRQ[t] * sRK[s]) * acc[i] * cute.math.exp(sG[t] - sG[s])
+                full = (sRQ[t] * sRK[s]) * acc[i] * exp2(sG[t] - sG[s])
                 val = Float32(0.0)
                 if s <= t:
                     val = full
@@ -656,6 +699,8 @@ class GdnPrefillSm90:
         mWsFlag: cute.Tensor,
         overlap: Int32,
         mProfile: Optional[cute.Tensor],
+        mCp: cute.Tensor,
+        cp_step: Int32,
         tma_q: cute.CopyAtom,
         tma_tensor_q: cute.Tensor,
         tma_k: cute.CopyAtom,
@@ -675,6 +720,7 @@ class GdnPrefillSm90:
         sTP_layout: cute.ComposedLayout,
         sO_layout: cute.ComposedLayout,
         kind: cutlass.Constexpr,
+        cp: cutlass.Constexpr,
     ):
         """CTA (hv, n, z): value rows z * 64 * wgs .. (z + 1) * 64 * wgs of sequence n's state, 64 per math
         warpgroup (warps 0 .. 4 wgs - 1), and a producer warp (warp 4 wgs; with two math warpgroups, the
@@ -682,9 +728,18 @@ class GdnPrefillSm90:
         workspace tiles (T, P, and W~ when folded), v and f by TMA into two stages: it waits for a
         stage's `empty` mbarrier (one arrival per math thread once its chunk is done with the stage)
         and, when overlapped, for the chunk's flag, then arms the stage's `full` mbarrier with the byte
-        count. The math warpgroups wait on `full` and synchronize only among themselves (named barrier
-        1). kind: CHAIN_WIDE has two math warpgroups, the others one; CHAIN_FOLDED runs
-        state_chain_folded, the others state_chain."""
+        count. The math warpgroups wait on `full`; each synchronizes only within itself (named barrier
+        BAR_WG + wg) and stores its own o tile, so a wide CTA's two warpgroups drift apart freely (they
+        meet only at a sequence's partial last chunk, BAR_MATH). kind: CHAIN_WIDE has two math warpgroups, the others one; CHAIN_FOLDED runs
+        state_chain_folded, the others state_chain.
+
+        cp (context parallelism, narrow chains; n is a piece of the one sequence, whose slot and
+        has_initial_state are the call's first): CP_MAP computes piece n's affine map S_end = S_start M + B
+        with no output: CTAs z < V / 64 run the state's rows from piece 0's true start (other pieces from
+        zeros) and write B into mCp[n + 1, :, :V] (for piece 0, the true start of piece 1); CTAs z >= V / 64
+        run identity rows with v = 0 and write M's rows into mCp[n, :, V:] (not needed for piece 0).
+        CP_PIECES runs every piece with its output from its start (piece 0 the pool's, piece n > 0
+        mCp[n, :, :V]); only the last piece writes the pool."""
         C, K = CHUNK, self.K
         wgs = 2 if kind == CHAIN_WIDE else 1
         fold = kind == CHAIN_FOLDED
@@ -694,14 +749,40 @@ class GdnPrefillSm90:
         hv, n, z = cute.arch.block_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
         wg = tidx // 128
+        wg_tidx = tidx % 128
         hk = hv // (self.num_v_heads // self.num_heads)
         c0 = z * WG_ROWS * wgs
         v0 = c0 + wg * WG_ROWS
-        bos = mCuSeqlens[n]
-        eos = mCuSeqlens[n + 1]
-        slot = mIndices[n]
-        ws_row0 = bos // C + n
+        last_piece = False
+        if cutlass.const_expr(cp != CP_OFF):
+            # Piece n of the one sequence: cp_step tokens from n * cp_step; the aux kernel ran on the whole
+            # sequence, so its chunk j is workspace row j.
+            bos = n * cp_step
+            eos = bos + cp_step
+            if eos > mCuSeqlens[1]:
+                eos = mCuSeqlens[1]
+            ws_row0 = bos // C
+            last_piece = n == mCp.shape[0] - 1
+        else:
+            bos = mCuSeqlens[n]
+            eos = mCuSeqlens[n + 1]
+            ws_row0 = bos // C + n
         num_chunks = (eos - bos + C - 1) // C
+        outputs = cp != CP_MAP  # (constexpr)
+        slot = mIndices[0]
+        has_init = mHasInit[0]
+        if cutlass.const_expr(cp == CP_OFF):
+            slot = mIndices[n]
+            has_init = mHasInit[n]
+        # CP_MAP: CTAs z >= V / 64 run identity rows with v = 0 (none for piece 0, which needs no M).
+        identity = False
+        load_v = True
+        if cutlass.const_expr(cp == CP_MAP):
+            identity = z >= self.V // WG_ROWS
+            load_v = z < self.V // WG_ROWS
+            if identity and n == 0:
+                slot = Int32(-1)  # idle
+        active = slot >= 0
 
         storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage[kind])
         sQs = storage.sQ.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
@@ -733,17 +814,26 @@ class GdnPrefillSm90:
             if cutlass.const_expr(wgs == 2):
                 cute.arch.warpgroup_reg_dealloc(56)
         if warp == 4 * wgs:
-            if slot >= 0:
+            if active:
                 self.produce_chunks(tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_v,
                                     tma_tensor_v, tma_f, tma_tensor_f, sQs, sKs, sTPs, sVs, sF_tma, full, empty,
-                                    mWsFlag, overlap, bos, ws_row0, num_chunks, hv, hk, z, tiles, wgs, tidx % 32)
+                                    mWsFlag, overlap, bos, ws_row0, num_chunks, hv, hk, z, tiles, wgs, outputs,
+                                    load_v, tidx % 32)
         if warp < 4 * wgs:
             if cutlass.const_expr(wgs == 2):
                 cute.arch.warpgroup_reg_alloc(224)
             gO = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_o)[None, None, hv], (C, WG_ROWS),
                                  (None, None))
-            if slot >= 0:
-                self.load_state(acc_S, cS, mState, mHasInit, slot, n, hv, v0)
+            if active:
+                self.load_state(acc_S, cS, mState, mCp, has_init, slot, n, hv, v0, identity, cp)
+                if identity:
+                    # v = 0: the producer loads none, so both stages of the v tile are zeros throughout.
+                    sV_flat = storage.sV.get_tensor(cute.make_layout(cute.cosize(sV_layout)))
+                    zeros = cute.make_rmem_tensor(cute.make_layout(8), self.io_dtype)
+                    zeros.fill(0.0)
+                    for i in cutlass.range_constexpr(cute.cosize(sV_layout) // 8 // 128):
+                        cute.autovec_copy(zeros, cute.local_tile(sV_flat, (8,), (tidx + i * 128,)))
+                    cute.arch.barrier(barrier_id=BAR_WG, number_of_threads=128)
                 prof = cute.make_rmem_tensor(cute.make_layout(3), cutlass.Int64)
                 prof.fill(0)
                 stamp = cute.arch.globaltimer()
@@ -755,10 +845,11 @@ class GdnPrefillSm90:
                         valid = C
                     cute.arch.mbarrier_wait(full + stage, (c // 2) % 2)
                     if valid < C:
-                        # k rows past the sequence end hold the next sequence's tokens (or TMA zeros).
+                        # k rows past the sequence end hold the next sequence's tokens (or TMA zeros). (The
+                        # one barrier of both math warpgroups: a sequence's last chunk.)
                         self.zero_rows_from(sKs[None, None, stage], valid, tidx, math_threads)
                         cute.arch.fence_view_async_shared()
-                        cute.arch.barrier(barrier_id=1, number_of_threads=math_threads)
+                        cute.arch.barrier(barrier_id=BAR_MATH, number_of_threads=math_threads)
                     stamp = self.mark(prof, 0, stamp)
                     if cutlass.const_expr(fold):
                         self.state_chain_folded(mma_rs, mma_state, acc_S, sQs[None, None, stage],
@@ -770,31 +861,37 @@ class GdnPrefillSm90:
                         self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage],
                                          sVs[None, None, stage], sTPs[None, None, 2 * stage],
                                          sTPs[None, None, 2 * stage + 1], sOs[None, None, wg],
-                                         sFs[None, None, stage], wg, wgs, tidx)
+                                         sFs[None, None, stage], wg, wgs, tidx, outputs)
                     cute.arch.mbarrier_arrive(empty + stage)  # this thread is done with the stage
-                    cute.arch.fence_view_async_shared()  # the o tiles' stores before a TMA store reads them
-                    cute.arch.barrier(barrier_id=1, number_of_threads=math_threads)
-                    stamp = self.mark(prof, 1, stamp)
-                    if valid == C:
-                        if tidx < 32:
-                            for w in cutlass.range_constexpr(wgs):
-                                s_tile, g_tile = tma_tile(tma_o, sOs[None, None, w], gO[None, None, c, z * wgs + w])
+                    if cutlass.const_expr(outputs):
+                        cute.arch.fence_view_async_shared()  # the o tile's stores before a TMA store reads it
+                        cute.arch.barrier(barrier_id=BAR_WG + wg, number_of_threads=128)
+                        stamp = self.mark(prof, 1, stamp)
+                        # Each warpgroup stores its own o tile (its first warp issues the TMA store), so the
+                        # two warpgroups of a wide CTA never wait for each other inside a full chunk.
+                        if valid == C:
+                            if wg_tidx < 32:
+                                s_tile, g_tile = tma_tile(tma_o, sOs[None, None, wg],
+                                                          gO[None, None, c, z * wgs + wg])
                                 cute.copy(tma_o, s_tile, g_tile)
-                            cute.arch.cp_async_bulk_commit_group()
-                    else:
-                        self.store_output(sOs, mO, tok0, valid, hv, c0, wgs, tidx)
-                    stamp = self.mark(prof, 2, stamp)
-                if tidx < 32:
-                    cute.arch.cp_async_bulk_wait_group(0, read=True)
-                if cutlass.const_expr(self.profile):
+                                cute.arch.cp_async_bulk_commit_group()
+                        else:
+                            store_rows(sOs[None, None, wg], cute.domain_offset((tok0, v0), mO[0, None, hv, None]),
+                                       valid, wg_tidx, 128)
+                        stamp = self.mark(prof, 2, stamp)
+                if cutlass.const_expr(outputs):
+                    if wg_tidx < 32:
+                        cute.arch.cp_async_bulk_wait_group(0, read=True)
+                if cutlass.const_expr(self.profile and cp == CP_OFF):
                     if tidx == 0:
                         cta = (n * self.num_v_heads + hv) * (self.V // (WG_ROWS * wgs)) + z
                         for i in cutlass.range_constexpr(3):
                             mProfile[cta, i] = prof[i]
                         mProfile[cta, 7] = cutlass.Int64(num_chunks)
-                self.store_state(acc_S, cS, mState, slot, hv, v0)
-            else:
-                self.zero_output(mO, bos, eos, hv, c0, wgs, tidx)
+                self.store_state(acc_S, cS, mState, mCp, slot, n, hv, v0, identity, last_piece, cp)
+            if slot < 0:
+                if cutlass.const_expr(outputs):
+                    self.zero_output(mO, bos, eos, hv, c0, wgs, tidx)
 
     @cute.jit
     def zero_rows_from(self, sX, first, tidx, threads: cutlass.Constexpr):
@@ -808,9 +905,11 @@ class GdnPrefillSm90:
     @cute.jit
     def produce_chunks(self, tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_v, tma_tensor_v,
                        tma_f, tma_tensor_f, sQs, sKs, sTPs, sVs, sF_tma, full, empty, mWsFlag, overlap, bos, ws_row0,
-                       num_chunks, hv, hk, z, tiles: cutlass.Constexpr, wgs: cutlass.Constexpr, lane):
+                       num_chunks, hv, hk, z, tiles: cutlass.Constexpr, wgs: cutlass.Constexpr,
+                       outputs: cutlass.Constexpr, load_v, lane):
         """The chain's producer warp: every chunk's loads into stage c % 2, once the math warpgroups have
-        released the stage (chunk c - 2) and, when overlapped, the aux kernel has flagged the chunk."""
+        released the stage (chunk c - 2) and, when overlapped, the aux kernel has flagged the chunk.
+        Without outputs (CP_MAP) it loads no q and no P; without load_v, no v."""
         C, K = CHUNK, self.K
         gQ = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_q)[None, None, hk], (C, K), (None, 0))
         gK = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_k)[None, None, hk], (C, K), (None, 0))
@@ -822,7 +921,13 @@ class GdnPrefillSm90:
                                          cute.group_modes(gK, 0, 2))
         tVs, tVg = cpasync.tma_partition(tma_v, 0, cute.make_layout(1), cute.group_modes(sVs, 0, 2),
                                          cute.group_modes(gV, 0, 2))
-        nbytes = (2 * C * K + tiles * C * C + C * WG_ROWS * wgs) * (self.io_dtype.width // 8) + NUM_FACTORS * C * 4
+        io_bytes = self.io_dtype.width // 8
+        nbytes = (2 * C * K + tiles * C * C) * io_bytes + NUM_FACTORS * C * 4
+        if cutlass.const_expr(not outputs):
+            nbytes = (C * K + C * C) * io_bytes + NUM_FACTORS * C * 4  # k, T, f
+        v_bytes = 0
+        if load_v:
+            v_bytes = C * WG_ROWS * wgs * io_bytes
         for c in cutlass.range(num_chunks, unroll=1):
             stage = c % 2
             ws_row = ws_row0 + c
@@ -836,11 +941,13 @@ class GdnPrefillSm90:
                 # warp's async-proxy (TMA) reads.
                 cute.arch.fence_proxy("async.global")
             if lane == 0:
-                cute.arch.mbarrier_arrive_and_expect_tx(full + stage, nbytes)
-            cute.copy(tma_q, tQg[None, c], tQs[None, stage], tma_bar_ptr=full + stage)
+                cute.arch.mbarrier_arrive_and_expect_tx(full + stage, nbytes + v_bytes)
+            if cutlass.const_expr(outputs):
+                cute.copy(tma_q, tQg[None, c], tQs[None, stage], tma_bar_ptr=full + stage)
             cute.copy(tma_k, tKg[None, c], tKs[None, stage], tma_bar_ptr=full + stage)
-            cute.copy(tma_v, tVg[None, c], tVs[None, stage], tma_bar_ptr=full + stage)
-            for which in cutlass.range_constexpr(tiles):
+            if load_v:
+                cute.copy(tma_v, tVg[None, c], tVs[None, stage], tma_bar_ptr=full + stage)
+            for which in cutlass.range_constexpr(tiles if outputs else 1):  # (T is tile 0)
                 s_tile, g_tile = tma_tile(tma_tp, sTPs[None, None, tiles * stage + which],
                                           tma_tensor_tp[None, None, which, hv, ws_row])
                 cute.copy(tma_tp, g_tile, s_tile, tma_bar_ptr=full + stage)
@@ -857,21 +964,45 @@ class GdnPrefillSm90:
         return stamp
 
     @cute.jit
-    def load_state(self, acc_S, cS, mState, mHasInit, slot, n, hv, v0):
-        gS = mState[cutlass.Int64(slot), hv, None, None]
-        if mHasInit[n] != 0:
-            for i in cutlass.range_constexpr(cute.size(acc_S)):
-                r, col = cS[i]
-                acc_S[i] = gS[v0 + r, col].to(Float32)
+    def load_state(self, acc_S, cS, mState, mCp, has_init, slot, n, hv, v0, identity, cp: cutlass.Constexpr):
+        """The warpgroup's 64 rows from v0 of the chain's start (see chain_kernel for the cp passes)."""
+        if cutlass.const_expr(cp == CP_PIECES):
+            if n > 0:
+                read_rows(acc_S, cS, mCp[n, hv, None, None], v0)
+            else:
+                self.load_state(acc_S, cS, mState, mCp, has_init, slot, n, hv, v0, identity, CP_OFF)
+        elif cutlass.const_expr(cp == CP_MAP):
+            if identity:
+                r0 = v0 - self.V
+                for i in cutlass.range_constexpr(cute.size(acc_S)):
+                    r, col = cS[i]
+                    one = Float32(0.0)
+                    if r0 + r == col:
+                        one = Float32(1.0)
+                    acc_S[i] = one
+            elif n > 0:
+                acc_S.fill(0.0)
+            else:
+                self.load_state(acc_S, cS, mState, mCp, has_init, slot, n, hv, v0, identity, CP_OFF)
         else:
-            acc_S.fill(0.0)
+            if has_init != 0:
+                read_rows(acc_S, cS, mState[cutlass.Int64(slot), hv, None, None], v0)
+            else:
+                acc_S.fill(0.0)
 
     @cute.jit
-    def store_state(self, acc_S, cS, mState, slot, hv, v0):
-        gS = mState[cutlass.Int64(slot), hv, None, None]
-        for i in cutlass.range_constexpr(cute.size(acc_S)):
-            r, col = cS[i]
-            gS[v0 + r, col] = acc_S[i].to(gS.element_type)
+    def store_state(self, acc_S, cS, mState, mCp, slot, n, hv, v0, identity, last_piece, cp: cutlass.Constexpr):
+        """The warpgroup's 64 rows from v0 of the chain's end to where its pass keeps them."""
+        if cutlass.const_expr(cp == CP_MAP):
+            if identity:
+                write_rows(acc_S, cS, mCp[n, hv, None, None], v0)  # M's rows, mCp[n, :, V:]
+            else:
+                write_rows(acc_S, cS, mCp[n + 1, hv, None, None], v0)  # B, piece n + 1's start if n == 0
+        elif cutlass.const_expr(cp == CP_PIECES):
+            if last_piece:
+                write_rows(acc_S, cS, mState[cutlass.Int64(slot), hv, None, None], v0)
+        else:
+            write_rows(acc_S, cS, mState[cutlass.Int64(slot), hv, None, None], v0)
 
     @cute.jit
     def zero_output(self, mO, bos, eos, hv, c0, wgs: cutlass.Constexpr, tidx):
@@ -879,17 +1010,10 @@ class GdnPrefillSm90:
             mO[0, t, hv, c0 + tidx % (WG_ROWS * wgs)] = Float32(0.0).to(mO.element_type)
 
     @cute.jit
-    def store_output(self, sOs, mO, tok0, valid, hv, c0, wgs: cutlass.Constexpr, tidx):
-        """The chunk's output rows t < valid, columns c0 .. c0 + 64 * wgs, from the output tiles
-        (warpgroup w's in sOs[..., w]) to o."""
-        for w in cutlass.range_constexpr(wgs):
-            store_rows(sOs[None, None, w], cute.domain_offset((tok0, c0 + w * WG_ROWS), mO[0, None, hv, None]), valid,
-                       tidx, 128 * wgs)
-
-    @cute.jit
-    def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sO, sF, wg, wgs: cutlass.Constexpr, tidx):
-        """One chunk of the warpgroup's 64 state rows; leaves its output [t, v] in sO (its o tile).
-        Once v is consumed, puts the next chunk's v tile in flight (its own cp.async group)."""
+    def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sO, sF, wg, wgs: cutlass.Constexpr, tidx,
+                    outputs: cutlass.Constexpr = True):
+        """One chunk of the warpgroup's 64 state rows; leaves its output [t, v] in sO (its o tile). Without
+        outputs (CP_MAP) only the state's products: S K^T, X T^T and the update."""
         C = CHUNK
         io = self.io_dtype
         wg_tidx = tidx % 128
@@ -904,42 +1028,47 @@ class GdnPrefillSm90:
         # SK, then O1 (its own group: X needs only SK).
         gemm_issue(mma_rs, acc_SK, rS, mma_rs.make_fragment_B(thr.partition_B(sK)))
         warpgroup.commit_group()
-        gemm_issue(mma_rs, acc_O, rS, mma_rs.make_fragment_B(thr.partition_B(sQ)))
-        warpgroup.commit_group()
+        if cutlass.const_expr(outputs):
+            gemm_issue(mma_rs, acc_O, rS, mma_rs.make_fragment_B(thr.partition_B(sQ)))
+            warpgroup.commit_group()
         # v^T [v, t] of the warpgroup's columns, into X's registers (ldmatrix, transposed).
         rX = cute.make_rmem_tensor(acc_to_a_layout(acc_SK.layout), io)
         rX_acc = cute.make_tensor(rX.iterator, acc_SK.layout)
         load_fragment(mma_rs, transpose_view(cute.local_tile(sV, (C, WG_ROWS), (0, wg))), rX_acc, wg_tidx,
                       transpose=True)
-        warpgroup.wait_group(1)
+        warpgroup.wait_group(1 if outputs else 0)
 
         # X[v, t] = v_t[v] - f0_t SK[v, t]
         for i in cutlass.range_constexpr(cute.size(acc_SK)):
             r, t = cVT[i]
             rX_acc[i] = (rX_acc[i].to(Float32) - sF[0, t] * acc_SK[i]).to(io)
-        if tidx < 32:
-            cute.arch.cp_async_bulk_wait_group(0, read=True)  # the last chunk's TMA store has read sO
-        cute.arch.barrier(barrier_id=1, number_of_threads=128 * wgs)  # so sO is free
+        if cutlass.const_expr(outputs):
+            if wg_tidx < 32:
+                cute.arch.cp_async_bulk_wait_group(0, read=True)  # the last chunk's TMA store has read sO
+            cute.arch.barrier(barrier_id=BAR_WG + wg, number_of_threads=128)  # so sO is free
         # U[v, n] = sum_s X[v, s] T[n, s]
         acc_U = cute.make_rmem_tensor(thr.partition_shape_C((WG_ROWS, C)), Float32)
         gemm_issue(mma_rs, acc_U, rX, mma_rs.make_fragment_B(thr.partition_B(sT)))
         warpgroup.commit_group()
         # While U runs: O1 (complete once only U is pending) scaled by f1_t, S decayed by f3.
-        warpgroup.wait_group(1)
-        for i in cutlass.range_constexpr(cute.size(acc_O)):
-            r, t = cVT[i]
-            acc_O[i] = acc_O[i] * sF[1, t]
+        if cutlass.const_expr(outputs):
+            warpgroup.wait_group(1)
+            for i in cutlass.range_constexpr(cute.size(acc_O)):
+                r, t = cVT[i]
+                acc_O[i] = acc_O[i] * sF[1, t]
         decay = sF[3, 0]
         for i in cutlass.range_constexpr(cute.size(acc_S)):
             acc_S[i] = acc_S[i] * decay
         warpgroup.wait_group(0)
         # S += (U f2_s) K first (the next chunk waits for it), then O += U P^T.
-        rU = self.issue_state_update(mma_state, acc_S, acc_U, sK, sF, cVT, wg_tidx)
-        gemm_issue(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
+        rU = self.issue_state_update(mma_state, acc_S, acc_U, sK, sF, cVT, wg_tidx, want_u=outputs)
+        if cutlass.const_expr(outputs):
+            gemm_issue(mma_rs, acc_O, rU, mma_rs.make_fragment_B(thr.partition_B(sP)), accumulate=True)
         warpgroup.commit_group()
         warpgroup.wait_group(0)
-        # O [t, v] into the warpgroup's o tile (free since the barrier after X).
-        store_fragment_io(mma_rs, acc_O, transpose_view(sO), wg_tidx)
+        if cutlass.const_expr(outputs):
+            # O [t, v] into the warpgroup's o tile (free since the barrier after X).
+            store_fragment_io(mma_rs, acc_O, transpose_view(sO), wg_tidx)
 
 
     @cute.jit
@@ -973,7 +1102,7 @@ class GdnPrefillSm90:
         warpgroup.commit_group()
         if tidx < 32:
             cute.arch.cp_async_bulk_wait_group(0, read=True)  # the last chunk's TMA store has read sO
-        cute.arch.barrier(barrier_id=1, number_of_threads=128)  # so sO is free
+        cute.arch.barrier(barrier_id=BAR_WG, number_of_threads=128)  # so sO is free
         warpgroup.wait_group(1)
         decay = sF[3, 0]
         for i in cutlass.range_constexpr(cute.size(acc_S)):
@@ -991,9 +1120,10 @@ class GdnPrefillSm90:
 
 
     @cute.jit
-    def issue_state_update(self, mma_state, acc_S, acc_U, sK, sF, cVT, wg_tidx, commit: cutlass.Constexpr = False):
+    def issue_state_update(self, mma_state, acc_S, acc_U, sK, sF, cVT, wg_tidx, commit: cutlass.Constexpr = False,
+                           want_u: cutlass.Constexpr = True):
         """Issue S += (U f2_s) K (acc_S already decayed by f3) for the warpgroup, committed as its own
-        wgmma group if `commit`; returns U as the 16-bit register A operand of O += U P^T."""
+        wgmma group if `commit`; returns U as the 16-bit register A operand of O += U P^T (if want_u)."""
         io = self.io_dtype
         rUd = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
         rUd_acc = cute.make_tensor(rUd.iterator, acc_U.layout)
@@ -1005,8 +1135,10 @@ class GdnPrefillSm90:
                    accumulate=True)
         if cutlass.const_expr(commit):
             warpgroup.commit_group()
-        rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
-        cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(io))
+        rU = None
+        if cutlass.const_expr(want_u):
+            rU = cute.make_rmem_tensor(acc_to_a_layout(acc_U.layout), io)
+            cute.make_tensor(rU.iterator, acc_U.layout).store(acc_U.load().to(io))
         return rU
 
 
@@ -1102,6 +1234,28 @@ def load_rows(io: cutlass.Constexpr, width: cutlass.Constexpr, threads: cutlass.
 
 
 @cute.jit
+def read_rows(acc_S, cS, gS, r0):
+    """A warpgroup's state fragment acc_S (fp32, coordinates cS) from rows r0 .. r0 + 64 of gS [rows, K]."""
+    for i in cutlass.range_constexpr(cute.size(acc_S)):
+        r, col = cS[i]
+        acc_S[i] = gS[r0 + r, col].to(Float32)
+
+
+@cute.jit
+def write_rows(acc_S, cS, gS, r0):
+    """acc_S into rows r0 .. r0 + 64 of gS [rows, K] (rounded to gS's type)."""
+    for i in cutlass.range_constexpr(cute.size(acc_S)):
+        r, col = cS[i]
+        gS[r0 + r, col] = acc_S[i].to(gS.element_type)
+
+
+@cute.jit
+def exp2(x):
+    """2^x by one ex2.approx (relative error about 2^-22; 0 below 2^-126), the aux kernel's decays."""
+    return cute.math.exp2(x, fastmath=True)
+
+
+@cute.jit
 def inclusive_scan_64(sG, lane):
     """In-place inclusive prefix sum of the 64 floats of sG by one warp (two per lane)."""
     g0 = sG[2 * lane]
@@ -1159,7 +1313,7 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
 
     The returned tvm-ffi function takes (q, k, v, gate_a, gate_b, A_log, dt_bias, cu_seqlens, state,
     state_indices, has_initial_state (int8), o, ws_tp, ws_f, ws_flag, scale, chain, launch, overlap,
-    profile); see prefill_workspace in ops.py for the workspace:
+    profile, cp_ws, cp, cp_step); see prefill_workspace in ops.py for the workspace:
     - chain (int) picks the chain kernel (see chain_kind); the aux and chain launches of a call must
       agree on it (a folded chain reads the aux kernel's W~), and ws_tp must have ws_tiles(chain) tiles;
     - launch: 1 launches the aux kernel, 2 the chain kernel, 3 both in that order on the current stream;
@@ -1167,7 +1321,13 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
       the caller), for an aux launch and a narrow or folded chain launch running concurrently on two
       streams (see use_overlap);
     - profile is None, or (profile builds, benchmarks only) an int64 [CTAs, 8] tensor that receives
-      per-CTA phase times of the one kernel launched.
+      per-CTA phase times of the one kernel launched;
+    - cp_ws (fp32 [pieces, HV, V + K, K]), cp and cp_step: context parallelism for one long sequence
+      (N = 1, cp_pieces): piece p is tokens p * cp_step .. (p + 1) * cp_step (cp_step a multiple of 64).
+      An aux launch as usual, then a chain launch with cp = CP_MAP (all pieces but the last: their maps
+      into cp_ws), the caller's scan cp_ws[p + 1, :, :V] += cp_ws[p, :, :V] @ cp_ws[p, :, V:] for
+      p = 1 .. pieces - 2, then a chain launch with cp = CP_PIECES (all pieces, with their outputs).
+      Otherwise cp = CP_OFF and cp_ws is not read (any tensor of that layout).
     """
     reason = can_implement(io_dtype, state_dtype, num_heads, num_v_heads, head_k_dim, head_v_dim, gate_mode,
                            dt_bias_dtype)
@@ -1216,7 +1376,9 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
                         head_v_dim=V, gate_mode=gate_mode, use_qk_l2norm=use_qk_l2norm, profile=profile)
     prof = (cute.runtime.make_fake_compact_tensor(cutlass.Int64, (cute.sym_int(), 8), stride_order=(1, 0))
             if profile else None)
+    cp_ws = cute.runtime.make_fake_compact_tensor(Float32, (cute.sym_int(), HV, V + K, K), stride_order=(3, 2, 1, 0),
+                                                  assumed_align=16)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     return cute.compile(op, q, k, v, gate_a, gate_b, a_log, dt_bias, cu, state, indices, has_init, o, ws_tp, ws_f,
-                        ws_flag, Float32(1.0), Int32(0), Int32(LAUNCH_BOTH), Int32(0), prof, stream,
-                        options="--enable-tvm-ffi")
+                        ws_flag, Float32(1.0), Int32(0), Int32(LAUNCH_BOTH), Int32(0), prof, cp_ws, Int32(CP_OFF),
+                        Int32(CHUNK), stream, options="--enable-tvm-ffi")
