@@ -72,6 +72,23 @@ def main():
                          + ", ".join(f"{name} {t:.2f}" for name, t in zip(PHASES, per_chunk.tolist()))
                          + f"; total {per_chunk.sum().item():.2f}")
             print(line, flush=True)
+            pieces = ops.prefill_kernel.cp_pieces(seqs, tokens, HV, D, D, sms)
+            if pieces:
+                # ops.prefill runs this call context-parallel: time its passes one by one.
+                step = ops.prefill_kernel.cp_step(tokens, pieces)
+                cp_ws = ops.prefill_cp_workspace(pieces, HV, D, D, x["q"].device)
+                cp_call = lambda launch, cp: fn(*call(launch, NARROW)[:-3], cp_ws, cp, step)  # noqa: E731
+                starts, maps = cp_ws[:, :, :D], cp_ws[:, :, D:]
+
+                def scan():
+                    for p in range(1, pieces - 1):
+                        starts[p + 1].baddbmm_(starts[p], maps[p])
+                cp_call(CHAIN, ops.prefill_kernel.CP_MAP)
+                times = [time_cold(lambda: cp_call(AUX, ops.prefill_kernel.CP_OFF)),
+                         time_cold(lambda: cp_call(CHAIN, ops.prefill_kernel.CP_MAP)), time_cold(scan),
+                         time_cold(lambda: cp_call(CHAIN, ops.prefill_kernel.CP_PIECES))]
+                print(f"    context parallel, {pieces} pieces of {step} tokens: aux {times[0]:.1f} us, maps "
+                      f"{times[1]:.1f}, scan {times[2]:.1f}, pieces {times[3]:.1f}; sum {sum(times):.1f} us", flush=True)
             prof = torch.zeros(ws[0].shape[0] * HV, 8, dtype=torch.int64, device="cuda")
             fn_prof(*call(AUX, used, prof))
             torch.cuda.synchronize()

@@ -562,6 +562,9 @@ def prefill_workspace(tokens: int, num_seqs: int, num_v_heads: int, dtype: torch
             flags)
 
 
+_CONTEXT_PARALLEL = True  # benchmarks and tests may switch it off to compare
+
+
 def prefill_cp_workspace(pieces: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
                          device: torch.device) -> torch.Tensor:
     """Context parallelism's per-call workspace, fp32 [pieces, HV, V + K, K]: piece p's start state
@@ -645,7 +648,7 @@ def prefill(
     init = _ALL_TRUE.get(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
     sms = _num_sms(q.device)
     gates = (a, b, A_log, dt_bias) if raw else (g, beta, None, None)
-    pieces = prefill_kernel.cp_pieces(N, T, HV, K, V, sms)
+    pieces = prefill_kernel.cp_pieces(N, T, HV, K, V, sms) if _CONTEXT_PARALLEL else 0
     if pieces:
         # Context parallelism (one long sequence, few heads): the aux kernel over the whole sequence, the
         # maps of its pieces, their scan, then every piece from its start (kernels/prefill.cp_pieces).

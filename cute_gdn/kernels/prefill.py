@@ -503,7 +503,7 @@ class GdnPrefillSm90:
             # and then masked, so that no load sits in a branch.
             for i in cutlass.range_constexpr(cute.size(acc)):
                 t, s = cC[i]
-                full = (sBeta[t] * sRK[t] * sRK[s]) * acc[i] * exp2(sG[t] - sG[s])
+                full = (sBeta[t] * sRK[t] * sRK[s]) * acc[i] * exp2(sG[t] - sG[s], not fold)
                 val = Float32(0.0)
                 if s < t:
                     val = full
@@ -532,18 +532,18 @@ class GdnPrefillSm90:
             if wg_tidx < C:
                 g_t = sG[wg_tidx]
                 g_last = sG[C - 1]
-                gamma = exp2(g_t)
+                gamma = exp2(g_t, not fold)
                 mWsF[row, hv, 0, wg_tidx] = gamma * sRK[wg_tidx]
                 mWsF[row, hv, 1, wg_tidx] = gamma * sRQ[wg_tidx]
-                mWsF[row, hv, 2, wg_tidx] = exp2(g_last - g_t) * sRK[wg_tidx]
-                mWsF[row, hv, 3, wg_tidx] = exp2(g_last)
+                mWsF[row, hv, 2, wg_tidx] = exp2(g_last - g_t, not fold) * sRK[wg_tidx]
+                mWsF[row, hv, 3, wg_tidx] = exp2(g_last, not fold)
                 if cutlass.const_expr(fold):
                     sBF0[wg_tidx] = sBeta[wg_tidx] * (gamma * sRK[wg_tidx])
             cute.arch.sync_threads()  # every warpgroup is done reading q and k
             rP = cute.make_rmem_tensor(acc.layout, sP.element_type)
             for i in cutlass.range_constexpr(cute.size(acc)):
                 t, s = cC[i]
-                full = (sRQ[t] * sRK[s]) * acc[i] * exp2(sG[t] - sG[s])
+                full = (sRQ[t] * sRK[s]) * acc[i] * exp2(sG[t] - sG[s], not fold)
                 val = Float32(0.0)
                 if s <= t:
                     val = full
@@ -1250,9 +1250,13 @@ def write_rows(acc_S, cS, gS, r0):
 
 
 @cute.jit
-def exp2(x):
-    """2^x by one ex2.approx (relative error about 2^-22; 0 below 2^-126), the aux kernel's decays."""
-    return cute.math.exp2(x, fastmath=True)
+def exp2(x, fast: cutlass.Constexpr):
+    """2^x, the aux kernel's decays: fast, one ex2.approx (relative error about 2^-22; 0 below 2^-126),
+    else the exact library function (about 8 instructions). The folded aux kernel, which runs only
+    beside an overlapped chain, keeps the exact one: made faster that way it slowed the whole call
+    (H200, replayed, H16/HV32 32768 x 1: 777 against 704 us), presumably by taking memory bandwidth
+    from the chain, which sets the time; unfolded aux kernels gain 4-6%."""
+    return cute.math.exp2(x, fastmath=fast)
 
 
 @cute.jit
