@@ -42,6 +42,11 @@ chain then waits for each chunk's flag (acquire) before loading it, and claims e
 (CHAIN_ALONE_SMEM) that no aux CTA shares its SM. The aux kernel never waits, and it keeps at least
 half the SMs, so the pair cannot deadlock; run one after the other they give the same bits.
 
+Context parallelism (cp_pieces: one sequence, few value heads): the chain is affine in its start, so
+a sequence in P pieces runs as the aux kernel, a maps pass (chain_kernel with CP_MAP: each piece's
+S_end = S_start M + B, no outputs), a scan of P - 2 products by the caller, and a pieces pass
+(CP_PIECES: every piece from its start, with outputs); see chain_kernel and ops.prefill.
+
 Why two kernels: the chain is inherently sequential per sequence, so a single long sequence keeps
 only HV CTAs busy; moving every state-independent product and the triangular solve out of it runs
 them on the whole GPU and leaves the chain with five small GEMMs per chunk. The price is the
