@@ -134,25 +134,8 @@ def test_prefill_context_parallel(length, H, HV, state, has_init, pad, decay):
 
 
 def test_prefill_context_parallel_graph_replay_matches_eager():
-    torch.manual_seed(8)
-    T = 4500
-    assert ops.prefill_kernel.cp_pieces(1, T, 4, 128, 128, ops._num_sms(torch.device("cuda"))) >= 3
-    inputs = make_step_inputs(1, T, 2, 4, 128, 128)
-    pool0 = make_pool(POOL, 4, 128, 128, torch.float32)
-    slots = torch.tensor([11], dtype=torch.int32, device="cuda")
-    cu = _cu([T])
-    eager_pool = pool0.clone()
-    eager_o = cute_gdn.prefill(**inputs, cu_seqlens=cu, state=eager_pool, state_indices=slots)
-    graph_pool = pool0.clone()
-    out = torch.empty_like(eager_o)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cute_gdn.prefill(**inputs, cu_seqlens=cu, state=graph_pool, state_indices=slots, out=out)
-    graph_pool.copy_(pool0)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(out, eager_o) and torch.equal(graph_pool, eager_pool)
+    assert ops.prefill_kernel.cp_pieces(1, 4500, 4, 128, 128, ops._num_sms(torch.device("cuda"))) >= 3
+    _graph_replays_match_eager([4500], [11], seed=8)
 
 
 @pytest.mark.parametrize("decay", ["tiny", "strong"])
@@ -214,12 +197,13 @@ def test_prefill_matches_fla_chunked():
     assert err_s <= 1.5 * err_s_fla + 2e-3, (err_s, err_s_fla)
 
 
-def test_prefill_cuda_graph_replay_matches_eager():
-    torch.manual_seed(4)
-    lengths = [65, 3, 130]
+def _graph_replays_match_eager(lengths, slots, seed):
+    """A prefill call captured in a CUDA graph and replayed twice (the second replay starts from
+    re-zeroed chunk flags, like the first) gives the eager call's output and pool bit for bit."""
+    torch.manual_seed(seed)
     inputs = make_step_inputs(1, sum(lengths), 2, 4, 128, 128)
     pool0 = make_pool(POOL, 4, 128, 128, torch.float32)
-    slots = torch.tensor([7, -1, 2], dtype=torch.int32, device="cuda")
+    slots = torch.tensor(slots, dtype=torch.int32, device="cuda")
     cu = _cu(lengths)
     eager_pool = pool0.clone()
     eager_o = cute_gdn.prefill(**inputs, cu_seqlens=cu, state=eager_pool, state_indices=slots)
@@ -229,12 +213,16 @@ def test_prefill_cuda_graph_replay_matches_eager():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         cute_gdn.prefill(**inputs, cu_seqlens=cu, state=graph_pool, state_indices=slots, out=out)
-    for _ in range(2):  # the second replay starts from re-zeroed chunk flags, like the first
+    for _ in range(2):
         graph_pool.copy_(pool0)
         out.zero_()
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager_o) and torch.equal(graph_pool, eager_pool)
+
+
+def test_prefill_cuda_graph_replay_matches_eager():
+    _graph_replays_match_eager([65, 3, 130], [7, -1, 2], seed=4)
 
 
 def test_prefill_overlapped_and_serial_launches_agree_bitwise():
