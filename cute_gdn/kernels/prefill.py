@@ -351,18 +351,17 @@ class GdnPrefillSm90:
             chain_args = (mCuSeqlens, mState, mIndices, mHasInit, mO, mWsFlag, overlap, mProfile, mCp, cp_step, *tma)
             narrow = (sQK_layout, *tma_vs[0], tma_f, tma_tensor_f, sV2_layouts[0], sTP_layouts[CHAIN_NARROW],
                       sO_layouts[0], CHAIN_NARROW)
+            narrow_launch = dict(block=(128 + 32, 1, 1), stream=stream, smem=CHAIN_ALONE_SMEM)
             # Narrow chains claim more shared memory than an SM has left beside an aux CTA, so that next to
             # a running aux kernel (overlap) the chain CTAs (at most half the SMs) keep their SMs to
             # themselves; one after the other, narrow CTAs number at most one per SM anyway.
             if cp == CP_MAP:
                 # Per piece, value head and 64 rows of [S; I]: the state's V rows, then K identity rows.
                 self.chain_kernel(*chain_args, *chain_mmas[3], *narrow, CP_MAP).launch(
-                    grid=(self.num_v_heads, mCp.shape[0] - 1, (V + K) // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
-                    smem=CHAIN_ALONE_SMEM)
+                    grid=(self.num_v_heads, mCp.shape[0] - 1, (V + K) // WG_ROWS), **narrow_launch)
             elif cp == CP_PIECES:
                 self.chain_kernel(*chain_args, *chain_mmas[4], *narrow, CP_PIECES).launch(
-                    grid=(self.num_v_heads, mCp.shape[0], V // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
-                    smem=CHAIN_ALONE_SMEM)
+                    grid=(self.num_v_heads, mCp.shape[0], V // WG_ROWS), **narrow_launch)
             elif chain == CHAIN_WIDE:
                 self.chain_kernel(*chain_args, *chain_mmas[0], sQK_layout, *tma_vs[1], tma_f, tma_tensor_f,
                                   sV2_layouts[1], sTP_layouts[CHAIN_WIDE], sO_layouts[1], CHAIN_WIDE, CP_OFF).launch(
@@ -371,13 +370,10 @@ class GdnPrefillSm90:
             elif chain == CHAIN_FOLDED:
                 self.chain_kernel(*chain_args, *chain_mmas[1], sQK_layout, *tma_vs[0], tma_f, tma_tensor_f,
                                   sV2_layouts[0], sTP_layouts[CHAIN_FOLDED], sO_layouts[0], CHAIN_FOLDED,
-                                  CP_OFF).launch(
-                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
-                    smem=CHAIN_ALONE_SMEM)
+                                  CP_OFF).launch(grid=(self.num_v_heads, num_seqs, V // WG_ROWS), **narrow_launch)
             else:
                 self.chain_kernel(*chain_args, *chain_mmas[2], *narrow, CP_OFF).launch(
-                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), block=(128 + 32, 1, 1), stream=stream,
-                    smem=CHAIN_ALONE_SMEM)
+                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), **narrow_launch)
 
     # ================================ aux: one chunk, all of it off the state ================================
 
