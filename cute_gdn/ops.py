@@ -646,8 +646,19 @@ def prefill(
     if scale is None:
         scale = K ** -0.5
     init = _ALL_TRUE.get(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
-    sms = _num_sms(q.device)
     gates = (a, b, A_log, dt_bias) if raw else (g, beta, None, None)
+    try:
+        _prefill_launches(fn, (q, k, v, *gates, cu_seqlens, state, state_indices, init, out), scale, N, T, HV, K, V)
+    except (ValueError, TypeError):
+        validate_prefill(*args)
+        raise
+    return out
+
+
+def _prefill_launches(fn, tensors: tuple, scale: float, N: int, T: int, HV: int, K: int, V: int) -> None:
+    """The kernel launches of one prefill call: context-parallel, overlapped, or aux then chain on one stream."""
+    q = tensors[0]
+    sms = _num_sms(q.device)
     pieces = prefill_kernel.cp_pieces(N, T, HV, K, V, sms) if _CONTEXT_PARALLEL else 0
     if pieces:
         # Context parallelism (one long sequence, few heads): the aux kernel over the whole sequence, the
@@ -655,38 +666,28 @@ def prefill(
         step = prefill_kernel.cp_step(T, pieces)
         ws = prefill_workspace(T, N, HV, q.dtype, q.device, chain=prefill_kernel.CHAIN_NARROW)
         cp_ws = prefill_cp_workspace(pieces, HV, K, V, q.device)
-        call = (q, k, v, *gates, cu_seqlens, state, state_indices, init, out, *ws, scale, prefill_kernel.CHAIN_NARROW)
-        try:
-            fn(*call, prefill_kernel.LAUNCH_AUX, 0, None, cp_ws, prefill_kernel.CP_OFF,
-               step)
-            fn(*call, prefill_kernel.LAUNCH_CHAIN, 0, None, cp_ws, prefill_kernel.CP_MAP, step)
-            starts, maps = cp_ws[:, :, :V], cp_ws[:, :, V:]
-            for p in range(1, pieces - 1):
-                starts[p + 1].baddbmm_(starts[p], maps[p])
-            fn(*call, prefill_kernel.LAUNCH_CHAIN, 0, None, cp_ws, prefill_kernel.CP_PIECES, step)
-        except (ValueError, TypeError):
-            validate_prefill(*args)
-            raise
-        return out
+        call = (*tensors, *ws, scale, prefill_kernel.CHAIN_NARROW)
+        fn(*call, prefill_kernel.LAUNCH_AUX, 0, None, cp_ws, prefill_kernel.CP_OFF, step)
+        fn(*call, prefill_kernel.LAUNCH_CHAIN, 0, None, cp_ws, prefill_kernel.CP_MAP, step)
+        starts, maps = cp_ws[:, :, :V], cp_ws[:, :, V:]
+        for p in range(1, pieces - 1):
+            starts[p + 1].baddbmm_(starts[p], maps[p])
+        fn(*call, prefill_kernel.LAUNCH_CHAIN, 0, None, cp_ws, prefill_kernel.CP_PIECES, step)
+        return
     chain = prefill_kernel.chain_kind(N, HV, V, sms)
     overlap = prefill_kernel.use_overlap(N, HV, V, sms)
     ws = prefill_workspace(T, N, HV, q.dtype, q.device, zero_flags=overlap, chain=chain)
-    call = (q, k, v, *gates, cu_seqlens, state, state_indices, init, out, *ws, scale, chain)
+    call = (*tensors, *ws, scale, chain)
     unused = (_cp_unused(HV, K, V, q.device), prefill_kernel.CP_OFF, prefill_kernel.CHUNK)
-    try:
-        if not overlap:
-            fn(*call, prefill_kernel.LAUNCH_BOTH, 0, None, *unused)
-        else:
-            # The aux kernel on the caller's stream, the chain concurrently on a high-priority one,
-            # waiting for each chunk's flag; the caller's stream then waits for the chain.
-            current = torch.cuda.current_stream(q.device)
-            side = _chain_stream(q.device.index)
-            side.wait_stream(current)
-            fn(*call, prefill_kernel.LAUNCH_AUX, 1, None, *unused)
-            with torch.cuda.stream(side):
-                fn(*call, prefill_kernel.LAUNCH_CHAIN, 1, None, *unused)
-            current.wait_stream(side)
-    except (ValueError, TypeError):
-        validate_prefill(*args)
-        raise
-    return out
+    if not overlap:
+        fn(*call, prefill_kernel.LAUNCH_BOTH, 0, None, *unused)
+    else:
+        # The aux kernel on the caller's stream, the chain concurrently on a high-priority one,
+        # waiting for each chunk's flag; the caller's stream then waits for the chain.
+        current = torch.cuda.current_stream(q.device)
+        side = _chain_stream(q.device.index)
+        side.wait_stream(current)
+        fn(*call, prefill_kernel.LAUNCH_AUX, 1, None, *unused)
+        with torch.cuda.stream(side):
+            fn(*call, prefill_kernel.LAUNCH_CHAIN, 1, None, *unused)
+        current.wait_stream(side)

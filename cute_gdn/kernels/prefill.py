@@ -32,7 +32,7 @@ Two kernels in one compiled function, which launches either or both (`launch`):
    calls (use_wide_chain). A folded chain (narrow, for overlapped calls, chain_kind) reads W~ too and
    forms U = V^T T^T + S W~^T: one product on the state instead of SK, X and X T^T in a row. Every
    chain CTA has a producer warp that issues all loads (q, k, the workspace tiles, v and f by TMA,
-   two stages, full/empty mbarriers), so the math warpgroups never issue a load or wait at a barrier
+   chain_stages stages, full/empty mbarriers), so the math warpgroups never issue a load or wait at a barrier
    that includes the loads; a wide CTA's producer is a warpgroup, for setmaxnreg (math 224
    registers, producer 56).
 
@@ -159,6 +159,19 @@ def ws_tiles(chain: int) -> int:
     return 4 if chain == CHAIN_FOLDED else 2
 
 
+def chain_wgs(chain: int) -> int:
+    """Math warpgroups of a chain CTA (64 state rows each)."""
+    return 2 if chain == CHAIN_WIDE else 1
+
+
+def chain_stages(chain: int) -> int:
+    """Pipeline stages of a chain CTA's loads: three for a narrow chain (179 KiB of shared memory), so
+    that a chunk's loads are issued two chunks ahead (H200: context-parallel passes 5-10% faster); two for
+    a folded chain (its W~ leaves no room for three) and a wide one (three made many short sequences
+    6-11% slower)."""
+    return 3 if chain == CHAIN_NARROW else 2
+
+
 def ws_rows(tokens: int, num_seqs: int) -> int:
     """Workspace rows (chunk slots) needed for `tokens` tokens in `num_seqs` sequences."""
     return tokens // CHUNK + num_seqs + 1
@@ -251,16 +264,20 @@ class GdnPrefillSm90:
         sQK_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, K), io, 2)  # (C, K, 2)
         # Aux: the P, then T tile of each head of the CTA, where q was.
         sTile_layout = sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, pair)
-        # Chain: the workspace tiles of 2 stages as one (C, C, 2 * tiles) array, index tiles * stage + (0: T,
-        # 1: P; folded chains also 2, 3: W~'s column halves).
-        sTP_layouts = {kind: sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io, 2 * ws_tiles(kind))
-                       for kind in (CHAIN_NARROW, CHAIN_WIDE, CHAIN_FOLDED)}
+        # Chain (per kind: chain_stages(kind) stages, chain_wgs(kind) math warpgroups): q and k, (C, K, stages)
+        # each; the workspace tiles as one (C, C, stages * tiles) array, index tiles * stage + (0: T, 1: P;
+        # folded chains also 2, 3: W~'s column halves); its v tiles (the CTA's columns), (C, 64 * wgs, stages).
+        kinds = (CHAIN_NARROW, CHAIN_WIDE, CHAIN_FOLDED)
+        sQKc_layouts = {kind: sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, K), io, chain_stages(kind))
+                        for kind in kinds}
+        sTP_layouts = {kind: sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, C), io,
+                                                           chain_stages(kind) * ws_tiles(kind)) for kind in kinds}
         sTP_layout = sTP_layouts[CHAIN_WIDE]
-        # The chain's v tiles (its CTA's columns): two stages of (C, 64 * wgs), loaded by TMA.
-        sV2_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS * wgs), io, 2)
-                       for wgs in (1, 2)]
+        sV2_layouts = {kind: sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS * chain_wgs(kind)),
+                                                           io, chain_stages(kind)) for kind in kinds}
         # The chain's o tiles, [t, v] per warpgroup (the TMA store's source).
-        sO_layouts = [sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS), io, wgs) for wgs in (1, 2)]
+        sO_layouts = {kind: sm90_utils.make_smem_layout_a(LayoutEnum.ROW_MAJOR, (C, 0, WG_ROWS), io, chain_wgs(kind))
+                      for kind in kinds}
 
         @cute.struct
         class AuxStorage:  # per value head j of the CTA: [..., j]
@@ -275,25 +292,26 @@ class GdnPrefillSm90:
             sRQ: cute.struct.Align[cute.struct.MemRange[Float32, C], 16]
             sSeq: cute.struct.Align[cute.struct.MemRange[Int32, 4], 16]  # n, bos, eos, slot of the row
 
-        # 2 stages of q, k, the workspace tiles and v, and the o tiles at 16-bit io: 122 KiB (one
-        # warpgroup), 154 KiB (one warpgroup, folded) or 146 KiB (two warpgroups).
-        def chain_storage(sV_layout, sO_layout, sTP_layout):
+        # The stages of q, k, the workspace tiles, v and f, and the o tiles at 16-bit io: 179 KiB (narrow,
+        # 3 stages), 154 KiB (folded, 2 stages) or 146 KiB (wide, 2 stages).
+        def chain_storage(kind):
+            stages = chain_stages(kind)
+
             @cute.struct
             class ChainStorage:
-                sQ: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
-                sK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQK_layout)], 1024]
-                sTP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sTP_layout)], 1024]
-                sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV_layout)], 1024]
-                sO: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sO_layout)], 1024]
-                sF: cute.struct.Align[cute.struct.MemRange[Float32, 2 * NUM_FACTORS * C], 128]
-                mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 4], 8]  # per stage: full, empty
+                sQ: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQKc_layouts[kind])], 1024]
+                sK: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sQKc_layouts[kind])], 1024]
+                sTP: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sTP_layouts[kind])], 1024]
+                sV: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sV2_layouts[kind])], 1024]
+                sO: cute.struct.Align[cute.struct.MemRange[io, cute.cosize(sO_layouts[kind])], 1024]
+                sF: cute.struct.Align[cute.struct.MemRange[Float32, stages * NUM_FACTORS * C], 128]
+                mbar: cute.struct.Align[cute.struct.MemRange[cutlass.Int64, 2 * stages], 8]  # full, then empty
             return ChainStorage
 
         assert pair * C * (C + 8) <= cute.cosize(sQK_layout)  # the padded P tiles fit where q and k were
         assert cute.cosize(sTile_layout) * 2 <= cute.cosize(sQK_layout)  # the swizzled ones where q was
         self.aux_storage = AuxStorage
-        self.chain_storage = {kind: chain_storage(sV2_layouts[wgs - 1], sO_layouts[wgs - 1], sTP_layouts[kind])
-                              for kind, wgs in ((CHAIN_NARROW, 1), (CHAIN_WIDE, 2), (CHAIN_FOLDED, 1))}
+        self.chain_storage = {kind: chain_storage(kind) for kind in kinds}
         # wgmma tilings (one warpgroup each): SS products of aux, RS products of the chain.
         mma_ss = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
                                                    (1, 1, 1), (C, C))
@@ -302,13 +320,17 @@ class GdnPrefillSm90:
                                                        Float32, (1, 1, 1), (C, C))
         mma_inv_rs = sm90_utils.make_trivial_tiled_mma(Float16, Float16, OperandMajorMode.K, OperandMajorMode.MN,
                                                        Float32, (1, 1, 1), (C, C), warpgroup.OperandSource.RMEM)
-        # The chain's RS products and its state update, a fresh pair per chain kernel: a TiledMma carries
-        # its ACCUMULATE field, and one set inside a kernel's loop must not reach another kernel's launch.
-        chain_mmas = [(sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K, Float32,
-                                                         (1, 1, 1), (64, C), warpgroup.OperandSource.RMEM),
-                       sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
-                                                         (1, 1, 1), (64, K), warpgroup.OperandSource.RMEM))
-                      for _ in range(5)]
+        # The chain's RS products and its state update, a fresh pair per chain kernel (chain kind, cp pass): a
+        # TiledMma carries its ACCUMULATE field, and one set inside a kernel's loop must not reach another
+        # kernel's launch.
+        chain_mmas = {variant: (sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K,
+                                                                  Float32, (1, 1, 1), (64, C),
+                                                                  warpgroup.OperandSource.RMEM),
+                                sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN,
+                                                                  Float32, (1, 1, 1), (64, K),
+                                                                  warpgroup.OperandSource.RMEM))
+                      for variant in ((CHAIN_WIDE, CP_OFF), (CHAIN_FOLDED, CP_OFF), (CHAIN_NARROW, CP_OFF),
+                                      (CHAIN_NARROW, CP_MAP), (CHAIN_NARROW, CP_PIECES))}
         # Aux W = T diag(f0) K by column halves: register A (T), B an MN-major view of k's [t, k] tile.
         mma_w = sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN, Float32,
                                                   (1, 1, 1), (C, C), warpgroup.OperandSource.RMEM)
@@ -332,7 +354,8 @@ class GdnPrefillSm90:
         # workspace).
         tma_vs = [cpasync.make_tiled_tma_atom(
             tma_op, cute.make_tensor(mV.iterator, cute.select(mV.layout, mode=[1, 3, 2])),
-            cute.select(sV2_layouts[wgs - 1], mode=[0, 1]), (C, WG_ROWS * wgs)) for wgs in (1, 2)]
+            cute.select(sV2_layouts[kind], mode=[0, 1]), (C, WG_ROWS * wgs)) for kind, wgs in ((CHAIN_NARROW, 1),
+                                                                                             (CHAIN_WIDE, 2))]
         tma_f, tma_tensor_f = cpasync.make_tiled_tma_atom(
             tma_op, cute.make_tensor(mWsF.iterator, cute.select(mWsF.layout, mode=[3, 2, 1, 0])),
             cute.make_layout((C, NUM_FACTORS), stride=(1, C)), (C, NUM_FACTORS))
@@ -349,31 +372,33 @@ class GdnPrefillSm90:
                 self.aux_kernel(*aux_args, False).launch(**aux_launch)
         if launch // 2 == 1:  # LAUNCH_CHAIN or LAUNCH_BOTH
             chain_args = (mCuSeqlens, mState, mIndices, mHasInit, mO, mWsFlag, overlap, mProfile, mCp, cp_step, *tma)
-            narrow = (sQK_layout, *tma_vs[0], tma_f, tma_tensor_f, sV2_layouts[0], sTP_layouts[CHAIN_NARROW],
-                      sO_layouts[0], CHAIN_NARROW)
-            narrow_launch = dict(block=(128 + 32, 1, 1), stream=stream, smem=CHAIN_ALONE_SMEM)
+            layouts = {kind: (sQKc_layouts[kind], *tma_vs[chain_wgs(kind) - 1], tma_f, tma_tensor_f,
+                              sV2_layouts[kind], sTP_layouts[kind], sO_layouts[kind], kind) for kind in kinds}
+            narrow = layouts[CHAIN_NARROW]
+            narrow_launches = {kind: dict(block=(128 + 32, 1, 1), stream=stream,
+                                          smem=max(CHAIN_ALONE_SMEM, self.chain_storage[kind].size_in_bytes()))
+                               for kind in (CHAIN_NARROW, CHAIN_FOLDED)}
             # Narrow chains claim more shared memory than an SM has left beside an aux CTA, so that next to
             # a running aux kernel (overlap) the chain CTAs (at most half the SMs) keep their SMs to
             # themselves; one after the other, narrow CTAs number at most one per SM anyway.
             if cp == CP_MAP:
                 # Per piece, value head and 64 rows of [S; I]: the state's V rows, then K identity rows.
-                self.chain_kernel(*chain_args, *chain_mmas[3], *narrow, CP_MAP).launch(
-                    grid=(self.num_v_heads, mCp.shape[0] - 1, (V + K) // WG_ROWS), **narrow_launch)
+                self.chain_kernel(*chain_args, *chain_mmas[CHAIN_NARROW, CP_MAP], *narrow, CP_MAP).launch(
+                    grid=(self.num_v_heads, mCp.shape[0] - 1, (V + K) // WG_ROWS), **narrow_launches[CHAIN_NARROW])
             elif cp == CP_PIECES:
-                self.chain_kernel(*chain_args, *chain_mmas[4], *narrow, CP_PIECES).launch(
-                    grid=(self.num_v_heads, mCp.shape[0], V // WG_ROWS), **narrow_launch)
+                self.chain_kernel(*chain_args, *chain_mmas[CHAIN_NARROW, CP_PIECES], *narrow, CP_PIECES).launch(
+                    grid=(self.num_v_heads, mCp.shape[0], V // WG_ROWS), **narrow_launches[CHAIN_NARROW])
             elif chain == CHAIN_WIDE:
-                self.chain_kernel(*chain_args, *chain_mmas[0], sQK_layout, *tma_vs[1], tma_f, tma_tensor_f,
-                                  sV2_layouts[1], sTP_layouts[CHAIN_WIDE], sO_layouts[1], CHAIN_WIDE, CP_OFF).launch(
+                self.chain_kernel(*chain_args, *chain_mmas[CHAIN_WIDE, CP_OFF], *layouts[CHAIN_WIDE], CP_OFF).launch(
                     grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(3 * 128, 1, 1),
                     stream=stream)
             elif chain == CHAIN_FOLDED:
-                self.chain_kernel(*chain_args, *chain_mmas[1], sQK_layout, *tma_vs[0], tma_f, tma_tensor_f,
-                                  sV2_layouts[0], sTP_layouts[CHAIN_FOLDED], sO_layouts[0], CHAIN_FOLDED,
-                                  CP_OFF).launch(grid=(self.num_v_heads, num_seqs, V // WG_ROWS), **narrow_launch)
+                self.chain_kernel(*chain_args, *chain_mmas[CHAIN_FOLDED, CP_OFF], *layouts[CHAIN_FOLDED],
+                                  CP_OFF).launch(grid=(self.num_v_heads, num_seqs, V // WG_ROWS),
+                                                 **narrow_launches[CHAIN_FOLDED])
             else:
-                self.chain_kernel(*chain_args, *chain_mmas[2], *narrow, CP_OFF).launch(
-                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), **narrow_launch)
+                self.chain_kernel(*chain_args, *chain_mmas[CHAIN_NARROW, CP_OFF], *narrow, CP_OFF).launch(
+                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), **narrow_launches[CHAIN_NARROW])
 
     # ================================ aux: one chunk, all of it off the state ================================
 
@@ -731,8 +756,9 @@ class GdnPrefillSm90:
         and, when overlapped, for the chunk's flag, then arms the stage's `full` mbarrier with the byte
         count. The math warpgroups wait on `full`; each synchronizes only within itself (named barrier
         BAR_WG + wg) and stores its own o tile, so a wide CTA's two warpgroups drift apart freely (they
-        meet only at a sequence's partial last chunk, BAR_MATH). kind: CHAIN_WIDE has two math warpgroups, the others one; CHAIN_FOLDED runs
-        state_chain_folded, the others state_chain.
+        meet only at a sequence's partial last chunk, BAR_MATH). kind: CHAIN_WIDE has two math warpgroups,
+        the others one; CHAIN_FOLDED runs state_chain_folded, the others state_chain; chain_stages(kind)
+        stages.
 
         cp (context parallelism, narrow chains; n is a piece of the one sequence, whose slot and
         has_initial_state are the call's first): CP_MAP computes piece n's affine map S_end = S_start M + B
@@ -742,7 +768,8 @@ class GdnPrefillSm90:
         CP_PIECES runs every piece with its output from its start (piece 0 the pool's, piece n > 0
         mCp[n, :, :V]); only the last piece writes the pool."""
         C, K = CHUNK, self.K
-        wgs = 2 if kind == CHAIN_WIDE else 1
+        wgs = chain_wgs(kind)
+        stages = chain_stages(kind)
         fold = kind == CHAIN_FOLDED
         math_threads = 128 * wgs
         tiles = ws_tiles(kind)
@@ -791,14 +818,14 @@ class GdnPrefillSm90:
         sVs = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
         sTPs = storage.sTP.get_tensor(sTP_layout.outer, swizzle=sTP_layout.inner)
         sOs = storage.sO.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)
-        sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, 2), stride=(C, 1, NUM_FACTORS * C)))
-        sF_tma = storage.sF.get_tensor(cute.make_layout((C, NUM_FACTORS, 2), stride=(1, C, NUM_FACTORS * C)))
+        sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, stages), stride=(C, 1, NUM_FACTORS * C)))
+        sF_tma = storage.sF.get_tensor(cute.make_layout((C, NUM_FACTORS, stages), stride=(1, C, NUM_FACTORS * C)))
         full = storage.mbar.data_ptr()
-        empty = full + 2
+        empty = full + stages
         if tidx == 0:
             for d in (tma_q, tma_k, tma_tp, tma_o, tma_v, tma_f):
                 cpasync.prefetch_descriptor(d)
-            for st in cutlass.range_constexpr(2):
+            for st in cutlass.range_constexpr(stages):
                 cute.arch.mbarrier_init(full + st, 1)
                 cute.arch.mbarrier_init(empty + st, math_threads)
         cute.arch.mbarrier_init_fence()
@@ -818,8 +845,8 @@ class GdnPrefillSm90:
             if active:
                 self.produce_chunks(tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_v,
                                     tma_tensor_v, tma_f, tma_tensor_f, sQs, sKs, sTPs, sVs, sF_tma, full, empty,
-                                    mWsFlag, overlap, bos, ws_row0, num_chunks, hv, hk, z, tiles, wgs, outputs,
-                                    load_v, tidx % 32)
+                                    mWsFlag, overlap, bos, ws_row0, num_chunks, hv, hk, z, tiles, wgs, stages,
+                                    outputs, load_v, tidx % 32)
         if warp < 4 * wgs:
             if cutlass.const_expr(wgs == 2):
                 cute.arch.warpgroup_reg_alloc(224)
@@ -839,12 +866,12 @@ class GdnPrefillSm90:
                 prof.fill(0)
                 stamp = cute.arch.globaltimer()
                 for c in cutlass.range(num_chunks, unroll=1):
-                    stage = c % 2
+                    stage = c % stages
                     tok0 = bos + c * C
                     valid = eos - tok0
                     if valid > C:
                         valid = C
-                    cute.arch.mbarrier_wait(full + stage, (c // 2) % 2)
+                    cute.arch.mbarrier_wait(full + stage, (c // stages) % 2)
                     if valid < C:
                         # k rows past the sequence end hold the next sequence's tokens (or TMA zeros). (The
                         # one barrier of both math warpgroups: a sequence's last chunk.)
@@ -907,9 +934,9 @@ class GdnPrefillSm90:
     def produce_chunks(self, tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_v, tma_tensor_v,
                        tma_f, tma_tensor_f, sQs, sKs, sTPs, sVs, sF_tma, full, empty, mWsFlag, overlap, bos, ws_row0,
                        num_chunks, hv, hk, z, tiles: cutlass.Constexpr, wgs: cutlass.Constexpr,
-                       outputs: cutlass.Constexpr, load_v, lane):
-        """The chain's producer warp: every chunk's loads into stage c % 2, once the math warpgroups have
-        released the stage (chunk c - 2) and, when overlapped, the aux kernel has flagged the chunk.
+                       stages: cutlass.Constexpr, outputs: cutlass.Constexpr, load_v, lane):
+        """The chain's producer warp: every chunk's loads into stage c % stages, once the math warpgroups
+        have released the stage (chunk c - stages) and, when overlapped, the aux kernel has flagged the chunk.
         Without outputs (CP_MAP) it loads no q and no P; without load_v, no v."""
         C, K = CHUNK, self.K
         gQ = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_q)[None, None, hk], (C, K), (None, 0))
@@ -930,10 +957,10 @@ class GdnPrefillSm90:
         if load_v:
             v_bytes = C * WG_ROWS * wgs * io_bytes
         for c in cutlass.range(num_chunks, unroll=1):
-            stage = c % 2
+            stage = c % stages
             ws_row = ws_row0 + c
-            if c >= 2:
-                cute.arch.mbarrier_wait(empty + stage, (c // 2 - 1) % 2)
+            if c >= stages:
+                cute.arch.mbarrier_wait(empty + stage, (c // stages - 1) % 2)
             if overlap != 0:
                 if lane == 0:
                     wait_flag(flag_ptr(mWsFlag, ws_row, hv))
