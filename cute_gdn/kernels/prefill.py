@@ -24,7 +24,7 @@ Two kernels in one compiled function, which launches either or both (`launch`):
      O  = f1_t O1 + U P^T                                    -> o[t, v]
      S  = f3 S + (U f2_s) K                                  [v, k]
    which is reference.chunk_gated_delta_rule transposed (U is that function's `residual`); f1_t O1 and
-   f3 S are formed while U's wgmma runs. The chunk's q, k, T, P, v and f are double-buffered (see
+   f3 S are formed while U's wgmma runs. The chunk's q, k, T, P, v and f are loaded in stages (see
    the producer warp below); v^T is read into registers by transposed ldmatrix. o goes through
    the warpgroup's own shared tile (stmatrix) to global memory by TMA store (row by row for a
    sequence's partial last chunk). Narrow CTAs (one warpgroup) double the CTAs for calls too small to
@@ -83,7 +83,7 @@ AUX_WG_THREADS = 128  # aux: one warpgroup per value head of the CTA
 WG_ROWS = 64  # chain: each warpgroup owns 64 value rows of the state; a CTA has 1 or 2 warpgroups
 SUPPORTED_HEAD_DIM = 128
 AUX_CTAS_PER_SM = {1: 4, 2: 3}  # by value heads per aux CTA: registers capped for it (80 a thread at 2)
-# A narrow chain CTA asks for this much shared memory (it uses 122 or 154 KiB): more than 228 KiB minus
+# A narrow chain CTA asks for at least this much shared memory (it uses 179 KiB, folded 154): more than 228 KiB minus
 # an aux CTA's 75 KiB, so no aux CTA shares its SM.
 CHAIN_ALONE_SMEM = 160 * 1024
 CP_MIN_CHUNKS = 16  # context parallelism: chunks per piece at least (see cp_pieces)
@@ -751,7 +751,7 @@ class GdnPrefillSm90:
         """CTA (hv, n, z): value rows z * 64 * wgs .. (z + 1) * 64 * wgs of sequence n's state, 64 per math
         warpgroup (warps 0 .. 4 wgs - 1), and a producer warp (warp 4 wgs; with two math warpgroups, the
         first warp of a producer warpgroup, for setmaxnreg) that loads every chunk's q, k,
-        workspace tiles (T, P, and W~ when folded), v and f by TMA into two stages: it waits for a
+        workspace tiles (T, P, and W~ when folded), v and f by TMA into chain_stages stages: it waits for a
         stage's `empty` mbarrier (one arrival per math thread once its chunk is done with the stage)
         and, when overlapped, for the chunk's flag, then arms the stage's `full` mbarrier with the byte
         count. The math warpgroups wait on `full`; each synchronizes only within itself (named barrier
