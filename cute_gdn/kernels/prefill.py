@@ -882,13 +882,12 @@ class GdnPrefillSm90:
                     if cutlass.const_expr(fold):
                         self.state_chain_folded(mma_rs, mma_state, acc_S, sQs[None, None, stage],
                                                 sKs[None, None, stage], sVs[None, None, stage],
-                                                sTPs[None, None, 4 * stage], sTPs[None, None, 4 * stage + 1],
-                                                sTPs[None, None, 4 * stage + 2], sTPs[None, None, 4 * stage + 3],
+                                                *(sTPs[None, None, tiles * stage + i] for i in range(4)),
                                                 sOs[None, None, 0], sFs[None, None, stage], tidx)
                     else:
                         self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage],
-                                         sVs[None, None, stage], sTPs[None, None, 2 * stage],
-                                         sTPs[None, None, 2 * stage + 1], sOs[None, None, wg],
+                                         sVs[None, None, stage], sTPs[None, None, tiles * stage],
+                                         sTPs[None, None, tiles * stage + 1], sOs[None, None, wg],
                                          sFs[None, None, stage], wg, wgs, tidx, outputs)
                     cute.arch.mbarrier_arrive(empty + stage)  # this thread is done with the stage
                     if cutlass.const_expr(outputs):
