@@ -7,24 +7,29 @@ The fingerprint covers the kernel sources, Python, cutlass-dsl and tvm-ffi versi
 so a stale object is never loaded. `load_module` unpickles metadata stored in the object: only
 objects this module wrote into the project's cache directory are ever loaded.
 
-Compiles run in spawned processes with CUTE_DSL_ARCH=sm_90a set before cutlass is imported
+Compiles run in worker processes (fresh interpreters running `cute_gdn._compile_worker`, which never
+re-import the caller's `__main__`) with CUTE_DSL_ARCH=sm_90a set before cutlass is imported
 (`cute.compile` holds the GIL and is not thread-safe), write to a temp file and `os.replace` it
 under a per-key file lock, so parallel processes (precompile workers, several serving ranks) are safe.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import fcntl
 import hashlib
 import importlib
 import json
-import multiprocessing
 import os
+import pickle
 import platform
+import queue
+import subprocess
 import sys
+import tempfile
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from functools import lru_cache
 from importlib import metadata
@@ -127,7 +132,7 @@ def _compile_fn(op: str) -> Callable:
 def compile_to_disk(key: KernelKey, cache_dir: str) -> tuple[str, float]:
     """Compile `key` into `cache_dir` unless it is there already. Returns ("hit" | "compiled", seconds).
 
-    Runs in a spawned worker: CUTE_DSL_ARCH must be set before cutlass is first imported.
+    Runs in a compile worker: CUTE_DSL_ARCH must be set before cutlass is first imported.
     """
     os.environ.setdefault("CUTE_DSL_ARCH", ARCH)
     t0 = time.perf_counter()
@@ -149,47 +154,134 @@ def compile_to_disk(key: KernelKey, cache_dir: str) -> tuple[str, float]:
     return "compiled", time.perf_counter() - t0
 
 
-def _compile_worker(key: KernelKey, cache_dir: str) -> tuple[str, float, Optional[str]]:
+class KernelCompileError(RuntimeError):
+    """A kernel failed to compile. `key` names it; the message carries the compiler's own message."""
+
+    def __init__(self, key: KernelKey, message: str):
+        super().__init__(f"compiling {key.op} ({key.describe()}) failed: {message}")
+        self.key = key
+        self.compiler_message = message
+
+
+def check_cache_dir(cache_dir: str | os.PathLike) -> Path:
+    """The cache's directory for this fingerprint, created; raises ValueError (once, before any compile)
+    if it cannot be created or written, naming the path and the reason."""
+    directory = Path(cache_dir) / fingerprint()
     try:
-        status, seconds = compile_to_disk(key, cache_dir)
-        return status, seconds, None
-    except Exception as e:  # reported per key by the caller, which decides the exit status
-        return "failed", 0.0, f"{type(e).__name__}: {e}"
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cache dir {cache_dir} is not a writable directory: {e.strerror or e}") from None
+    return directory
+
+
+def _worker_command() -> tuple[list[str], dict]:
+    """A fresh interpreter running cute_gdn._compile_worker: unlike multiprocessing's spawn it never
+    re-imports the caller's __main__, so a script without a main guard, a notebook or an exec'd string
+    can compile. CUTE_DSL_ARCH is set before the worker imports cutlass."""
+    env = {**os.environ, "CUTE_DSL_ARCH": ARCH, "PYTHONUNBUFFERED": "1"}
+    root = str(_PKG_DIR.parent)  # the worker imports this very copy of cute_gdn
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return [sys.executable, "-m", "cute_gdn._compile_worker"], env
+
+
+class _Worker:
+    """One compile worker process; keys go in on its stdin, results come back on its stdout, one line
+    each (base64 pickles). Its stderr (compiler warnings) goes to a temp file, read back when it dies."""
+
+    def __init__(self):
+        cmd, env = _worker_command()
+        self.log = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, close_fds=True)
+
+    def compile(self, key: KernelKey, cache_dir: str) -> tuple[str, float, Optional[str]]:
+        try:
+            self.proc.stdin.write(base64.b64encode(pickle.dumps((key, cache_dir))) + b"\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+        except (BrokenPipeError, OSError):
+            line = b""
+        if not line:
+            return "failed", 0.0, f"the compile worker died (exit status {self.proc.wait()}): {self.stderr_tail()}"
+        return pickle.loads(base64.b64decode(line))
+
+    def stderr_tail(self, chars: int = 2000) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-chars:].strip() or "no output"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
 
 
 def compile_many(keys: Iterable[KernelKey], cache_dir: str | os.PathLike, jobs: int = 1,
                  on_result: Optional[Callable] = None) -> list[tuple[KernelKey, str, float, Optional[str]]]:
-    """Compile keys in `jobs` spawned processes. on_result(key, status, seconds, error) per finished key."""
+    """Compile keys in up to `jobs` worker processes (fresh interpreters), in parallel.
+
+    Returns (key, "hit" | "compiled" | "failed", seconds, error or None) in the order of `keys`;
+    on_result(key, status, seconds, error) is called in this thread as each key finishes. The cache dir
+    is checked once, up front (ValueError).
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     keys = list(keys)
-    results = []
-    directory = Path(cache_dir) / fingerprint()
+    directory = check_cache_dir(cache_dir)
+    done: list = [None] * len(keys)
     missing = []
-    for key in keys:  # hits need no worker process
+    for i, key in enumerate(keys):  # hits need no worker process
         if (directory / f"{key.name}.o").exists():
-            results.append((key, "hit", 0.0, None))
+            done[i] = (key, "hit", 0.0, None)
             if on_result is not None:
-                on_result(key, "hit", 0.0, None)
+                on_result(*done[i])
         else:
-            missing.append(key)
-    if not missing:
-        return results
-    env_before = os.environ.get("CUTE_DSL_ARCH")
-    os.environ["CUTE_DSL_ARCH"] = ARCH  # inherited by the spawned workers
-    try:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(missing))), mp_context=ctx) as pool:
-            futures = [(key, pool.submit(_compile_worker, key, str(cache_dir))) for key in missing]
-            for key, fut in futures:
-                status, seconds, err = fut.result()
-                results.append((key, status, seconds, err))
+            missing.append(i)
+    if missing:
+        todo: queue.Queue = queue.Queue()
+        for i in missing:
+            todo.put(i)
+        finished: queue.Queue = queue.Queue()
+        workers: list[_Worker] = []
+
+        def serve() -> None:
+            worker = None
+            while True:
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    break
+                if worker is None or not worker.alive:  # a crashed worker is replaced for the next key
+                    worker = _Worker()
+                    workers.append(worker)
+                finished.put((i, *worker.compile(keys[i], str(cache_dir))))
+
+        threads = [threading.Thread(target=serve, daemon=True) for _ in range(min(jobs, len(missing)))]
+        try:
+            for t in threads:
+                t.start()
+            for _ in missing:
+                i, *result = finished.get()
+                done[i] = (keys[i], *result)
                 if on_result is not None:
-                    on_result(key, status, seconds, err)
-    finally:
-        if env_before is None:
-            os.environ.pop("CUTE_DSL_ARCH", None)
-        else:
-            os.environ["CUTE_DSL_ARCH"] = env_before
-    return results
+                    on_result(*done[i])
+        finally:
+            while not todo.empty():  # interrupted: leave the remaining keys, stop the workers
+                todo.get_nowait()
+            for worker in list(workers):
+                worker.close()
+    return done
 
 
 class KernelCache:
@@ -202,7 +294,7 @@ class KernelCache:
         # launch (its loaded kernels), so an eager call does not rebuild its KernelKeys.
         self.by_signature: dict[tuple, Any] = {}
         self._modules: list[Any] = []  # keep the JIT engines alive
-        self.compiles = 0   # kernels this process compiled (through spawned workers)
+        self.compiles = 0   # kernels this process compiled (through its worker processes)
         self.loads = 0      # objects this process loaded from disk
 
     def path(self, key: KernelKey) -> Path:
@@ -229,10 +321,11 @@ class KernelCache:
         missing = [k for k in dict.fromkeys(keys) if not self.on_disk(k)]
         if not missing:
             return
-        for key, status, _, err in compile_many(missing, self.cache_dir, jobs):
+        results = compile_many(missing, self.cache_dir, jobs)
+        self.compiles += sum(status == "compiled" for _, status, _, _ in results)
+        for key, status, _, err in results:
             if status == "failed":
-                raise RuntimeError(f"compiling {key.op} ({key.describe()}) failed: {err}")
-            self.compiles += status == "compiled"
+                raise KernelCompileError(key, err)
 
     def _load(self, key: KernelKey):
         from cutlass.cute.runtime import load_module

@@ -21,6 +21,9 @@ from .cache import KernelCache, KernelKey
 # (it follows the checkpoint), or gates they computed themselves.
 GATE_VARIANTS = (("raw", "float32"), ("raw", "bfloat16"), ("precomputed", None))
 
+# Verify compiles T = 1..cache_steps; its kernels hold at most this many tokens per sequence.
+MAX_CACHE_STEPS = ops.MAX_TOKENS
+
 
 def config_keys(num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, *, pool_size: int,
                 cache_steps: int = 0, state_dtype: str = "float32", io_dtype: str = "bfloat16",
@@ -74,10 +77,6 @@ class GDNKernels:
             raise TypeError(f"state_dtype must be one of {list(chk.STATE_DTYPES)}, got {state_dtype}")
         if io_dtype not in chk.IO_DTYPES:
             raise TypeError(f"io_dtype must be one of {list(chk.IO_DTYPES)}, got {io_dtype}")
-        if pool_size < 1:
-            raise ValueError(f"pool_size must be >= 1, got {pool_size}")
-        if cache_steps < 0:
-            raise ValueError(f"cache_steps must be >= 0, got {cache_steps}")
         self.num_heads, self.num_v_heads = num_heads, num_v_heads
         self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
         self.pool_size, self.cache_steps = pool_size, cache_steps

@@ -99,3 +99,62 @@ def test_device_vectors_grow_memoize_and_stay_out_of_captures():
     capturing[0] = False
     assert vecs.get(400, cpu).shape == (400,) and made == [256, 300, 500, 400]
     assert len(vecs._keep) == 3  # 256, 300 and 400 stay alive; the capture-time one was not memoized
+
+
+def test_script_without_main_guard_and_exec_compile_and_load(tmp_path):
+    """A plain script with no `if __name__ == "__main__":` guard, and the same code exec'd from a
+    string as a notebook cell runs it, compile and load a kernel: the compile workers are fresh
+    interpreters that never re-import the caller's __main__ (multiprocessing's spawn did, and died with
+    BrokenProcessPool)."""
+    body = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from cute_gdn.cache import KernelCache
+        from tests.test_cache import small_key
+        cache = KernelCache(sys.argv[1])
+        fn = cache.get(small_key(pool_size=CUTE_GDN_POOL))
+        print("compiled", cache.compiles, "loaded", cache.loads, callable(fn))
+        """)
+    script = tmp_path / "no_guard.py"
+    script.write_text(body.replace("CUTE_GDN_POOL", "7"))
+    env = {k: v for k, v in os.environ.items() if k not in ("CUTE_DSL_ARCH", "PYTHONPATH")}
+    r = subprocess.run([sys.executable, str(script), str(tmp_path / "a")], capture_output=True, text=True,
+                       env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compiled 1 loaded 1 True" in r.stdout
+    cell = f"import sys; sys.argv = ['cell', {str(tmp_path / 'b')!r}]; exec({body.replace('CUTE_GDN_POOL', '7')!r})"
+    r = subprocess.run([sys.executable, "-c", cell], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compiled 1 loaded 1 True" in r.stdout
+
+
+def test_failed_compile_names_the_key_and_carries_the_compiler_message(tmp_path):
+    from cute_gdn.cache import KernelCompileError
+    from cute_gdn.ops import verify_key
+
+    bad = verify_key(io_dtype="bfloat16", state_dtype="float32", num_heads=2, num_v_heads=4, head_k_dim=64,
+                     head_v_dim=64, pool_size=4, num_tokens=2, cache_steps=99, gate_mode="precomputed",
+                     dt_bias_dtype=None, use_qk_l2norm=True)
+    cache = KernelCache(tmp_path)
+    with pytest.raises(KernelCompileError) as info:
+        cache.compile([bad])
+    assert info.value.key == bad
+    assert "verify" in str(info.value) and "steps=99" in str(info.value)
+    assert "cache_steps" in info.value.compiler_message  # the compile function's own ValueError text
+    assert not cache.on_disk(bad)
+
+
+@pytest.mark.parametrize("problem", ["a file", "below a file"])
+def test_unusable_cache_dir_is_reported_once_before_compiling(tmp_path, problem):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    target = blocker if problem == "a file" else blocker / "cache"
+    with pytest.raises(ValueError, match="cache dir .* is not a writable directory") as info:
+        compile_many([small_key(), small_key(pool_size=5)], target, jobs=2)
+    assert str(target) in str(info.value)
+
+
+def test_compile_many_rejects_bad_jobs(tmp_path):
+    for jobs in (0, -3, 1.5, True):
+        with pytest.raises(ValueError, match="jobs must be an int >= 1"):
+            compile_many([small_key()], tmp_path, jobs=jobs)

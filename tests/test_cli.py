@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cute_gdn.precompile.cli import build_parser, resolve_shape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +25,7 @@ def cli(*args, cache_dir):
 def test_cli_builds_then_hits_then_warmup_loads_without_compiling(tmp_path):
     first = cli(*SMALL, cache_dir=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
+    assert first.stderr == "", first.stderr  # no warning, from this process or its compile workers
     assert "H=2 HV=4 K=V=64 pool_size=8 cache_steps=2" in first.stdout
     assert f"0 hit, {KERNELS} compiled, 0 failed" in first.stdout
     assert first.stdout.count(" verify ") >= 12 and first.stdout.count(" commit ") >= 2
@@ -82,3 +85,61 @@ def test_bad_tp_is_a_usage_error():
 
 def test_help_names_the_default_config():
     assert "qwen3-next-80b --tp 1 --pool-size 512" in build_parser().format_help()
+
+
+BAD_ARGS = [
+    (["--cache-steps", "99"], "--cache-steps must be in 0..16, got 99"),
+    (["--cache-steps", "-1"], "--cache-steps must be in 0..16, got -1"),
+    (["--jobs", "-3"], "--jobs must be >= 1, got -3"),
+    (["--jobs", "0"], "--jobs must be >= 1, got 0"),
+    (["--pool-size", "0"], "--pool-size must be >= 1, got 0"),
+    (["--tp", "3"], "--tp 3 must divide num_heads 16"),
+    (["--num-heads", "3", "--num-v-heads", "4", "--head-dim", "64"], "must be a multiple of --num-heads 3"),
+    (["--num-heads", "2", "--num-v-heads", "4", "--head-dim", "300"], "head_k_dim must be a multiple of 16"),
+    (["--num-heads", "2", "--num-v-heads", "4"], "go together"),
+    (["--model", "qwen3-next-80b", "--head-dim", "64"], "not both"),
+    (["--jobs", "x"], "invalid int value: 'x'"),
+    (["--state-dtype", "float16"], "invalid choice: 'float16'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", BAD_ARGS, ids=[" ".join(a) for a, _ in BAD_ARGS])
+def test_bad_arguments_exit_2_with_one_line_before_compiling(tmp_path, monkeypatch, capsys, argv, message):
+    import cute_gdn.precompile.cli as cli_module
+
+    def _forbidden(*a, **k):
+        raise AssertionError("compile_many was called")
+
+    monkeypatch.setattr(cli_module, "compile_many", _forbidden)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main([*argv, "--cache-dir", str(tmp_path / "cache")])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cute-gdn-precompile: error: ") and message in lines[0], err
+    assert not list(tmp_path.rglob("*.o"))
+
+
+@pytest.mark.parametrize("problem", ["a file", "below a file"])
+def test_unusable_cache_dir_exits_2_once_up_front(tmp_path, monkeypatch, capsys, problem):
+    import cute_gdn.precompile.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "compile_many", lambda *a, **k: pytest.fail("compile_many was called"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    target = blocker if problem == "a file" else blocker / "cache"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main(["--cache-dir", str(target)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cache dir {target} is not a writable directory" in err[0]
+
+
+def test_help_carries_no_warning():
+    """--help prints no warning (torch's "Failed to initialize NumPy" was printed by every process
+    when numpy was missing; a real run is checked in the first test)."""
+    r = subprocess.run([sys.executable, "-m", "cute_gdn.precompile", "--help"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "--cache-steps" in r.stdout and "Exit status" in r.stdout

@@ -81,10 +81,10 @@ class DecodeConfig:
         if large_batch and head_k_dim % (vec * 16) == 0 and head_v_dim % 64 == 0:
             return cls(threads_per_row=16, rows_per_pass=8, rows_per_thread=8, smem_staging=True)
         tpr = 8
-        while head_k_dim % (vec * tpr) != 0:
+        while tpr > 1 and head_k_dim % (vec * tpr) != 0:
             tpr //= 2
         rows_per_thread = 2
-        while head_v_dim % (16 * rows_per_thread) != 0:
+        while rows_per_thread > 1 and head_v_dim % (16 * rows_per_thread) != 0:
             rows_per_thread //= 2
         return cls(threads_per_row=tpr, rows_per_pass=16, rows_per_thread=rows_per_thread,
                    smem_staging=state_dtype == "bfloat16")

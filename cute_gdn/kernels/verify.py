@@ -73,10 +73,10 @@ class VerifyConfig:
             if head_k_dim % (vec * 16) == 0 and head_v_dim % (large.rows_per_pass * large.rows_per_thread) == 0:
                 return large
         tpr = 8
-        while head_k_dim % (vec * tpr) != 0:
+        while tpr > 1 and head_k_dim % (vec * tpr) != 0:
             tpr //= 2
         rows_per_thread = 2
-        while head_v_dim % (16 * rows_per_thread) != 0:
+        while rows_per_thread > 1 and head_v_dim % (16 * rows_per_thread) != 0:
             rows_per_thread //= 2
         return cls(threads_per_row=tpr, rows_per_pass=16, rows_per_thread=rows_per_thread)
 

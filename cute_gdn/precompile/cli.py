@@ -1,7 +1,9 @@
 """cute-gdn-precompile: compile a serving config's whole kernel set into the disk cache.
 
-Runs with or without a GPU (kernels target sm_90a; compiles run in spawned processes). A second
-run of the same config reports only hits. Exit status 1 if any kernel failed, 2 on bad arguments.
+Runs with or without a GPU (kernels target sm_90a; compiles run in parallel worker processes). A
+second run of the same config reports only hits. Every argument, the whole kernel set and the cache dir
+are checked before anything compiles. Exit status 0 on success, 1 if any kernel failed to compile, 2 on
+bad arguments (one line on stderr).
 """
 
 from __future__ import annotations
@@ -11,13 +13,21 @@ import os
 import sys
 import time
 
-from ..cache import compile_many, default_cache_dir, fingerprint
-from ..serving import config_keys
+from ..cache import check_cache_dir, compile_many, default_cache_dir, fingerprint
+from ..ops import can_implement_key
+from ..serving import MAX_CACHE_STEPS, config_keys
 from .presets import DEFAULT_MODEL, DEFAULT_POOL_SIZE, MODELS
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments exit 2 with one line, `cute-gdn-precompile: error: ...`, not argparse's usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="cute-gdn-precompile",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,14 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool-size", type=int, default=DEFAULT_POOL_SIZE,
                    help="state pool slots, as the engine allocates them (compile-time)")
     p.add_argument("--cache-steps", type=int, default=0,
-                   help="MTP verify steps = the engine's draft tokens per sequence (compile-time); > 0 also "
-                        "builds verify for T = 1..N and commit (default 0: decode only)")
+                   help=f"MTP verify steps = the engine's draft tokens per sequence, 0..{MAX_CACHE_STEPS} "
+                        "(compile-time); > 0 also builds verify for T = 1..N and commit (default 0: no verify)")
     p.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--io-dtype", choices=("bfloat16", "float16"), default="bfloat16")
     p.add_argument("--no-qk-l2norm", action="store_true", help="the model does not L2-normalize q and k")
     p.add_argument("--cache-dir", default=None,
                    help="default: $CUTE_GDN_CACHE_DIR or ~/.cache/cute_gdn")
-    p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="parallel compile processes, >= 1 (default: CPU count, at most one per kernel)")
     return p
 
 
@@ -50,31 +61,50 @@ def resolve_shape(args, parser) -> tuple[int, int, int]:
             parser.error("give either --model or --num-heads/--num-v-heads/--head-dim, not both")
         if any(x is None for x in explicit):
             parser.error("--num-heads, --num-v-heads and --head-dim go together")
+        for flag, value in zip(("--num-heads", "--num-v-heads", "--head-dim"), explicit):
+            if value < 1:
+                parser.error(f"{flag} must be >= 1, got {value}")
         heads, v_heads, dim = explicit
     else:
         preset = MODELS[args.model or DEFAULT_MODEL]
         heads, v_heads, dim = preset.num_heads, preset.num_v_heads, preset.head_dim
     if args.tp < 1 or heads % args.tp or v_heads % args.tp:
         parser.error(f"--tp {args.tp} must divide num_heads {heads} and num_v_heads {v_heads}")
+    if v_heads % heads:
+        parser.error(f"--num-v-heads {v_heads} must be a multiple of --num-heads {heads}")
     return heads // args.tp, v_heads // args.tp, dim
+
+
+def check_args(args, parser) -> tuple[int, int, int, list, str, int]:
+    """Every check before anything compiles: (heads, v_heads, dim, keys, cache dir, jobs), or exit 2."""
+    heads, v_heads, dim = resolve_shape(args, parser)
+    if args.pool_size < 1:
+        parser.error(f"--pool-size must be >= 1, got {args.pool_size}")
+    if not 0 <= args.cache_steps <= MAX_CACHE_STEPS:
+        parser.error(f"--cache-steps must be in 0..{MAX_CACHE_STEPS}, got {args.cache_steps}")
+    if args.jobs is not None and args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    try:
+        keys = config_keys(heads, v_heads, dim, dim, pool_size=args.pool_size, cache_steps=args.cache_steps,
+                           state_dtype=args.state_dtype, io_dtype=args.io_dtype,
+                           use_qk_l2norm=not args.no_qk_l2norm)
+        for key in keys:
+            can_implement_key(key)
+    except ValueError as e:
+        parser.error(str(e))
+    cache_dir = args.cache_dir or str(default_cache_dir())
+    try:
+        check_cache_dir(cache_dir)
+    except ValueError as e:
+        parser.error(f"--cache-dir: {e}")
+    jobs = args.jobs or min(len(keys), os.cpu_count() or 1)
+    return heads, v_heads, dim, keys, cache_dir, jobs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    heads, v_heads, dim = resolve_shape(args, parser)
-    if args.pool_size < 1:
-        parser.error("--pool-size must be >= 1")
-    if args.cache_steps < 0:
-        parser.error("--cache-steps must be >= 0")
-    cache_dir = args.cache_dir or str(default_cache_dir())
-    try:
-        keys = config_keys(heads, v_heads, dim, dim, pool_size=args.pool_size, cache_steps=args.cache_steps,
-                           state_dtype=args.state_dtype, io_dtype=args.io_dtype,
-                           use_qk_l2norm=not args.no_qk_l2norm)
-    except ValueError as e:
-        parser.error(str(e))
-    jobs = args.jobs or min(len(keys), os.cpu_count() or 1)
+    heads, v_heads, dim, keys, cache_dir, jobs = check_args(args, parser)
     print(f"cute-gdn-precompile: H={heads} HV={v_heads} K=V={dim} pool_size={args.pool_size} "
           f"cache_steps={args.cache_steps} "
           f"state={args.state_dtype} io={args.io_dtype} qk_l2norm={not args.no_qk_l2norm} (per rank, tp={args.tp})")
