@@ -1,25 +1,62 @@
-"""Plot a bench JSON (bench/results/<op>_<gpu>.json) to a PNG next to it, and print its README table.
+"""Plot a bench JSON (bench/results/<op>_<gpu>.json) to a PNG next to it, and print its markdown tables
+(the full tables of docs/benchmarks.md).
 
     python bench/plot.py bench/results/decode_H200.json
     python bench/plot.py bench/results/verify_H200.json    # verify (per T) and commit
     python bench/plot.py bench/results/prefill_<gpu>.json  # prefill: us and TFLOP/s per shape
+    python bench/plot.py --tables FILE...                  # tables only: no PNG, no matplotlib needed
+    python bench/plot.py --summary FILE...                 # the README's short tables (a few rows per op)
+
+Every table goes through `md_table`, which writes the header row once; the tables are pasted into the
+docs as printed, with no header of their own above them (that is how a second header row, rendered as
+a data row, once got into the README).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+# Display names for the JSON's impl and state strings, so that pasted tables need no hand-edited header.
+IMPL_NAMES = {"cute_gdn": "cute_gdn", "flashinfer": "FlashInfer", "fla": "FLA", "torch indexing": "torch indexing",
+              "cute_gdn commit_layers L=8": "commit_layers, 8 layers", "cute_gdn commit x8": "8 × commit"}
+STATE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+
+def _pyplot():
+    """matplotlib only for the PNGs: the tables print without it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Markdown lines: the header row, its separator, then the data rows. The header is written here and
+    only here; a data row equal to it (a pasted second header) is an error."""
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"row {row} has {len(row)} cells, the header {len(header)}")
+        if [c.strip() for c in row] == [c.strip() for c in header]:
+            raise ValueError(f"data row repeats the header: {row}")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _cell(r: dict | None) -> str:
+    """Microseconds (% of copy bandwidth) of one bench row, or empty where the row was not measured."""
+    return f"{r['us']:.1f} ({r['pct_bw']:.0f}%)" if r else ""
 
 
 def decode_table(data: dict) -> str:
-    """Markdown table: us (% of copy bandwidth) per B, one column per implementation and state dtype."""
+    """Markdown tables: us (% of copy bandwidth) per B, one column per implementation and state dtype, per
+    head config; then the eager calls at B = 1 against graph replay."""
     rows = [r for r in data["rows"] if "[" not in r["impl"] and "eager" not in r["impl"] and "us" in r]
     cols = []
     for r in rows:
@@ -27,20 +64,30 @@ def decode_table(data: dict) -> str:
         if c not in cols:
             cols.append(c)
     out = []
+    order = {"permuted": "slots permuted", "sequential": "slots in order"}.get(data.get("order"), "")
     for H, HV in sorted({(r["H"], r["HV"]) for r in rows}, reverse=True):
-        out.append(f"\nH = {H}, HV = {HV}: microseconds (% of copy bandwidth)\n")
-        out.append("| B | " + " | ".join(f"{i} {s}" for i, s in cols) + " |")
-        out.append("|---" * (len(cols) + 1) + "|")
+        out.append(f"\nDecode, H = {H}, HV = {HV}{', ' + order if order else ''}: microseconds "
+                   "(% of copy bandwidth)\n")
+        body = []
         for B in sorted({r["B"] for r in rows}):
             cells = []
             for impl, state in cols:
                 m = [r for r in rows if (r["H"], r["HV"], r["B"], r["impl"], r["state"]) == (H, HV, B, impl, state)]
-                cells.append(f"{m[0]['us']:.1f} ({m[0]['pct_bw']:.0f}%)" if m else "")
-            out.append(f"| {B} | " + " | ".join(cells) + " |")
-    eager = [r for r in data["rows"] if "eager" in r["impl"]]
+                cells.append(_cell(m[0] if m else None))
+            body.append([str(B)] + cells)
+        out += md_table(["B"] + [f"{IMPL_NAMES.get(i, i)} {STATE_NAMES.get(s, s)}" for i, s in cols], body)
+    eager = {(r["impl"], r["H"], r["HV"], r["state"]): r["us"] for r in data["rows"] if "eager" in r["impl"]}
     if eager:
-        out.append("\nEager call at B = 1 (host overhead included): " + ", ".join(
-            f"{r['impl']} H={r['H']}/HV={r['HV']} {r['state']} {r['us']:.1f} us" for r in eager))
+        out.append("\nDecode eager call at B = 1 (host overhead included), microseconds\n")
+        body = []
+        for H, HV, state in dict.fromkeys((k[1], k[2], k[3]) for k in eager):
+            replay = [r["us"] for r in rows if (r["impl"], r["H"], r["HV"], r["B"], r["state"]) ==
+                      ("cute_gdn", H, HV, 1, state)]
+            body.append([f"H={H}/HV={HV}, {STATE_NAMES.get(state, state)} state",
+                         f"{eager.get(('cute_gdn eager', H, HV, state), math.nan):.2f}",
+                         f"{eager.get(('kernel call eager', H, HV, state), math.nan):.2f}",
+                         f"{replay[0]:.2f}" if replay else ""])
+        out += md_table(["shape", "cute_gdn.decode", "bare compiled tvm-ffi call", "graph replay"], body)
     return "\n".join(out)
 
 
@@ -60,6 +107,7 @@ def _bandwidth_panel(ax, series: dict, title: str, data: dict, legend_size: int)
 
 
 def plot(path: Path) -> Path:
+    plt = _pyplot()
     data = json.loads(path.read_text())
     rows = [r for r in data["rows"] if "pct_bw" in r and "[" not in r["impl"]]
     heads = sorted({(r["H"], r["HV"]) for r in rows}, reverse=True)
@@ -78,7 +126,7 @@ def plot(path: Path) -> Path:
 
 def verify_table(data: dict) -> str:
     """Markdown tables: verify per T and head config (us, % of copy bandwidth, speedup over FlashInfer),
-    then commit."""
+    then commit per HV."""
     rows = [r for r in data["rows"] if "us" in r and "[" not in r["impl"]]
     out = []
     ver = [r for r in rows if r["op"] == "verify"]
@@ -92,35 +140,39 @@ def verify_table(data: dict) -> str:
         for H, HV in sorted({(r["H"], r["HV"]) for r in ver}, reverse=True):
             out.append(f"\nVerify T = {T}, H = {H}, HV = {HV}: microseconds (% of copy bandwidth), "
                        "speedup over FlashInfer\n")
-            out.append("| B | cute_gdn fp32 | FlashInfer fp32 | speedup | cute_gdn bf16 | FlashInfer bf16 | speedup |")
-            out.append("|---|---|---|---|---|---|---|")
+            body = []
             for B in sorted({r["B"] for r in ver}):
-                cells = []
+                cells = [str(B)]
                 for state in ("float32", "bfloat16"):
                     ours = find("verify", "cute_gdn", T, H, HV, B, state)
                     theirs = find("verify", "flashinfer", T, H, HV, B, state)
-                    for r in (ours, theirs):
-                        cells.append(f"{r['us']:.1f} ({r['pct_bw']:.0f}%)" if r else "")
-                    cells.append(f"{theirs['us'] / ours['us']:.2f}x" if ours and theirs else "")
-                out.append(f"| {B} | " + " | ".join(cells) + " |")
+                    cells += [_cell(ours), _cell(theirs),
+                              f"{theirs['us'] / ours['us']:.2f}x" if ours and theirs else ""]
+                body.append(cells)
+            out += md_table(["B", "cute_gdn fp32", "FlashInfer fp32", "speedup",
+                             "cute_gdn bf16", "FlashInfer bf16", "speedup"], body)
     com = [r for r in rows if r["op"] == "commit"]
     if com:
         impls = list(dict.fromkeys(r["impl"] for r in com))
+        steps = sorted({r["T"] for r in com})
         for HV in sorted({r["HV"] for r in com}, reverse=True):
-            out.append(f"\nCommit, HV = {HV}: microseconds (% of copy bandwidth)\n")
-            out.append("| B | state | " + " | ".join(impls) + " |")
-            out.append("|---" * (len(impls) + 2) + "|")
+            out.append(f"\nCommit (cache steps {', '.join(map(str, steps))}), HV = {HV}: microseconds "
+                       "(% of copy bandwidth)\n")
+            body = []
             for B in sorted({r["B"] for r in com}):
                 for state in ("float32", "bfloat16"):
-                    cells = []
+                    cells = [str(B), STATE_NAMES.get(state, state)]
                     for impl in impls:
                         m = [r for r in com if (r["impl"], r["HV"], r["B"], r["state"]) == (impl, HV, B, state)]
-                        cells.append(f"{m[0]['us']:.1f} ({m[0]['pct_bw']:.0f}%)" if m else "")
-                    out.append(f"| {B} | {state} | " + " | ".join(cells) + " |")
+                        cells.append(_cell(m[0] if m else None))
+                    body.append(cells)
+            names = ["cute_gdn.commit" if i == "cute_gdn" else IMPL_NAMES.get(i, i) for i in impls]
+            out += md_table(["B", "state"] + names, body)
     return "\n".join(out)
 
 
 def plot_verify(path: Path) -> Path:
+    plt = _pyplot()
     data = json.loads(path.read_text())
     rows = [r for r in data["rows"] if "pct_bw" in r and "[" not in r["impl"]]
     panels = sorted({("verify", r["T"], r["H"], r["HV"]) for r in rows if r["op"] == "verify"},
@@ -144,27 +196,39 @@ def plot_verify(path: Path) -> Path:
     return out
 
 
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
 def prefill_table(data: dict) -> str:
-    """Markdown table per head config: us (TFLOP/s) per shape and implementation, and our ratios."""
+    """Markdown table per head config: us (TFLOP/s) per shape and implementation, our ratios, and their
+    geometric means over the shapes."""
     rows = [r for r in data["rows"] if "us" in r]
     impls = list(dict.fromkeys(r["impl"] for r in rows))
     out = []
     for H, HV in sorted({(r["H"], r["HV"]) for r in rows}, reverse=True):
-        out.append(f"\nH = {H}, HV = {HV}, K = V = 128, fp32 state: microseconds (TFLOP/s)\n")
-        out.append("| tokens x seqs | " + " | ".join(impls) + " | vs FlashInfer | vs FLA |")
-        out.append("|---" * (len(impls) + 3) + "|")
+        out.append(f"\nPrefill ({data.get('timing', 'eager')}), H = {H}, HV = {HV}, K = V = 128, fp32 state: "
+                   "microseconds (TFLOP/s)\n")
         shapes = list(dict.fromkeys((r["tokens"], r["seqs"]) for r in rows if (r["H"], r["HV"]) == (H, HV)))
+        body, ratios = [], defaultdict(list)
         for tokens, seqs in shapes:
             got = {r["impl"]: r for r in rows if (r["H"], r["HV"], r["tokens"], r["seqs"]) == (H, HV, tokens, seqs)}
             cells = [f"{got[i]['us']:.0f} ({got[i]['tflops']:.0f})" if i in got else "" for i in impls]
             for base in ("flashinfer", "fla"):
                 ok = "cute_gdn" in got and base in got
+                if ok:
+                    ratios[base].append(got[base]["us"] / got["cute_gdn"]["us"])
                 cells.append(f"{got[base]['us'] / got['cute_gdn']['us']:.2f}x" if ok else "")
-            out.append(f"| {tokens} x {seqs} | " + " | ".join(cells) + " |")
+            body.append([f"{tokens} x {seqs}"] + cells)
+        body.append(["geometric mean"] + [""] * len(impls) +
+                    [f"{_geomean(ratios[b]):.2f}x" if ratios[b] else "" for b in ("flashinfer", "fla")])
+        out += md_table(["tokens x seqs"] + [IMPL_NAMES.get(i, i) for i in impls] + ["vs FlashInfer", "vs FLA"],
+                        body)
     return "\n".join(out)
 
 
 def plot_prefill(path: Path) -> Path:
+    plt = _pyplot()
     data = json.loads(path.read_text())
     rows = [r for r in data["rows"] if "us" in r]
     heads = sorted({(r["H"], r["HV"]) for r in rows}, reverse=True)
@@ -193,15 +257,89 @@ def plot_prefill(path: Path) -> Path:
     return out
 
 
-if __name__ == "__main__":
-    for p in sys.argv[1:]:
+def _pick(rows: list[dict], **match) -> dict | None:
+    m = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+    return m[0] if m else None
+
+
+def _us(r: dict | None) -> str:
+    return f"{r['us']:.1f}" if r else ""
+
+
+def summary_table(data: dict) -> str:
+    """The README's short table for one bench JSON: a few batch sizes or shapes, microseconds, with the
+    anchors measured in the same run."""
+    rows = [r for r in data["rows"] if "us" in r and "[" not in r["impl"]]
+    ops = {r["op"] for r in rows}
+    gpu = data["env"]["gpu"]
+    if "prefill" in ops:
+        heads = sorted({(r["H"], r["HV"]) for r in rows}, reverse=True)
+        shapes = list(dict.fromkeys((r["tokens"], r["seqs"]) for r in rows))
+        impls = ("cute_gdn", "flashinfer", "fla")
+        header = ["tokens x seqs"] + [f"H{H}/HV{HV} {IMPL_NAMES[i]}" for H, HV in heads for i in impls]
+        body = [[f"{t} x {n}"] + [f"{r['us']:.0f}" if (r := _pick(rows, H=H, HV=HV, tokens=t, seqs=n, impl=i))
+                                  else "" for H, HV in heads for i in impls] for t, n in shapes]
+        gm = ["their time / ours, geometric mean"]
+        for H, HV in heads:
+            ours = {(r["tokens"], r["seqs"]): r["us"] for r in rows
+                    if (r["H"], r["HV"], r["impl"]) == (H, HV, "cute_gdn")}
+            gm.append("")
+            for base in impls[1:]:
+                xs = [r["us"] / ours[(r["tokens"], r["seqs"])] for r in rows
+                      if (r["H"], r["HV"], r["impl"]) == (H, HV, base) and (r["tokens"], r["seqs"]) in ours]
+                gm.append(f"{_geomean(xs):.2f}x" if xs else "")
+        title = f"Prefill ({data.get('timing', 'eager')}), {gpu}, fp32 state, bf16 io, microseconds"
+        return "\n".join([title, ""] + md_table(header, body + [gm]))
+    out = []
+    if "decode" in ops:
+        H, HV = 16, 32
+        cols = [("cute_gdn", "float32"), ("flashinfer", "float32"), ("fla", "float32"),
+                ("cute_gdn", "bfloat16"), ("flashinfer", "bfloat16")]
+        body = [[str(B)] + [_us(_pick(rows, H=H, HV=HV, B=B, impl=i, state=st)) for i, st in cols]
+                for B in (1, 64, 512)]
+        out += [f"Decode, {gpu}, H = {H}, HV = {HV}, microseconds", ""]
+        out += md_table(["B"] + [f"{IMPL_NAMES[i]} {STATE_NAMES[st]}" for i, st in cols], body)
+    if "verify" in ops:
+        H, HV, T = 16, 32, 4
+        body = []
+        for B in (1, 16, 256):
+            cells = [str(B)]
+            for st in ("float32", "bfloat16"):
+                ours = _pick(rows, op="verify", T=T, H=H, HV=HV, B=B, impl="cute_gdn", state=st)
+                theirs = _pick(rows, op="verify", T=T, H=H, HV=HV, B=B, impl="flashinfer", state=st)
+                cells += [_us(ours), _us(theirs)]
+            body.append(cells)
+        out += [f"Verify, {gpu}, T = {T}, H = {H}, HV = {HV}, microseconds", ""]
+        out += md_table(["B", "cute_gdn fp32", "FlashInfer fp32", "cute_gdn bf16", "FlashInfer bf16"], body)
+    if "commit" in ops:
+        HV = 32
+        impls = ["cute_gdn", "torch indexing", "cute_gdn commit_layers L=8", "cute_gdn commit x8"]
+        body = [[str(B)] + [_us(_pick(rows, op="commit", HV=HV, B=B, impl=i, state="float32")) for i in impls]
+                for B in (1, 64, 256)]
+        out += ["", f"Commit, {gpu}, HV = {HV}, fp32 state, microseconds", ""]
+        out += md_table(["B", "cute_gdn.commit", "torch indexing", "commit_layers, 8 layers", "8 × commit"], body)
+    return "\n".join(out)
+
+
+def main(argv: list[str]) -> None:
+    tables_only = "--tables" in argv
+    summary = "--summary" in argv
+    for p in [a for a in argv if not a.startswith("--")]:
         data = json.loads(Path(p).read_text())
-        if any(r.get("op") == "prefill" for r in data["rows"]):
-            print(plot_prefill(Path(p)))
-            print(prefill_table(data))
-        elif any(r.get("op") == "verify" for r in data["rows"]):
-            print(plot_verify(Path(p)))
-            print(verify_table(data))
+        ops = {r.get("op") for r in data["rows"]}
+        if summary:
+            print(summary_table(data) + "\n")
+            continue
+        if "prefill" in ops:
+            plot_fn, table_fn = plot_prefill, prefill_table
+        elif "verify" in ops:
+            plot_fn, table_fn = plot_verify, verify_table
         else:
-            print(plot(Path(p)))
-            print(decode_table(data))
+            plot_fn, table_fn = plot, decode_table
+        if not tables_only:
+            print(plot_fn(Path(p)))
+        print(table_fn(data))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
