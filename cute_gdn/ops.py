@@ -154,45 +154,45 @@ def validate_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices
     return mode, bias_dtype
 
 
-def decode(
+def _decode(
+    kcache: KernelCache, allow_compile: bool, check_config: Optional[Callable],
     q: torch.Tensor,  # [B, 1, H, K] bf16/fp16
     k: torch.Tensor,  # [B, 1, H, K]
     v: torch.Tensor,  # [B, 1, HV, V]
-    a: Optional[torch.Tensor] = None,  # [B, 1, HV] raw gate (io dtype)
-    b: Optional[torch.Tensor] = None,  # [B, 1, HV] raw beta logit (io dtype)
-    *,
-    A_log: Optional[torch.Tensor] = None,    # [HV] fp32
-    dt_bias: Optional[torch.Tensor] = None,  # [HV] fp32 or bf16
-    g: Optional[torch.Tensor] = None,        # [B, 1, HV] fp32, log-space decay (instead of a, A_log, dt_bias)
-    beta: Optional[torch.Tensor] = None,     # [B, 1, HV] fp32, after the sigmoid (instead of b)
+    a: Optional[torch.Tensor],  # [B, 1, HV] raw gate (io dtype)
+    b: Optional[torch.Tensor],  # [B, 1, HV] raw beta logit (io dtype)
+    A_log: Optional[torch.Tensor],    # [HV] fp32
+    dt_bias: Optional[torch.Tensor],  # [HV] fp32 or bf16
+    g: Optional[torch.Tensor],        # [B, 1, HV] fp32, log-space decay (instead of a, A_log, dt_bias)
+    beta: Optional[torch.Tensor],     # [B, 1, HV] fp32, after the sigmoid (instead of b)
     state: torch.Tensor,          # [pool_size, HV, V, K] fp32 or bf16, updated in place
     state_indices: torch.Tensor,  # [B] int32; < 0 = padding
-    scale: Optional[float] = None,
-    use_qk_l2norm: bool = True,
-    out: Optional[torch.Tensor] = None,  # [B, 1, HV, V] io dtype
-    _cache: Optional[KernelCache] = None,
-    _allow_compile: bool = True,
-    _check_config: Optional[Callable] = None,
+    scale: Optional[float],
+    use_qk_l2norm: bool,
+    out: Optional[torch.Tensor],  # [B, 1, HV, V] io dtype
 ) -> torch.Tensor:
-    """One decode step of the gated delta rule for B sequences, in place on the state pool."""
-    cache = _cache or default_cache()
-    args = (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out)
+    """`decode` with the kernel cache `kcache`: the serving surface passes its own, with compiling off
+    after warmup (allow_compile) and a check that the tensors belong to its config (check_config)."""
+    # The hot path builds nothing it does not launch with: the argument tuple for the checks is only
+    # built where a check runs, and the one-gate-set test is _one_gate_set written out.
     raw = g is None
-    if not _one_gate_set(raw, a, b, A_log, dt_bias, beta):
-        validate_decode(*args)  # raises
+    if raw != (beta is None) or raw == (a is None) or raw == (b is None) or raw == (A_log is None) \
+            or raw == (dt_bias is None):
+        validate_decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out)  # raises
     try:
         B, _, H, K = q.shape
         _, _, HV, V = v.shape
         sig = ("decode", q.dtype, state.dtype, H, K, HV, V, state.shape[0], dt_bias.dtype if raw else None,
                bool(use_qk_l2norm), q.get_device() == state.get_device())
     except (AttributeError, ValueError, TypeError):
-        validate_decode(*args)
+        validate_decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out)
         raise
-    entry = cache.by_signature.get(sig)  # (large-batch threshold in B * HV, small kernel, large kernel)
+    entry = kcache.by_signature.get(sig)  # (large-batch threshold in B * HV, small kernel, large kernel)
     if entry is None or B > chk.MAX_BATCH:
-        entry = _decode_kernels(cache, sig, args, use_qk_l2norm, _allow_compile, _check_config)
+        entry = _decode_kernels(kcache, sig, (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out),
+                                use_qk_l2norm, allow_compile, check_config)
     if chk.DEBUG:
-        validate_decode(*args)
+        validate_decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out)
         chk.debug_indices("state_indices", state_indices, state.shape[0])
     if out is None:
         out = torch.empty_like(v)  # [B, 1, HV, V]; cheaper than new_empty on the hot path
@@ -208,7 +208,8 @@ def decode(
         else:
             fn(q, k, v, g, beta, None, None, state, state_indices, out, scale)
     except (ValueError, TypeError):
-        validate_decode(*args)  # raises the error under the argument's public name
+        # raises the error under the argument's public name
+        validate_decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out)
         raise
     return out
 
@@ -269,31 +270,26 @@ def _identity_indices(batch: int, device: torch.device) -> torch.Tensor:
     return _IDENTITY.get(batch, device)
 
 
-def verify(
+def _verify(
+    kcache: KernelCache, allow_compile: bool, check_config: Optional[Callable],
     q: torch.Tensor,  # [B, T, H, K] bf16/fp16, 1 <= T <= cache_steps
     k: torch.Tensor,  # [B, T, H, K]
     v: torch.Tensor,  # [B, T, HV, V]
-    a: Optional[torch.Tensor] = None,  # [B, T, HV] raw gate (io dtype)
-    b: Optional[torch.Tensor] = None,  # [B, T, HV] raw beta logit (io dtype)
-    *,
-    A_log: Optional[torch.Tensor] = None,    # [HV] fp32
-    dt_bias: Optional[torch.Tensor] = None,  # [HV] fp32 or bf16
-    g: Optional[torch.Tensor] = None,        # [B, T, HV] fp32 (instead of a, A_log, dt_bias)
-    beta: Optional[torch.Tensor] = None,     # [B, T, HV] fp32 (instead of b)
+    a: Optional[torch.Tensor],  # [B, T, HV] raw gate (io dtype)
+    b: Optional[torch.Tensor],  # [B, T, HV] raw beta logit (io dtype)
+    A_log: Optional[torch.Tensor],    # [HV] fp32
+    dt_bias: Optional[torch.Tensor],  # [HV] fp32 or bf16
+    g: Optional[torch.Tensor],        # [B, T, HV] fp32 (instead of a, A_log, dt_bias)
+    beta: Optional[torch.Tensor],     # [B, T, HV] fp32 (instead of b)
     state: torch.Tensor,          # [pool_size, HV, V, K] fp32 or bf16, read only
     state_indices: torch.Tensor,  # [B] int32; < 0 = padding
     cache: torch.Tensor,          # [cache_slots, cache_steps, HV, V, K], the state's dtype
-    cache_indices: Optional[torch.Tensor] = None,  # [B] int32; None = arange(B)
-    scale: Optional[float] = None,
-    use_qk_l2norm: bool = True,
-    out: Optional[torch.Tensor] = None,  # [B, T, HV, V] io dtype
-    _cache: Optional[KernelCache] = None,
-    _allow_compile: bool = True,
-    _check_config: Optional[Callable] = None,
+    cache_indices: Optional[torch.Tensor],  # [B] int32; None = arange(B)
+    scale: Optional[float],
+    use_qk_l2norm: bool,
+    out: Optional[torch.Tensor],  # [B, T, HV, V] io dtype
 ) -> torch.Tensor:
-    """Speculative verify of T tokens per sequence: o, and cache[cache_indices[b], t] = the state after
-    token t. The pool is not written; `commit` adopts the accepted step."""
-    kcache = _cache or default_cache()
+    """`verify` with the kernel cache `kcache` (see _decode)."""
     args = (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, out)
     raw = g is None
     if not _one_gate_set(raw, a, b, A_log, dt_bias, beta):
@@ -309,13 +305,13 @@ def verify(
     entry = kcache.by_signature.get(sig)  # (large-batch threshold in B * HV, small kernel, large kernel)
     if entry is None or B > chk.MAX_BATCH:
         mode, bias_dtype = validate_verify(*args)
-        if _check_config is not None:
-            _check_config(q, state, cache)
+        if check_config is not None:
+            check_config(q, state, cache)
         keys = verify_keys(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype], num_heads=H,
                            num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0], num_tokens=T,
                            cache_steps=cache.shape[1], gate_mode=mode, dt_bias_dtype=bias_dtype,
                            use_qk_l2norm=use_qk_l2norm)
-        small, large = _load(kcache, keys, _allow_compile)
+        small, large = _load(kcache, keys, allow_compile)
         entry = (VERIFY_LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
         kcache.by_signature[sig] = entry
     if chk.DEBUG:
@@ -367,19 +363,15 @@ def _validate_commit_batch(state_indices, cache_indices, accepted_steps, device)
     chk.indices("accepted_steps", accepted_steps, B, device)
 
 
-def commit(
+def _commit(
+    kcache: KernelCache, allow_compile: bool, check_config: Optional[Callable],
     state: torch.Tensor,          # [pool_size, HV, V, K], written in place
     state_indices: torch.Tensor,  # [B] int32; < 0 = padding
     cache: torch.Tensor,          # [cache_slots, cache_steps, HV, V, K]
     cache_indices: Optional[torch.Tensor],  # [B] int32; None = arange(B)
     accepted_steps: torch.Tensor,  # [B] int32 in [0, cache_steps]; 0 = keep the slot as it is
-    *,
-    _cache: Optional[KernelCache] = None,
-    _allow_compile: bool = True,
-    _check_config: Optional[Callable] = None,
 ) -> None:
-    """state[state_indices[b]] = cache[cache_indices[b], accepted_steps[b] - 1] where accepted_steps[b] >= 1."""
-    kcache = _cache or default_cache()
+    """`commit` with the kernel cache `kcache` (see _decode)."""
     args = (state, state_indices, cache, cache_indices, accepted_steps)
     try:
         pool, HV, V, K = state.shape
@@ -391,11 +383,11 @@ def commit(
     fn = kcache.by_signature.get(sig)
     if fn is None or B > chk.MAX_BATCH:
         validate_commit(*args)
-        if _check_config is not None:
-            _check_config(None, state, cache)
+        if check_config is not None:
+            check_config(None, state, cache)
         key = commit_key(state_dtype=chk.STATE_DTYPES[state.dtype], num_v_heads=HV, head_k_dim=K, head_v_dim=V,
                          pool_size=pool, cache_steps=cache.shape[1])
-        fn, = _load(kcache, [key], _allow_compile)
+        fn, = _load(kcache, [key], allow_compile)
         kcache.by_signature[sig] = fn
     if chk.DEBUG:
         validate_commit(*args)
@@ -460,19 +452,16 @@ class LayerTable:
         return len(self.states)
 
 
-def commit_layers(
+def _commit_layers(
+    kcache: KernelCache, allow_compile: bool,
     layers: LayerTable,
     state_indices: torch.Tensor,   # [B] int32; < 0 = padding
     cache_indices: Optional[torch.Tensor],  # [B] int32; None = arange(B)
     accepted_steps: torch.Tensor,  # [B] int32 in [0, cache_steps]
-    *,
-    _cache: Optional[KernelCache] = None,
-    _allow_compile: bool = True,
 ) -> None:
-    """`commit` of the same batch in every layer of `layers`, in one launch."""
+    """`commit_layers` with the kernel cache `kcache` (see _decode)."""
     if not isinstance(layers, LayerTable):
         raise TypeError(f"layers must be a cute_gdn.LayerTable, got {type(layers).__name__}")
-    kcache = _cache or default_cache()
     sig = ("commit_layers", layers.dtype, layers.num_v_heads, layers.head_v_dim, layers.head_k_dim, layers.pool_size,
            layers.cache_steps)
     fn = kcache.by_signature.get(sig)
@@ -487,7 +476,7 @@ def commit_layers(
         key = commit_key(state_dtype=chk.STATE_DTYPES[layers.dtype], num_v_heads=layers.num_v_heads,
                          head_k_dim=layers.head_k_dim, head_v_dim=layers.head_v_dim, pool_size=layers.pool_size,
                          cache_steps=layers.cache_steps, layers="table")
-        fn, = _load(kcache, [key], _allow_compile)
+        fn, = _load(kcache, [key], allow_compile)
         kcache.by_signature[sig] = fn
     B = state_indices.shape[0]
     if B == 0:
@@ -585,31 +574,26 @@ def _chain_stream(device_index: int) -> torch.cuda.Stream:
     return torch.cuda.Stream(device=device_index, priority=-1)
 
 
-def prefill(
+def _prefill(
+    kcache: KernelCache, allow_compile: bool, check_config: Optional[Callable],
     q: torch.Tensor,  # [1, T, H, K] bf16/fp16: the N sequences packed along T
     k: torch.Tensor,  # [1, T, H, K]
     v: torch.Tensor,  # [1, T, HV, V]
-    a: Optional[torch.Tensor] = None,  # [1, T, HV] raw gate (io dtype)
-    b: Optional[torch.Tensor] = None,  # [1, T, HV] raw beta logit (io dtype)
-    *,
-    A_log: Optional[torch.Tensor] = None,    # [HV] fp32
-    dt_bias: Optional[torch.Tensor] = None,  # [HV] fp32 or bf16
-    g: Optional[torch.Tensor] = None,        # [1, T, HV] fp32 (instead of a, A_log, dt_bias)
-    beta: Optional[torch.Tensor] = None,     # [1, T, HV] fp32 (instead of b)
+    a: Optional[torch.Tensor],  # [1, T, HV] raw gate (io dtype)
+    b: Optional[torch.Tensor],  # [1, T, HV] raw beta logit (io dtype)
+    A_log: Optional[torch.Tensor],    # [HV] fp32
+    dt_bias: Optional[torch.Tensor],  # [HV] fp32 or bf16
+    g: Optional[torch.Tensor],        # [1, T, HV] fp32 (instead of a, A_log, dt_bias)
+    beta: Optional[torch.Tensor],     # [1, T, HV] fp32 (instead of b)
     cu_seqlens: torch.Tensor,     # [N + 1] int32
     state: torch.Tensor,          # [pool_size, HV, V, K] fp32 or bf16, updated in place
     state_indices: torch.Tensor,  # [N] int32; < 0 = padding
-    has_initial_state: Optional[torch.Tensor] = None,  # [N] bool; None = all True
-    scale: Optional[float] = None,
-    use_qk_l2norm: bool = True,
-    out: Optional[torch.Tensor] = None,  # [1, T, HV, V] io dtype
-    _cache: Optional[KernelCache] = None,
-    _allow_compile: bool = True,
-    _check_config: Optional[Callable] = None,
+    has_initial_state: Optional[torch.Tensor],  # [N] bool; None = all True
+    scale: Optional[float],
+    use_qk_l2norm: bool,
+    out: Optional[torch.Tensor],  # [1, T, HV, V] io dtype
 ) -> torch.Tensor:
-    """Chunked varlen prefill: sequence n (tokens cu_seqlens[n]:cu_seqlens[n+1]) starts from
-    state[state_indices[n]] (zeros where has_initial_state[n] is False) and writes its final state back."""
-    kcache = _cache or default_cache()
+    """`prefill` with the kernel cache `kcache` (see _decode)."""
     args = (q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state, out)
     raw = g is None
     if not _one_gate_set(raw, a, b, A_log, dt_bias, beta):
@@ -626,12 +610,12 @@ def prefill(
     fn = kcache.by_signature.get(sig)
     if fn is None or N > chk.MAX_BATCH:
         mode, bias_dtype = validate_prefill(*args)
-        if _check_config is not None:
-            _check_config(q, state)
+        if check_config is not None:
+            check_config(q, state)
         key = prefill_key(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype], num_heads=H,
                           num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0], gate_mode=mode,
                           dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm)
-        fn, = _load(kcache, [key], _allow_compile)
+        fn, = _load(kcache, [key], allow_compile)
         kcache.by_signature[sig] = fn
     if chk.DEBUG:
         validate_prefill(*args)
@@ -691,3 +675,163 @@ def _prefill_launches(fn, tensors: tuple, scale: float, N: int, T: int, HV: int,
         with torch.cuda.stream(side):
             fn(*call, prefill_kernel.LAUNCH_CHAIN, 1, None, *unused)
         current.wait_stream(side)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The public ops. Each is a thin wrapper over its private form, which the serving surface (GDNKernels)
+# calls with its own kernel cache. See README.md "Tensor conventions" and docs/spec.md for the math.
+
+_ERRORS = """
+    Raises:
+        TypeError / ValueError naming the argument (dtype, shape, device, stride, alignment, not exactly
+        one gate set, an unsupported shape with the reason), always before anything is written.
+        KernelCompileError (names the kernel and carries the compiler's message) if a compile fails.
+
+    See README.md ("Tensor conventions") and docs/spec.md for the math and the layouts.
+    """
+
+
+def decode(
+    q: torch.Tensor,  # [B, 1, H, K] bf16/fp16
+    k: torch.Tensor,  # [B, 1, H, K]
+    v: torch.Tensor,  # [B, 1, HV, V]
+    a: Optional[torch.Tensor] = None,  # [B, 1, HV] raw gate (io dtype)
+    b: Optional[torch.Tensor] = None,  # [B, 1, HV] raw beta logit (io dtype)
+    *,
+    A_log: Optional[torch.Tensor] = None,    # [HV] fp32
+    dt_bias: Optional[torch.Tensor] = None,  # [HV] fp32 or bf16
+    g: Optional[torch.Tensor] = None,        # [B, 1, HV] fp32, log-space decay (instead of a, A_log, dt_bias)
+    beta: Optional[torch.Tensor] = None,     # [B, 1, HV] fp32, after the sigmoid (instead of b)
+    state: torch.Tensor,          # [pool_size, HV, V, K] fp32 or bf16, updated in place
+    state_indices: torch.Tensor,  # [B] int32; < 0 = padding
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = True,
+    out: Optional[torch.Tensor] = None,  # [B, 1, HV, V] io dtype
+) -> torch.Tensor:
+    """One decode step of the gated delta rule for B sequences, in place on the state pool.
+
+    Sequence b reads and writes `state[state_indices[b]]` (K-last [HV, V, K]); value head h uses q/k head
+    h // (HV // H) (GVA). q, k, v may be strided views (e.g. torch.split of a packed projection): unit
+    stride on the last dim, and q/k 16-byte aligned with strides that are multiples of 8 elements.
+
+    Gates, exactly one set:
+        raw: a, b [B, 1, HV] in the io dtype, A_log fp32 [HV], dt_bias fp32 or bf16 [HV]; the kernel
+            computes g = -exp(A_log) * softplus(a + dt_bias) and beta = sigmoid(b).
+        precomputed: g (natural-log decay) and beta (after the sigmoid), fp32 [B, 1, HV].
+    scale defaults to K ** -0.5; use_qk_l2norm L2-normalizes q and k in the kernel.
+
+    Padding: a row with state_indices[b] < 0 reads and writes no state and gets zeros in o. Slots the
+    call does not name are left bit-identical.
+
+    Returns:
+        o [B, 1, HV, V] in the io dtype (`out` if given).
+
+    The kernel is compiled on first use of a call signature (in a worker process, then cached on disk;
+    see `cute-gdn-precompile`); a warmed-up `GDNKernels` never compiles.
+    """
+    return _decode(default_cache(), True, None, q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices,
+                   scale, use_qk_l2norm, out)
+
+
+def verify(
+    q: torch.Tensor,  # [B, T, H, K] bf16/fp16, 1 <= T <= cache_steps
+    k: torch.Tensor,  # [B, T, H, K]
+    v: torch.Tensor,  # [B, T, HV, V]
+    a: Optional[torch.Tensor] = None,  # [B, T, HV] raw gate (io dtype)
+    b: Optional[torch.Tensor] = None,  # [B, T, HV] raw beta logit (io dtype)
+    *,
+    A_log: Optional[torch.Tensor] = None,    # [HV] fp32
+    dt_bias: Optional[torch.Tensor] = None,  # [HV] fp32 or bf16
+    g: Optional[torch.Tensor] = None,        # [B, T, HV] fp32 (instead of a, A_log, dt_bias)
+    beta: Optional[torch.Tensor] = None,     # [B, T, HV] fp32 (instead of b)
+    state: torch.Tensor,          # [pool_size, HV, V, K] fp32 or bf16, read only
+    state_indices: torch.Tensor,  # [B] int32; < 0 = padding
+    cache: torch.Tensor,          # [cache_slots, cache_steps, HV, V, K], the state's dtype
+    cache_indices: Optional[torch.Tensor] = None,  # [B] int32; None = arange(B)
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = True,
+    out: Optional[torch.Tensor] = None,  # [B, T, HV, V] io dtype
+) -> torch.Tensor:
+    """Speculative (MTP) verify of T draft tokens per sequence, every intermediate state cached.
+
+    Sequence b starts from `state[state_indices[b]]`, which is only read; the state after its token t
+    goes to `cache[cache_indices[b], t]` for t < T (other steps and slots are not written). T is
+    1..cache_steps <= 16; `commit` then adopts the accepted step. Layouts, GVA, strided views, gates
+    (raw a, b, A_log, dt_bias or precomputed g, beta, shaped [B, T, HV]) and scale as in `decode`.
+
+    Padding: a row with state_indices[b] < 0 reads no state, writes no cache and gets zeros in o.
+
+    Returns:
+        o [B, T, HV, V] in the io dtype (`out` if given).
+    """
+    return _verify(default_cache(), True, None, q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices,
+                   cache, cache_indices, scale, use_qk_l2norm, out)
+
+
+def commit(
+    state: torch.Tensor,          # [pool_size, HV, V, K], written in place
+    state_indices: torch.Tensor,  # [B] int32; < 0 = padding
+    cache: torch.Tensor,          # [cache_slots, cache_steps, HV, V, K]
+    cache_indices: Optional[torch.Tensor],  # [B] int32; None = arange(B)
+    accepted_steps: torch.Tensor,  # [B] int32 in [0, cache_steps]; 0 = keep the slot as it is
+) -> None:
+    """Adopt the accepted verify step: state[state_indices[b]] = cache[cache_indices[b], accepted_steps[b] - 1].
+
+    accepted_steps[b] = 0 leaves the slot as it is (the state before the verified tokens); a padding row
+    (index < 0) copies nothing. One launch for the batch; `commit_layers` does every layer in one launch.
+    Returns None.
+    """
+    _commit(default_cache(), True, None, state, state_indices, cache, cache_indices, accepted_steps)
+
+
+def commit_layers(
+    layers: LayerTable,
+    state_indices: torch.Tensor,   # [B] int32; < 0 = padding
+    cache_indices: Optional[torch.Tensor],  # [B] int32; None = arange(B)
+    accepted_steps: torch.Tensor,  # [B] int32 in [0, cache_steps]
+) -> None:
+    """`commit` of the same batch in every layer of `layers` (a LayerTable, built once before CUDA-graph
+    capture), in one launch. Returns None.
+    """
+    _commit_layers(default_cache(), True, layers, state_indices, cache_indices, accepted_steps)
+
+
+def prefill(
+    q: torch.Tensor,  # [1, T, H, K] bf16/fp16: the N sequences packed along T
+    k: torch.Tensor,  # [1, T, H, K]
+    v: torch.Tensor,  # [1, T, HV, V]
+    a: Optional[torch.Tensor] = None,  # [1, T, HV] raw gate (io dtype)
+    b: Optional[torch.Tensor] = None,  # [1, T, HV] raw beta logit (io dtype)
+    *,
+    A_log: Optional[torch.Tensor] = None,    # [HV] fp32
+    dt_bias: Optional[torch.Tensor] = None,  # [HV] fp32 or bf16
+    g: Optional[torch.Tensor] = None,        # [1, T, HV] fp32 (instead of a, A_log, dt_bias)
+    beta: Optional[torch.Tensor] = None,     # [1, T, HV] fp32 (instead of b)
+    cu_seqlens: torch.Tensor,     # [N + 1] int32
+    state: torch.Tensor,          # [pool_size, HV, V, K] fp32 or bf16, updated in place
+    state_indices: torch.Tensor,  # [N] int32; < 0 = padding
+    has_initial_state: Optional[torch.Tensor] = None,  # [N] bool; None = all True
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = True,
+    out: Optional[torch.Tensor] = None,  # [1, T, HV, V] io dtype
+) -> torch.Tensor:
+    """Chunked varlen prefill ("extend") of N sequences packed along T, on wgmma tensor cores.
+
+    Sequence n holds tokens cu_seqlens[n]:cu_seqlens[n + 1] (cu_seqlens int32 [N + 1], rising from 0 to
+    T; lengths 0 and 1 and any length are fine). It starts from state[state_indices[n]], or from zeros
+    where has_initial_state[n] is False (bool [N]; None = all True), and writes its final state back to
+    that slot. Head dims K = V = 128 only (others raise ValueError with the reason). q, k, v and out are
+    read/written with 16-byte vectors: 16-byte aligned, strides multiples of 8 elements, unit last stride.
+    Gates (raw a, b, A_log, dt_bias or precomputed g, beta, shaped [1, T, HV]) and scale as in `decode`.
+
+    Padding: a sequence with state_indices[n] < 0 reads and writes no state and gets zeros in o.
+
+    Returns:
+        o [1, T, HV, V] in the io dtype (`out` if given).
+    """
+    return _prefill(default_cache(), True, None, q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state,
+                    state_indices, has_initial_state, scale, use_qk_l2norm, out)
+
+
+for _op in (decode, verify, commit, commit_layers, prefill):
+    _op.__doc__ += _ERRORS

@@ -121,18 +121,14 @@ class GDNKernels:
     def extend(self, q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, cu_seqlens, state,
                state_indices, has_initial_state=None, scale=None, out=None) -> torch.Tensor:
         """cute_gdn.prefill with this config's kernels (see ops.prefill for the arguments)."""
-        return ops.prefill(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, cu_seqlens=cu_seqlens,
-                           state=state, state_indices=state_indices, has_initial_state=has_initial_state,
-                           scale=scale, use_qk_l2norm=self.use_qk_l2norm, out=out, _cache=self.cache,
-                           _allow_compile=not self.warm, _check_config=self._check_config)
+        return ops._prefill(self.cache, not self.warm, self._check_config, q, k, v, a, b, A_log, dt_bias, g, beta,
+                            cu_seqlens, state, state_indices, has_initial_state, scale, self.use_qk_l2norm, out)
 
     def decode(self, q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, state,
                state_indices, scale=None, out=None) -> torch.Tensor:
         """cute_gdn.decode with this config's kernels (see ops.decode for the arguments)."""
-        return ops.decode(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, state=state,
-                          state_indices=state_indices, scale=scale, use_qk_l2norm=self.use_qk_l2norm,
-                          out=out, _cache=self.cache, _allow_compile=not self.warm,
-                          _check_config=self._check_config)
+        return ops._decode(self.cache, not self.warm, self._check_config, q, k, v, a, b, A_log, dt_bias, g, beta,
+                           state, state_indices, scale, self.use_qk_l2norm, out)
 
     def _check_cache_steps(self, cache_steps: int) -> None:
         if cache_steps != self.cache_steps:
@@ -142,15 +138,13 @@ class GDNKernels:
     def target_verify(self, q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, state,
                       state_indices, cache, cache_indices=None, scale=None, out=None) -> torch.Tensor:
         """cute_gdn.verify with this config's kernels (see ops.verify for the arguments)."""
-        return ops.verify(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, state=state,
-                          state_indices=state_indices, cache=cache, cache_indices=cache_indices, scale=scale,
-                          use_qk_l2norm=self.use_qk_l2norm, out=out, _cache=self.cache,
-                          _allow_compile=not self.warm, _check_config=self._check_config)
+        return ops._verify(self.cache, not self.warm, self._check_config, q, k, v, a, b, A_log, dt_bias, g, beta,
+                           state, state_indices, cache, cache_indices, scale, self.use_qk_l2norm, out)
 
     def commit(self, state, state_indices, cache, cache_indices, accepted_steps) -> None:
         """cute_gdn.commit with this config's kernel: adopt the accepted step of every sequence."""
-        ops.commit(state, state_indices, cache, cache_indices, accepted_steps, _cache=self.cache,
-                   _allow_compile=not self.warm, _check_config=self._check_config)
+        ops._commit(self.cache, not self.warm, self._check_config, state, state_indices, cache, cache_indices,
+                    accepted_steps)
 
     def layer_table(self, states, caches) -> ops.LayerTable:
         """A LayerTable of this config's per-layer pools and caches, for commit_layers (build it once)."""
@@ -160,8 +154,7 @@ class GDNKernels:
 
     def commit_layers(self, layers: ops.LayerTable, state_indices, cache_indices, accepted_steps) -> None:
         """commit of the same batch in every layer of `layers` (from layer_table), in one launch."""
-        ops.commit_layers(layers, state_indices, cache_indices, accepted_steps, _cache=self.cache,
-                          _allow_compile=not self.warm)
+        ops._commit_layers(self.cache, not self.warm, layers, state_indices, cache_indices, accepted_steps)
 
     def forward(self, mode: str, *args, **kwargs) -> torch.Tensor:
         """The dispatcher: one entry per forward mode of the engine."""
