@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -97,6 +98,24 @@ def time_eager(fn: Callable[[], object], reps: int = 100, rounds: int = 7) -> fl
         torch.cuda.synchronize()
         results.append(start.elapsed_time(end) * 1e3 / reps)
     return statistics.median(results)
+
+
+def eager_round(fn: Callable[[], object], reps: int = 200) -> tuple[float, float]:
+    """One round of `reps` back-to-back eager calls started after a sync: the mean microseconds per call
+    by CUDA events around them and by the wall clock up to the sync after the last one. At B = 1 the
+    host is the bottleneck, so both are the host-inclusive cost of a call (the wall clock also counts
+    the last call's kernel, 1/reps of it). Callers interleave rounds of the implementations they compare
+    and take medians, so that a slow stretch of the host lands on all of them."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    wall = time.perf_counter() - t0
+    return start.elapsed_time(end) * 1e3 / reps, wall * 1e6 / reps
 
 
 def environment() -> dict:

@@ -5,10 +5,11 @@ slot indices; `GDNKernels` is the serving surface (warmup once, then no compilin
 """
 
 from . import reference
-from .cache import KernelCache, KernelNotCompiledError
+from .cache import KernelCache, KernelCompileError, KernelNotCompiledError
 from .ops import LayerTable, commit, commit_layers, decode, prefill, verify
 from .serving import GDNKernels
+from . import torch_ops  # registers torch.ops.cute_gdn.* (for torch.compile); the eager ops above stay direct
 
 __all__ = ["prefill", "decode", "verify", "commit", "commit_layers", "LayerTable", "GDNKernels", "KernelCache",
-           "KernelNotCompiledError", "reference"]
+           "KernelNotCompiledError", "KernelCompileError", "reference", "torch_ops"]
 __version__ = "0.1.0"
