@@ -1,0 +1,460 @@
+"""cute_gdn behind SGLang 0.5.23's linear-attention kernel interface (`LinearAttnKernelBase`).
+
+`CuteGDNKernel` is one engine config (per-rank heads, head dims, state pool size as SGLang allocates it
+(`ssm_states.shape[0]`, the mamba pool size + 1), draft tokens, state and io dtype) wrapped around a
+`cute_gdn.GDNKernels`. It implements `decode`, `extend` and `target_verify` with SGLang's argument
+names and layouts, so it can take the place of `TritonGDNKernel` in SGLang's `GDNKernelDispatcher`:
+
+    kernel = CuteGDNKernel.from_model_runner(model_runner)     # or CuteGDNKernel(H, HV, K, V, pool_size=...)
+    install(model_runner.attn_backend.linear_attn_backend.kernel_dispatcher, kernel)
+
+`GDNKernelDispatcher.__init__` hard-codes its kernel classes per backend name, so `install` swaps the
+dispatcher's `decode_kernel` / `extend_kernel` / `verify_kernel` after SGLang built it. It must run
+before SGLang captures its CUDA graphs: `register_sglang_hook()` (called from an SGLang general plugin,
+see docs/sglang.md) does it right after `ModelRunner.init_attention_backends`, in every scheduler
+process, for every GDN dispatcher of the runner (`install_into_runner`).
+
+Warmup: the constructor warms up by default (`warmup=True`), so an instance is ready to serve and
+never compiles afterwards (GDNKernels raises KernelNotCompiledError for anything outside the warmed
+set). With `warmup=False` every call raises RuntimeError until `warmup()` ran, so a kernel can never be
+compiled in the middle of serving.
+
+Semantics, against SGLang's Triton kernels (`fused_sigmoid_gating_delta_rule_update`,
+`chunk_gated_delta_rule`):
+- decode: q/k/v `[1, B, H|HV, K|V]` (views of a split `mixed_qkv`) are passed as `[B, 1, ...]` views,
+  a/b `[B, HV]` as `[B, 1, HV]` views; the output is a fresh contiguous `[1, B, HV, V]`, as Triton
+  returns it. One token per sequence: `query_start_loc` must have B + 1 entries; its values are not
+  read (SGLang's are arange(B + 1), or, under CUDA-graph padding, rows whose slot is -1).
+- extend: the precomputed gates of `fused_gdn_gating` (g and beta, both fp32 `[1, T, HV]`: nothing is
+  converted; other dtypes are converted with one elementwise kernel each) with
+  `cu_seqlens=query_start_loc`. Every sequence starts from its pool slot, as Triton's chunk kernel does
+  (it never consults `extend_prefix_lens`: SGLang zeroes a slot when it hands it to a new request), so
+  has_initial_state is None (all True) and `extend_prefix_lens` is not read. `output=` is written when
+  given. Returns `(o, None, None)`: no per-chunk states h (Triton returns them for SGLang's mamba
+  prefix-cache tracking, which is therefore not supported: `install_into_runner` refuses a runner with
+  the mamba extra buffer).
+- target_verify: chain verify only. `[1, N*T, ...]` becomes `[N, T, ...]` views (T = `cache_steps`,
+  the draft tokens of this step, <= the config's cache_steps); `intermediate_states_buffer`
+  `[slots, cache_steps, HV, V, K]` is the verify cache and `intermediate_state_indices[:N]` its
+  indices; the pool is only read.
+- padding (an index < 0): its state is neither read nor written, as in Triton; cute_gdn writes zeros
+  to its output rows (Triton writes the output of a zero state, or nothing) and writes no verify cache
+  for it (Triton caches the steps from a zero state; SGLang's commit skips such rows).
+- indices: SGLang 0.5.23 passes int32 everywhere (`req_index_to_mamba_index_mapping`, the CUDA-graph
+  `state_indices_list`, the unified pool's translate, `build_verify_intermediate_state_indices`), which
+  is what the kernels take, so nothing is converted; another dtype raises TypeError.
+- Anything else is refused with NotImplementedError naming the argument: tree verify
+  (`retrieve_parent_token`), `inplace_update=False`, state checkpoints, `track_state`, ragged verify,
+  a non-contiguous (envelope-strided) pool, extend with head dims cute_gdn's prefill rejects, unknown
+  keyword arguments that request something (not None / False / 0).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional
+
+import torch
+
+from ..serving import GDNKernels
+
+try:
+    from sglang.srt.layers.attention.linear.kernels.kernel_backend import LinearAttnKernelBase
+except ImportError as exc:  # the module is useless without the interface it implements
+    raise ImportError("cute_gdn.integrations.sglang needs SGLang (0.5.23) to be importable: "
+                      "sglang.srt.layers.attention.linear.kernels.kernel_backend failed to import "
+                      f"({exc})") from exc
+
+# GDNKernelDispatcher attribute of each forward mode.
+MODES = {"decode": "decode_kernel", "extend": "extend_kernel", "target_verify": "verify_kernel"}
+ALL_MODES = tuple(MODES)
+
+
+def _requested(value) -> bool:
+    """SGLang passes optional features as None / False / 0 when they are off."""
+    return value is not None and value is not False and not (isinstance(value, int) and value == 0)
+
+
+def _reject_unknown(method: str, kwargs: dict) -> None:
+    for name, value in kwargs.items():
+        if _requested(value):
+            raise NotImplementedError(f"CuteGDNKernel.{method} does not support the argument {name}={value!r}")
+
+
+def _split_tokens(x: torch.Tensor, seqs: int, tokens: int) -> torch.Tensor:
+    """[1, seqs * tokens, ...] (or [seqs * tokens, ...]) -> a [seqs, tokens, ...] view (no copy)."""
+    if x.dim() >= 1 and x.shape[0] == 1 and x.dim() in (3, 4):
+        x = x[0]
+    return x.unflatten(0, (seqs, tokens))
+
+
+class CuteGDNKernel(LinearAttnKernelBase):
+    """cute_gdn's decode, prefill ("extend") and chain verify for one SGLang GDN config.
+
+    num_heads / num_v_heads / head_k_dim / head_v_dim: per rank (after tensor parallelism).
+    pool_size: `ssm_states.shape[0]` as SGLang allocates it (mamba pool size + 1), compile-time.
+    cache_steps: the speculative draft tokens per request (`intermediate_states_buffer.shape[1]`);
+    0 = no speculative decoding (target_verify then raises NotImplementedError).
+    """
+
+    # The dispatcher's packed fast path (mixed_qkv straight into one Triton kernel) is Triton's own.
+    supports_packed_decode: bool = False
+    # verify reads q/k/v as strided views of the split mixed_qkv (unit last stride, 16-byte aligned
+    # q/k with strides that are multiples of 8 elements: true for every split of 128-wide heads), so
+    # SGLang may skip its fused copy into contiguous q/k/v.
+    supports_strided_target_verify_qkv: bool = True
+    uses_state_checkpoints: bool = False
+    supports_fused_chain_verify: bool = False
+    supports_track_state_snapshot: bool = False
+
+    def __init__(self, num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, *, pool_size: int,
+                 cache_steps: int = 0, state_dtype: torch.dtype = torch.float32,
+                 io_dtype: torch.dtype = torch.bfloat16, device="cuda",
+                 cache_dir: Optional[str | os.PathLike] = None, warmup: bool = True, jobs: Optional[int] = None):
+        self.kernels = GDNKernels(num_heads, num_v_heads, head_k_dim, head_v_dim, pool_size=pool_size,
+                                  cache_steps=cache_steps, state_dtype=state_dtype, io_dtype=io_dtype,
+                                  use_qk_l2norm=True, device=device, cache_dir=cache_dir)
+        self.num_heads, self.num_v_heads = num_heads, num_v_heads
+        self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
+        self.pool_size, self.cache_steps = pool_size, cache_steps
+        self.state_dtype, self.io_dtype = state_dtype, io_dtype
+        # The library decides which head dims its prefill takes (today K = V = 128).
+        self.supports_prefill = any(key.op == "prefill" for key in self.kernels.keys)
+        self.supports_target_verify = cache_steps > 0
+        if warmup:
+            self.warmup(jobs)
+
+    @classmethod
+    def from_model_runner(cls, model_runner, **kwargs) -> "CuteGDNKernel":
+        """The config of a built SGLang ModelRunner: heads and head dims from its GDN layers
+        (RadixLinearAttention), pool size, state dtype and draft tokens from its mamba pool, io dtype
+        from the model. kwargs go to the constructor (device, cache_dir, warmup, jobs)."""
+        # Found by class name (through the MRO): importing sglang.srt.layers.radix_linear_attention
+        # would import the model executor, which a running server has anyway and a test does not.
+        layers = [m for m in model_runner.model.modules()
+                  if any(c.__name__ == "RadixLinearAttention" for c in type(m).__mro__)]
+        if not layers:
+            raise ValueError("model_runner.model has no RadixLinearAttention (GDN) layer")
+        shapes = {(m.num_q_heads, m.num_k_heads, m.num_v_heads, m.head_q_dim, m.head_k_dim, m.head_v_dim)
+                  for m in layers}
+        if len(shapes) != 1:
+            raise NotImplementedError(f"GDN layers of several shapes: {sorted(shapes)}")
+        Hq, H, HV, Kq, K, V = shapes.pop()
+        if (Hq, Kq) != (H, K):
+            raise NotImplementedError(f"q heads ({Hq} x {Kq}) differ from k heads ({H} x {K})")
+        cache = model_runner.req_to_token_pool.mamba_pool.mamba_cache
+        temporal = cache.temporal  # [layers, pool_size, HV, V, K]
+        if tuple(temporal.shape[2:]) != (HV, V, K):
+            raise ValueError(f"mamba_cache.temporal {list(temporal.shape)} does not hold [HV={HV}, V={V}, K={K}] "
+                             f"states")
+        if not temporal[0].is_contiguous():
+            raise NotImplementedError("ssm_states: a non-contiguous (envelope-strided, page-major or unified "
+                                      "memory) mamba pool")
+        intermediate = getattr(cache, "intermediate_ssm", None)  # [layers, slots, draft tokens, HV, V, K]
+        cache_steps = int(intermediate.shape[2]) if intermediate is not None else 0
+        return cls(H, HV, K, V, pool_size=int(temporal.shape[1]), cache_steps=cache_steps,
+                   state_dtype=temporal.dtype, io_dtype=model_runner.dtype, **kwargs)
+
+    def warmup(self, jobs: Optional[int] = None) -> "CuteGDNKernel":
+        """Load (compiling what the disk cache lacks) every kernel of the config; idempotent."""
+        if not self.kernels.warm:
+            self.kernels.warmup(jobs)
+        return self
+
+    def __repr__(self) -> str:
+        return (f"CuteGDNKernel(H={self.num_heads}, HV={self.num_v_heads}, K={self.head_k_dim}, "
+                f"V={self.head_v_dim}, pool_size={self.pool_size}, cache_steps={self.cache_steps}, "
+                f"state={self.state_dtype}, io={self.io_dtype}, warm={self.kernels.warm})")
+
+    # ---- checks shared by the modes (attribute reads only: they run on every eager call) ----
+
+    def _check_pool(self, ssm_states: torch.Tensor) -> None:
+        if not ssm_states.is_contiguous():
+            raise NotImplementedError("ssm_states: a non-contiguous (envelope-strided) state pool; cute_gdn "
+                                      "needs a contiguous [pool_size, HV, V, K] pool")
+        if ssm_states.shape[0] != self.pool_size:
+            raise ValueError(f"ssm_states has {ssm_states.shape[0]} slots but this CuteGDNKernel was built "
+                             f"with pool_size={self.pool_size} (ssm_states.shape[0] as SGLang allocates it)")
+
+    @staticmethod
+    def _check_indices(name: str, idx: torch.Tensor, count: int) -> torch.Tensor:
+        """The first `count` entries of an int32 index vector, as a contiguous view."""
+        if idx.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32 (as SGLang passes it), got {idx.dtype}")
+        if idx.dim() != 1 or idx.shape[0] < count:
+            raise ValueError(f"{name} must be 1-D with at least {count} entries, got shape {list(idx.shape)}")
+        return idx if idx.shape[0] == count else idx[:count]
+
+    def _require_warm(self) -> None:
+        if not self.kernels.warm:
+            raise RuntimeError("CuteGDNKernel.warmup() has not run: it never compiles while serving "
+                               "(build it with warmup=True, or call warmup() before serving)")
+
+    # ---- the three modes ----
+
+    def decode(
+        self,
+        q: torch.Tensor,  # [1, B, H, K] (a view of the split mixed_qkv)
+        k: torch.Tensor,  # [1, B, H, K]
+        v: torch.Tensor,  # [1, B, HV, V]
+        a: torch.Tensor,  # [B, HV] raw gate
+        b: torch.Tensor,  # [B, HV] raw beta logit
+        *,
+        A_log: torch.Tensor,            # [HV] fp32
+        dt_bias: torch.Tensor,          # [HV] fp32 or bf16
+        ssm_states: torch.Tensor,       # [pool_size, HV, V, K], updated in place
+        cache_indices: torch.Tensor,    # [B] int32, < 0 = padding
+        query_start_loc: torch.Tensor,  # [B + 1] int32 (one token per sequence)
+        **kwargs,
+    ) -> torch.Tensor:                  # [1, B, HV, V] io dtype
+        _reject_unknown("decode", kwargs)
+        if q.dim() != 4 or q.shape[0] != 1:
+            raise ValueError(f"q must be [1, B, H, K], got {list(q.shape)}")
+        B = q.shape[1]
+        if query_start_loc.shape[0] != B + 1:
+            raise NotImplementedError(f"query_start_loc with {query_start_loc.shape[0]} entries for B={B} "
+                                      "tokens: decode takes one token per sequence")
+        self._check_pool(ssm_states)
+        slots = self._check_indices("cache_indices", cache_indices, B)
+        self._require_warm()
+        out = v.new_empty(1, B, self.num_v_heads, self.head_v_dim)
+        self.kernels.decode(_split_tokens(q, B, 1), _split_tokens(k, B, 1), _split_tokens(v, B, 1),
+                            _split_tokens(a, B, 1), _split_tokens(b, B, 1), A_log=A_log, dt_bias=dt_bias,
+                            state=ssm_states, state_indices=slots, out=_split_tokens(out, B, 1))
+        return out
+
+    def extend(
+        self,
+        q: torch.Tensor,     # [1, T, H, K]: the N sequences packed along T
+        k: torch.Tensor,     # [1, T, H, K]
+        v: torch.Tensor,     # [1, T, HV, V]
+        g: torch.Tensor,     # [1, T, HV] fp32 log decay (fused_gdn_gating)
+        beta: torch.Tensor,  # [1, T, HV] fp32 after the sigmoid (fused_gdn_gating)
+        *,
+        ssm_states: torch.Tensor,       # [pool_size, HV, V, K], final states written in place
+        cache_indices: torch.Tensor,    # [N] int32, < 0 = padding
+        query_start_loc: torch.Tensor,  # [N + 1] int32, 0 .. T
+        inplace_update: bool = True,
+        output: Optional[torch.Tensor] = None,  # [1, T, HV, V] io dtype, written when given
+        state_checkpoint_cu_starts: Optional[torch.Tensor] = None,
+        num_state_checkpoints: int = 0,
+        state_checkpoint_every_n_tokens: int = 0,
+        track_state: Optional[torch.Tensor] = None,
+        track_chunk_idx: Optional[torch.Tensor] = None,
+        extend_prefix_lens: Optional[torch.Tensor] = None,  # not read: see the module docstring
+        layer_id: Optional[int] = None,
+        **kwargs,
+    ) -> tuple:                         # (o [1, T, HV, V], None, None)
+        if not self.supports_prefill:
+            raise NotImplementedError(f"extend with head dims K={self.head_k_dim}, V={self.head_v_dim}: cute_gdn's "
+                                      "prefill needs K = V = 128")
+        if not inplace_update:
+            raise NotImplementedError("inplace_update=False (GDN multi-item scoring): cute_gdn's prefill always "
+                                      "writes the final states back")
+        for name, value in (("state_checkpoint_cu_starts", state_checkpoint_cu_starts),
+                            ("num_state_checkpoints", num_state_checkpoints),
+                            ("state_checkpoint_every_n_tokens", state_checkpoint_every_n_tokens),
+                            ("track_state", track_state), ("track_chunk_idx", track_chunk_idx)):
+            if _requested(value):
+                raise NotImplementedError(f"{name}: cute_gdn's prefill keeps no intermediate state snapshots")
+        _reject_unknown("extend", kwargs)
+        self._check_pool(ssm_states)
+        N = query_start_loc.shape[0] - 1
+        slots = self._check_indices("cache_indices", cache_indices, N)
+        if slots.shape[0] != cache_indices.shape[0]:
+            raise ValueError(f"cache_indices must have one entry per sequence (N={N}), got {cache_indices.shape[0]}")
+        if query_start_loc.dtype != torch.int32:
+            raise TypeError(f"query_start_loc must be int32 (as SGLang passes it), got {query_start_loc.dtype}")
+        if output is not None and (tuple(output.shape) != tuple(v.shape[:2]) + (self.num_v_heads, self.head_v_dim)):
+            raise ValueError(f"output must be [1, T, {self.num_v_heads}, {self.head_v_dim}], got {list(output.shape)}")
+        self._require_warm()
+        # fused_gdn_gating returns both in fp32, so neither conversion runs in SGLang 0.5.23; another
+        # caller's bf16 gates cost one elementwise kernel and a [1, T, HV] fp32 buffer each.
+        if g.dtype != torch.float32:
+            g = g.float()
+        if beta.dtype != torch.float32:
+            beta = beta.float()
+        o = self.kernels.extend(q, k, v, g=g, beta=beta, cu_seqlens=query_start_loc, state=ssm_states,
+                                state_indices=slots, has_initial_state=None, out=output)
+        return o, None, None
+
+    def target_verify(
+        self,
+        A_log: torch.Tensor,  # [HV] fp32
+        dt_bias: torch.Tensor,  # [HV] fp32 or bf16
+        q: torch.Tensor,  # [1, N*T, H, K] (a view of the split mixed_qkv)
+        k: torch.Tensor,  # [1, N*T, H, K]
+        v: torch.Tensor,  # [1, N*T, HV, V]
+        a: torch.Tensor,  # [N*T, HV] raw gate
+        b: torch.Tensor,  # [N*T, HV] raw beta logit
+        *,
+        ssm_states: torch.Tensor,       # [pool_size, HV, V, K], read only
+        cache_indices: torch.Tensor,    # [>= N] int32, < 0 = padding
+        query_start_loc: torch.Tensor,  # [N + 1] int32 (arange(0, N*T + 1, T))
+        intermediate_states_buffer: torch.Tensor,  # [slots, cache_steps, HV, V, K], the state's dtype
+        intermediate_state_indices: torch.Tensor,  # [>= N] int32 rows of intermediate_states_buffer
+        cache_steps: int,               # T: this step's draft tokens, 1 .. the config's cache_steps
+        retrieve_parent_token: Optional[torch.Tensor],
+        stable_rows: bool = False,      # PP-stable rows: only the indices differ, handled as given
+        **kwargs,
+    ) -> torch.Tensor:                  # [1, N*T, HV, V] io dtype
+        if retrieve_parent_token is not None:
+            raise NotImplementedError("retrieve_parent_token (EAGLE tree verify): cute_gdn verifies linear draft "
+                                      "chains only; SGLang routes trees to its tree_verify_kernel")
+        _reject_unknown("target_verify", kwargs)
+        if not self.supports_target_verify:
+            raise NotImplementedError("target_verify: this CuteGDNKernel was built with cache_steps=0 "
+                                      "(no speculative decoding)")
+        if intermediate_states_buffer is None:
+            raise NotImplementedError("intermediate_states_buffer=None (ReplaySSM spec verify): cute_gdn caches "
+                                      "every intermediate state")
+        if intermediate_states_buffer.dim() != 5 or intermediate_states_buffer.shape[1] != self.cache_steps:
+            raise NotImplementedError(f"intermediate_states_buffer {list(intermediate_states_buffer.shape)}: this "
+                                      f"CuteGDNKernel was built for cache_steps={self.cache_steps} "
+                                      "([slots, cache_steps, HV, V, K])")
+        T = int(cache_steps)
+        if not 1 <= T <= self.cache_steps:
+            raise NotImplementedError(f"cache_steps={T}: this CuteGDNKernel verifies 1 to {self.cache_steps} "
+                                      "draft tokens")
+        N = query_start_loc.shape[0] - 1
+        if q.dim() != 4 or q.shape[0] != 1 or q.shape[1] != N * T:
+            raise NotImplementedError(f"query_start_loc with N={N} sequences for q {list(q.shape)}: verify takes "
+                                      f"[1, N * cache_steps = {N * T}, H, K] (ragged verify is not supported)")
+        self._check_pool(ssm_states)
+        slots = self._check_indices("cache_indices", cache_indices, N)
+        rows = self._check_indices("intermediate_state_indices", intermediate_state_indices, N)
+        self._require_warm()
+        out = v.new_empty(1, N * T, self.num_v_heads, self.head_v_dim)
+        self.kernels.target_verify(_split_tokens(q, N, T), _split_tokens(k, N, T), _split_tokens(v, N, T),
+                                   _split_tokens(a, N, T), _split_tokens(b, N, T), A_log=A_log, dt_bias=dt_bias,
+                                   state=ssm_states, state_indices=slots, cache=intermediate_states_buffer,
+                                   cache_indices=rows, out=_split_tokens(out, N, T))
+        return out
+
+
+def install(dispatcher, kernel: CuteGDNKernel, modes: Iterable[str] = ALL_MODES) -> dict:
+    """Make SGLang's GDNKernelDispatcher (`GDNAttnBackend.kernel_dispatcher`) run `kernel` for `modes`
+    (any of "decode", "extend", "target_verify"). Returns the kernels it replaced, by mode.
+
+    Where: once the model runner built its attention backends and before it captures CUDA graphs
+    (captured graphs keep the kernels they recorded), e.g. in an AFTER hook of
+    `ModelRunner.init_attention_backends` (see `register_sglang_hook`):
+
+        dispatcher = model_runner.attn_backend.linear_attn_backend.kernel_dispatcher
+        install(dispatcher, CuteGDNKernel.from_model_runner(model_runner))
+
+    Tree verify (EAGLE top-k > 1) keeps going to the dispatcher's `tree_verify_kernel` (Triton).
+    """
+    if not isinstance(kernel, CuteGDNKernel):
+        raise TypeError(f"kernel must be a CuteGDNKernel, got {type(kernel).__name__}")
+    modes = tuple(modes)
+    if not modes:
+        raise ValueError(f"modes must name at least one of {list(MODES)}")
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"modes must be among {list(MODES)}, got {mode!r}")
+    for attr in (*MODES.values(), "supports_packed_decode", "tree_verify_kernel"):
+        if not hasattr(dispatcher, attr):
+            raise TypeError(f"dispatcher must be SGLang's GDNKernelDispatcher (GDNAttnBackend.kernel_dispatcher); "
+                            f"{type(dispatcher).__name__} has no attribute {attr!r}")
+    if "extend" in modes and not kernel.supports_prefill:
+        raise ValueError(f"{kernel!r} cannot take extend: cute_gdn's prefill needs K = V = 128")
+    if "target_verify" in modes and not kernel.supports_target_verify:
+        raise ValueError(f"{kernel!r} cannot take target_verify: build it with cache_steps = the draft tokens")
+    if not kernel.kernels.warm:
+        raise ValueError(f"{kernel!r} is not warmed up: call warmup() before installing it")
+    replaced = {}
+    for mode in dict.fromkeys(modes):
+        attr = MODES[mode]
+        replaced[mode] = getattr(dispatcher, attr)
+        setattr(dispatcher, attr, kernel)
+    if "decode" in modes:
+        # The dispatcher reads this flag (not the kernel's) to choose the packed Triton decode.
+        dispatcher.supports_packed_decode = kernel.supports_packed_decode
+    if "target_verify" in modes and hasattr(dispatcher, "verify_kernel_is_flashinfer"):
+        # Picks FlashInfer's CuTe DSL ReplaySSM fold when True; the verify kernel is no longer FlashInfer's.
+        dispatcher.verify_kernel_is_flashinfer = False
+    return replaced
+
+
+def gdn_dispatchers(model_runner) -> list:
+    """Every GDNKernelDispatcher a ModelRunner's attention backends hold: `attn_backend` (a
+    HybridLinearAttnBackend whose `linear_attn_backend` is the GDNAttnBackend, or a TboAttnBackend's
+    primary and children), `decode_attn_backend` and `decode_attn_backend_group` (PD multiplexing)."""
+    found, seen = [], set()
+
+    def walk(backend):
+        if backend is None or id(backend) in seen:
+            return
+        seen.add(id(backend))
+        dispatcher = getattr(backend, "kernel_dispatcher", None)
+        if dispatcher is not None and all(hasattr(dispatcher, attr) for attr in MODES.values()):
+            if all(d is not dispatcher for d in found):
+                found.append(dispatcher)
+        walk(getattr(backend, "linear_attn_backend", None))
+        walk(getattr(backend, "primary", None))
+        children = getattr(backend, "children", None)
+        if isinstance(children, (list, tuple)):
+            for child in children:
+                walk(child)
+
+    walk(getattr(model_runner, "attn_backend", None))
+    walk(getattr(model_runner, "decode_attn_backend", None))
+    for backend in getattr(model_runner, "decode_attn_backend_group", None) or ():
+        walk(backend)
+    return found
+
+
+def install_into_runner(model_runner, kernel: Optional[CuteGDNKernel] = None, modes: Iterable[str] = ALL_MODES,
+                        **kernel_kwargs) -> CuteGDNKernel:
+    """install() into every GDN dispatcher of `model_runner`; builds (and warms up) the kernel with
+    CuteGDNKernel.from_model_runner(model_runner, **kernel_kwargs) unless one is given. Returns it."""
+    modes = tuple(modes)
+    dispatchers = gdn_dispatchers(model_runner)
+    if not dispatchers:
+        raise ValueError("model_runner has no GDN kernel dispatcher (is it a GDN model, attention backends built?)")
+    pool = getattr(model_runner, "req_to_token_pool", None)
+    if "extend" in modes and getattr(pool, "enable_mamba_extra_buffer", False):
+        raise NotImplementedError("extend with SGLang's mamba extra buffer (--mamba-scheduler-strategy "
+                                  "extra_buffer): its prefix-cache tracking reads the per-chunk states h that "
+                                  "CuteGDNKernel.extend does not return")
+    if kernel is None:
+        kernel = CuteGDNKernel.from_model_runner(model_runner, **kernel_kwargs)
+    for dispatcher in dispatchers:
+        install(dispatcher, kernel, modes)
+    return kernel
+
+
+HOOK_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.init_attention_backends"
+
+
+def register_sglang_hook(modes: Optional[Iterable[str]] = None, **kernel_kwargs) -> None:
+    """Register, with SGLang's plugin HookRegistry, an AFTER hook on ModelRunner.init_attention_backends
+    that runs install_into_runner on every runner holding GDN layers (draft runners without GDN layers
+    are left alone). Call it from an SGLang general plugin (entry point group "sglang.srt.plugins"), which
+    SGLang loads in every scheduler process before the model runners exist. `modes` defaults to
+    $CUTE_GDN_SGLANG_MODES (comma-separated) or all three."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if modes is None:
+        env = os.environ.get("CUTE_GDN_SGLANG_MODES", "")
+        modes = tuple(m.strip() for m in env.split(",") if m.strip()) or ALL_MODES
+    modes = tuple(modes)
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"modes must be among {list(MODES)}, got {mode!r}")
+
+    def after_init_attention_backends(result, model_runner, *args, **kwargs):
+        if gdn_dispatchers(model_runner):
+            install_into_runner(model_runner, modes=modes, **kernel_kwargs)
+        return result
+
+    HookRegistry.register(HOOK_TARGET, after_init_attention_backends, HookType.AFTER)
+
+
+def plugin() -> None:
+    """An SGLang general-plugin entry point (group "sglang.srt.plugins") that is opt-in: it registers
+    the hook only when $CUTE_GDN_SGLANG_MODES names the modes to take (e.g. "decode,extend,target_verify"),
+    so installing cute_gdn alone never changes the kernels SGLang runs."""
+    if os.environ.get("CUTE_GDN_SGLANG_MODES", "").strip():
+        register_sglang_hook()
