@@ -13,8 +13,22 @@ def _hopper() -> bool:
 
 def pytest_collection_modifyitems(config, items):
     if _hopper():
+        _precompile(items)
         return
     skip = pytest.mark.skip(reason="needs an sm_90 (Hopper) CUDA device")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _precompile(items) -> None:
+    """Compile every kernel the selected GPU tests need in one parallel batch (one process per CPU core)
+    before the first test runs: each GPU module lists its kernels in gpu_kernel_keys(). Compiling module by
+    module would leave most cores idle while a module's last kernels compile."""
+    from cute_gdn.cache import default_cache
+
+    modules = {item.module for item in items if "gpu" in item.keywords}
+    keys = [key for module in sorted(modules, key=lambda m: m.__name__)
+            for key in getattr(module, "gpu_kernel_keys", lambda: [])()]
+    if keys:
+        default_cache().compile(keys, jobs=os.cpu_count() or 1)

@@ -9,6 +9,14 @@ import torch
 pytestmark = pytest.mark.gpu
 
 
+def gpu_kernel_keys() -> list:
+    """The API example's config (GDNKernels(16, 32, 128, 128, pool_size=512, cache_steps=4)), compiled by
+    conftest with the rest of the run's kernels."""
+    from cute_gdn.serving import config_keys
+
+    return config_keys(16, 32, 128, 128, pool_size=512, cache_steps=4)
+
+
 def test_readme_api_example_runs():
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"## API\n\n```python\n(.*?)```", text, re.S).group(1)
