@@ -177,6 +177,13 @@ def check_cache_dir(cache_dir: str | os.PathLike) -> Path:
     return directory
 
 
+ANSWER_PREFIX = b"cute_gdn-answer "  # marks the worker's answer lines on its stdout
+# The worker's bootstrap moves its stdout (the answer pipe) aside before anything is imported, so that a
+# print during the imports (cute_gdn, torch, cutlass) or the compile goes to stderr, not into an answer.
+_BOOTSTRAP = ("import os; answers = os.dup(1); os.dup2(2, 1); "
+              "from cute_gdn._compile_worker import main; main(answers)")
+
+
 def _worker_command() -> tuple[list[str], dict]:
     """A fresh interpreter running cute_gdn._compile_worker: unlike multiprocessing's spawn it never
     re-imports the caller's __main__, so a script without a main guard, a notebook or an exec'd string
@@ -184,7 +191,7 @@ def _worker_command() -> tuple[list[str], dict]:
     env = {**os.environ, "CUTE_DSL_ARCH": ARCH, "PYTHONUNBUFFERED": "1"}
     root = str(_PKG_DIR.parent)  # the worker imports this very copy of cute_gdn
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return [sys.executable, "-m", "cute_gdn._compile_worker"], env
+    return [sys.executable, "-c", _BOOTSTRAP], env
 
 
 class _Worker:
@@ -202,25 +209,32 @@ class _Worker:
             self.proc.stdin.write(base64.b64encode(pickle.dumps((key, cache_dir))) + b"\n")
             self.proc.stdin.flush()
             line = self.proc.stdout.readline()
+            while line and not line.startswith(ANSWER_PREFIX):  # e.g. a sitecustomize's print at start-up
+                line = self.proc.stdout.readline()
         except (BrokenPipeError, OSError):
             line = b""
         if not line:
             return "failed", 0.0, f"the compile worker died (exit status {self.proc.wait()}): {self.stderr_tail()}"
-        return pickle.loads(base64.b64decode(line))
+        return pickle.loads(base64.b64decode(line[len(ANSWER_PREFIX):]))
 
     def stderr_tail(self, chars: int = 2000) -> str:
         self.log.seek(0)
         return self.log.read().decode(errors="replace")[-chars:].strip() or "no output"
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
+        """Let the worker exit (stdin closed), or kill it if it does not within 30 s."""
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            self.kill()
+        self.proc.stdout.close()
         self.log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
 
     @property
     def alive(self) -> bool:
@@ -253,34 +267,54 @@ def compile_many(keys: Iterable[KernelKey], cache_dir: str | os.PathLike, jobs: 
         for i in missing:
             todo.put(i)
         finished: queue.Queue = queue.Queue()
-        workers: list[_Worker] = []
+        workers: list[_Worker] = []  # every worker started, for the kill on an interrupt
+        lock = threading.Lock()
 
         def serve() -> None:
+            """One thread per job: takes keys until none is left, always answering each key it took
+            (a failure of any kind is that key's result), then lets its worker exit."""
             worker = None
-            while True:
-                try:
-                    i = todo.get_nowait()
-                except queue.Empty:
-                    break
-                if worker is None or not worker.alive:  # a crashed worker is replaced for the next key
-                    worker = _Worker()
-                    workers.append(worker)
-                finished.put((i, *worker.compile(keys[i], str(cache_dir))))
+            try:
+                while True:
+                    try:
+                        i = todo.get_nowait()
+                    except queue.Empty:
+                        return
+                    try:
+                        if worker is None or not worker.alive:  # a crashed worker is replaced for the next key
+                            if worker is not None:
+                                worker.close()
+                            worker = _Worker()
+                            with lock:
+                                workers.append(worker)
+                        result = worker.compile(keys[i], str(cache_dir))
+                    except Exception as e:  # reported as this key's failure; the caller decides what to do
+                        result = ("failed", 0.0, f"{type(e).__name__}: {e}")
+                    finished.put((i, *result))
+            finally:
+                if worker is not None:
+                    worker.close()
 
         threads = [threading.Thread(target=serve, daemon=True) for _ in range(min(jobs, len(missing)))]
+        received = 0
         try:
             for t in threads:
                 t.start()
             for _ in missing:
                 i, *result = finished.get()
+                received += 1
                 done[i] = (keys[i], *result)
                 if on_result is not None:
                     on_result(*done[i])
         finally:
-            while not todo.empty():  # interrupted: leave the remaining keys, stop the workers
-                todo.get_nowait()
-            for worker in list(workers):
-                worker.close()
+            if received < len(missing):  # interrupted: drop the remaining keys, kill the workers
+                while not todo.empty():
+                    todo.get_nowait()
+                with lock:
+                    for worker in workers:
+                        worker.kill()
+            for t in threads:
+                t.join()
     return done
 
 

@@ -158,3 +158,25 @@ def test_compile_many_rejects_bad_jobs(tmp_path):
     for jobs in (0, -3, 1.5, True):
         with pytest.raises(ValueError, match="jobs must be an int >= 1"):
             compile_many([small_key()], tmp_path, jobs=jobs)
+
+
+def test_noise_on_the_workers_stdout_does_not_corrupt_answers(tmp_path, monkeypatch):
+    """A sitecustomize that prints when the worker interpreter starts (before its bootstrap can move
+    stdout aside): the parent skips lines that are not answers."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("print('hello from sitecustomize')\n")
+    monkeypatch.setenv("PYTHONPATH", f"{site}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    results = compile_many([small_key(pool_size=9)], tmp_path / "cache", jobs=1)
+    assert [r[1] for r in results] == ["compiled"], results
+
+
+def test_workers_that_cannot_start_fail_every_key_without_hanging(tmp_path, monkeypatch):
+    import cute_gdn.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_worker_command",
+                        lambda: ([str(tmp_path / "no-such-python")], dict(os.environ)))
+    keys = [small_key(pool_size=p) for p in (10, 11, 12)]
+    results = compile_many(keys, tmp_path / "cache", jobs=2)
+    assert [r[0] for r in results] == keys
+    assert all(r[1] == "failed" and "No such file" in r[3] for r in results), results

@@ -1,0 +1,58 @@
+"""The public ops' host path on the CPU: decode's written-out one-gate-set test agrees with
+ops._one_gate_set, and the public wrappers reach the private forms with the default cache."""
+
+import itertools
+import inspect
+
+import pytest
+import torch
+
+from cute_gdn import ops
+from cute_gdn.cache import KernelCache
+
+B, H, HV, K, V, POOL = 2, 2, 4, 16, 16, 3
+
+
+def _tensors():
+    q = torch.randn(B, 1, H, K, dtype=torch.bfloat16)
+    v = torch.randn(B, 1, HV, V, dtype=torch.bfloat16)
+    gate = torch.randn(B, 1, HV, dtype=torch.bfloat16)
+    return dict(q=q, k=q.clone(), v=v, a=gate, b=gate.clone(), A_log=torch.zeros(HV), dt_bias=torch.zeros(HV),
+                g=torch.zeros(B, 1, HV), beta=torch.zeros(B, 1, HV), state=torch.zeros(POOL, HV, V, K),
+                state_indices=torch.zeros(B, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("given", list(itertools.product((False, True), repeat=6)))
+def test_decode_gate_set_check_matches_one_gate_set(given):
+    """Every combination of given/None for (a, b, A_log, dt_bias, g, beta): the hot path launches
+    exactly when _one_gate_set accepts it, and otherwise runs the full checks (which raise)."""
+    t = _tensors()
+    gates = {name: (t[name] if on else None) for name, on in zip(("a", "b", "A_log", "dt_bias", "g", "beta"), given)}
+    raw = gates["g"] is None
+    launched = []
+    cache = KernelCache("/nonexistent-cute-gdn-cache")
+    for bias in (torch.float32, None):  # the signature of a raw call (fp32 dt_bias) and of a precomputed one
+        sig = ("decode", torch.bfloat16, torch.float32, H, K, HV, V, POOL, bias, True, True)
+        cache.by_signature[sig] = (1 << 30, lambda *args: launched.append(len(args)), None)
+    accepted = ops._one_gate_set(raw, gates["a"], gates["b"], gates["A_log"], gates["dt_bias"], gates["beta"])
+    call = lambda: ops._decode(cache, False, None, t["q"], t["k"], t["v"], gates["a"], gates["b"], gates["A_log"],
+                               gates["dt_bias"], gates["g"], gates["beta"], t["state"], t["state_indices"], None,
+                               True, None)
+    if accepted:
+        o = call()
+        assert launched == [11] and o.shape == (B, 1, HV, V)
+    else:
+        with pytest.raises(ValueError):
+            call()
+        assert launched == []
+
+
+@pytest.mark.parametrize("name", ["prefill", "decode", "verify", "commit", "commit_layers"])
+def test_public_ops_have_no_private_parameters_and_document_errors(name):
+    fn = getattr(ops, name)
+    params = inspect.signature(fn).parameters
+    assert not [p for p in params if p.startswith("_")], list(params)
+    assert "Raises:" in fn.__doc__ and "ValueError" in fn.__doc__
+    private = inspect.signature(getattr(ops, f"_{name}")).parameters
+    assert list(private)[:2] == ["kcache", "allow_compile"]
+    assert [p for p in private if p not in ("kcache", "allow_compile", "check_config")] == list(params)
