@@ -28,7 +28,9 @@ commit_layers. A `cute_gdn.LayerTable` is not a tensor, so the op takes the per-
 as `Tensor[]` and builds the table itself, memoized by the tensors' addresses and the first layer's
 shapes, strides and dtype. Building a table copies L addresses to the GPU, which a CUDA-graph capture cannot record:
 call the op once eagerly (a compiled function's first run does) or `layer_table(states, caches)`
-before capturing; a capture that meets tensors without a table raises RuntimeError. Tables are kept
+before capturing; a capture that meets tensors without a table raises RuntimeError. After use_kernels,
+each table passes that GDNKernels' config check (as GDNKernels.layer_table does it) before its first commit
+through it, so tensors of another pool size, head layout, dtype or cache_steps raise ValueError. Tables are kept
 for the life of the process, because a captured graph reads their address arrays on every replay
 (they hold the tensors, so the addresses stay valid); `clear_layer_tables()` drops them once no such
 graph will be replayed.
@@ -67,6 +69,14 @@ def _surface_for(use_qk_l2norm: bool):
         raise ValueError(f"use_qk_l2norm={bool(use_qk_l2norm)}, but the kernels given to "
                          f"cute_gdn.torch_ops.use_kernels were built with use_qk_l2norm={surface.use_qk_l2norm}")
     return surface
+
+
+def _call(op, out_op, args: tuple, out: Optional[Tensor]) -> Tensor:
+    """op(*args), the op that returns a fresh o, or out_op(*args, out) returning `out` (Outputs, above)."""
+    if out is None:
+        return op(*args)
+    out_op(*args, out)
+    return out
 
 
 def _prefill(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state, scale,
@@ -173,12 +183,9 @@ def prefill(
     out: Optional[Tensor] = None,  # [1, T, HV, V]
 ) -> Tensor:
     """`cute_gdn.prefill` through the registered ops (same arguments); returns o (`out` if given)."""
-    if out is None:
-        return torch.ops.cute_gdn.prefill(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices,
-                                          has_initial_state, scale, use_qk_l2norm)
-    torch.ops.cute_gdn.prefill_out(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices,
-                                   has_initial_state, scale, use_qk_l2norm, out)
-    return out
+    return _call(torch.ops.cute_gdn.prefill, torch.ops.cute_gdn.prefill_out,
+                 (q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state, scale,
+                  use_qk_l2norm), out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,12 +251,8 @@ def decode(
     out: Optional[Tensor] = None,  # [B, 1, HV, V]
 ) -> Tensor:
     """`cute_gdn.decode` through the registered ops (same arguments); returns o (`out` if given)."""
-    if out is None:
-        return torch.ops.cute_gdn.decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, scale,
-                                         use_qk_l2norm)
-    torch.ops.cute_gdn.decode_out(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, scale,
-                                  use_qk_l2norm, out)
-    return out
+    return _call(torch.ops.cute_gdn.decode, torch.ops.cute_gdn.decode_out,
+                 (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, scale, use_qk_l2norm), out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,12 +326,9 @@ def verify(
     out: Optional[Tensor] = None,  # [B, T, HV, V]
 ) -> Tensor:
     """`cute_gdn.verify` through the registered ops (same arguments); returns o (`out` if given)."""
-    if out is None:
-        return torch.ops.cute_gdn.verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache,
-                                         cache_indices, scale, use_qk_l2norm)
-    torch.ops.cute_gdn.verify_out(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache,
-                                  cache_indices, scale, use_qk_l2norm, out)
-    return out
+    return _call(torch.ops.cute_gdn.verify, torch.ops.cute_gdn.verify_out,
+                 (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, scale,
+                  use_qk_l2norm), out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -376,6 +376,8 @@ def commit(
 # 2-core CI machine). Never evicted on its own: a captured CUDA graph may read a table's address arrays
 # on any replay.
 _TABLES: dict = {}
+# id(table) -> (table, the serving surface whose config check it passed); see _commit_layers_op.
+_CHECKED: dict = {}
 # More tables than any engine has layer sets means the op is handed new tensors on every call (for
 # example the copies that a backend without re-inplacing, such as aot_eager, makes): say so once.
 _TABLES_WARN = 64
@@ -427,6 +429,7 @@ def clear_layer_tables() -> None:
     through them will be replayed: such a graph reads the tables' address arrays."""
     global _warned
     _TABLES.clear()
+    _CHECKED.clear()
     _warned = False
 
 
@@ -439,8 +442,17 @@ def _commit_layers_op(
     accepted_steps: Tensor,          # [B] int32 in [0, cache_steps]
 ) -> None:
     surface = _surface
-    (ops if surface is None else surface).commit_layers(layer_table(states, caches), state_indices, cache_indices,
-                                                        accepted_steps)
+    table = layer_table(states, caches)
+    if surface is None:
+        ops.commit_layers(table, state_indices, cache_indices, accepted_steps)
+        return
+    if _CHECKED.get(id(table), (None, None))[1] is not surface:
+        # The memo builds an ops.LayerTable, not GDNKernels.layer_table, so this is that method's check that
+        # the pools and caches belong to the surface's config (pool size, heads, dims, dtype, cache_steps). Once
+        # per table and surface; a table built before use_kernels (or for another surface) is checked here too.
+        surface._check_config(None, table.states[0], table.caches[0])
+        _CHECKED[id(table)] = (table, surface)  # the table held, so that its id is not reused
+    surface.commit_layers(table, state_indices, cache_indices, accepted_steps)
 
 
 @_commit_layers_op.register_fake

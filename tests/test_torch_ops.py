@@ -376,6 +376,75 @@ def test_use_kernels_routes_the_ops_through_a_serving_surface(stand_ins, monkeyp
     assert [c[0] for c in stand_ins] == ["commit"]
 
 
+def test_commit_layers_runs_the_surfaces_config_check(stand_ins, monkeypatch):
+    """Under use_kernels the memoized table (an ops.LayerTable, not GDNKernels.layer_table) still gets the
+    surface's config check: tensors of another pool size or cache_steps raise ValueError before any commit,
+    a table built before use_kernels included; a matching one is checked once per table and surface."""
+    states, caches, slots, cidx, acc = op_args("commit_layers", "cpu")
+    before = [s.clone() for s in states]
+    torch_ops.layer_table(states, caches)  # built with no surface in use
+    seen, checks = [], []
+
+    def surface(**config):
+        kernels = GDNKernels(H, HV, K, V, **config)
+        monkeypatch.setattr(kernels, "commit_layers", lambda *args: seen.append(kernels))
+
+        def check(*args):
+            checks.append(kernels)
+            GDNKernels._check_config(kernels, *args)
+        monkeypatch.setattr(kernels, "_check_config", check)
+        return kernels
+
+    try:
+        for config, error in ((dict(pool_size=POOL + 1, cache_steps=STEPS), "state must be"),
+                              (dict(pool_size=POOL, cache_steps=STEPS + 1), "cache_steps"),
+                              (dict(pool_size=POOL, cache_steps=STEPS, state_dtype=torch.bfloat16), "state must be")):
+            torch_ops.use_kernels(surface(**config))
+            with pytest.raises(ValueError, match=error):
+                torch_ops.commit_layers(states, caches, slots, cidx, acc)
+        assert len(checks) == 3 and not seen
+        good = surface(pool_size=POOL, cache_steps=STEPS)
+        torch_ops.use_kernels(good)
+        for _ in range(3):
+            torch_ops.commit_layers(states, caches, slots, cidx, acc)
+        assert checks[3:] == [good] and seen == [good] * 3
+        other = surface(pool_size=POOL, cache_steps=STEPS)  # another surface: checked again
+        torch_ops.use_kernels(other)
+        torch_ops.commit_layers(states, caches, slots, cidx, acc)
+        assert checks[4:] == [other] and seen[3:] == [other]
+    finally:
+        torch_ops.use_kernels(None)
+    assert stand_ins.LayerTable.built == 1 and not stand_ins  # one table; the free function never ran
+    for got, want in zip(states, before):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)  # the surfaces' stand-ins write nothing
+
+
+@pytest.mark.parametrize("name", ("prefill", "verify"))
+def test_prefill_and_verify_wrappers_route_out(stand_ins, name):
+    """The wrappers' shared out dispatch: with out, the _out op writes it and it is returned; without, a fresh
+    o with the same numbers."""
+    args = op_args(name + "_out", "cpu")
+    *call, out = args
+    written = 10 if name == "prefill" else 11  # the pool (prefill) or the verify cache, written in place
+    keep = call[written].clone()
+    gates = dict(zip(("A_log", "dt_bias", "g", "beta"), call[5:9]))
+    if name == "prefill":
+        kwargs = dict(cu_seqlens=call[9], state=call[10], state_indices=call[11], has_initial_state=call[12],
+                      scale=call[13], use_qk_l2norm=call[14])
+    else:
+        kwargs = dict(state=call[9], state_indices=call[10], cache=call[11], cache_indices=call[12], scale=call[13],
+                      use_qk_l2norm=call[14])
+    wrapper = getattr(torch_ops, name)
+    assert wrapper(*call[:5], **gates, **kwargs, out=out) is out
+    kwargs["state" if name == "prefill" else "cache"] = keep
+    fresh = wrapper(*call[:5], **gates, **kwargs)
+    assert fresh is not out and fresh.shape == out.shape
+    assert float(out.float().abs().max()) > 0
+    torch.testing.assert_close(fresh, out, rtol=0, atol=0)
+    torch.testing.assert_close(keep, call[written], rtol=0, atol=0)
+    assert [c[0] for c in stand_ins] == [name, name]
+
+
 # ---------------------------------------------------------------------------------------------- torch.compile
 
 class CaptureBackend:

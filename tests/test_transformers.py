@@ -15,6 +15,7 @@ from transformers import DynamicCache, Qwen3NextConfig, Qwen3NextForCausalLM  # 
 
 import cute_gdn  # noqa: E402
 from cute_gdn import _checks as chk  # noqa: E402
+from cute_gdn import ops  # noqa: E402
 from cute_gdn import reference  # noqa: E402
 from cute_gdn.integrations import transformers as integ  # noqa: E402
 
@@ -76,7 +77,8 @@ class FakeKernels:
         if has_initial_state is not None:
             assert has_initial_state.dtype == torch.bool and has_initial_state.shape == (N,)
         self.calls.append(dict(op="prefill", T=q.shape[1], N=N, H=q.shape[2], q_stride=q.stride(),
-                               state_ptr=state.data_ptr(), bounds=cu_seqlens.tolist(),
+                               state_ptr=state.data_ptr(), slots_ptr=state_indices.data_ptr(),
+                               bounds=cu_seqlens.tolist(),
                                init=None if has_initial_state is None else has_initial_state.tolist()))
         o, new_state = reference.prefill(q, k, v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, cu_seqlens=cu_seqlens,
                                          state=state, state_indices=state_indices,
@@ -89,7 +91,8 @@ class FakeKernels:
                use_qk_l2norm=True, out=None):
         assert q.shape[1] == 1 and out is None
         self._check_common(q, k, v, a, b, A_log, dt_bias, state, state_indices, q.shape[0])
-        self.calls.append(dict(op="decode", B=q.shape[0], H=q.shape[2], state_ptr=state.data_ptr()))
+        self.calls.append(dict(op="decode", B=q.shape[0], H=q.shape[2], state_ptr=state.data_ptr(),
+                               slots_ptr=state_indices.data_ptr()))
         o, new_state = reference.decode(q, k, v, a=a, b=b, A_log=A_log, dt_bias=dt_bias, state=state,
                                         state_indices=state_indices, scale=scale, use_qk_l2norm=use_qk_l2norm)
         state.copy_(new_state)
@@ -99,6 +102,14 @@ class FakeKernels:
         return [c for c in self.calls if c["op"] == op]
 
 
+def _cpu_identity(mp):
+    # ops' arange memo (the slot indices) asks torch.cuda whether a capture is running, which a CPU-only torch
+    # cannot answer; a fresh memo that knows no capture runs on the CPU.
+    mp.setattr(ops, "_IDENTITY", ops.DeviceVectors(lambda n, device: torch.arange(n, dtype=torch.int32,
+                                                                                  device=device),
+                                                   capturing=lambda: False))
+
+
 @pytest.fixture
 def fake():
     """The fake kernels in place of cute_gdn's, and transformers' torch fallbacks (never FLA) for both models."""
@@ -106,6 +117,7 @@ def fake():
     with pytest.MonkeyPatch.context() as mp, integ.torch_reference_path():
         mp.setattr(cute_gdn, "prefill", kernels.prefill)
         mp.setattr(cute_gdn, "decode", kernels.decode)
+        _cpu_identity(mp)
         yield kernels
 
 
@@ -318,6 +330,71 @@ def test_restore_and_errors(fake):
         integ.use_cute_gdn(cute, state_dtype=torch.float16)
     with pytest.raises(ValueError, match="no Qwen3NextGatedDeltaNet"):
         integ.use_cute_gdn(torch.nn.Linear(2, 2))
+
+
+def test_slots_are_the_shared_identity_memo(fake):
+    """state_indices = arange(B) comes from ops' capture-safe memo (one tensor grown as needed), not a copy."""
+    _, cute = tiny_models(HEADS[0], seed=8)
+    assert not hasattr(integ, "_SLOTS") and not hasattr(integ, "_slots")
+    for B in (2, 3):
+        run_steps(cute, torch.randint(0, 96, (B, 6)), 2)
+    memo = ops._IDENTITY.get(3, torch.device("cpu"))
+    assert torch.equal(memo, torch.arange(3, dtype=torch.int32))
+    assert len(fake.calls) == 2 * 3 * 3  # (prefill + 2 decodes) x 3 layers x 2 batch sizes
+    assert {c["slots_ptr"] for c in fake.calls} == {memo.data_ptr()}  # both batch sizes: views of one tensor
+
+
+# The parameters whose gradient would go through the kernels (transformers' own names in the GDN layer).
+KERNEL_PARAMS = ["in_proj_qkvz.weight", "in_proj_ba.weight", "conv1d.weight", "A_log", "dt_bias"]
+
+
+@pytest.mark.parametrize("name", KERNEL_PARAMS)
+def test_trainable_layer_parameters_raise(fake, name):
+    """Autograd through a GDN layer's own parameters (an input that does not require grad, as with LoRA or a
+    fine-tuned projection) raises instead of dropping the gradient; before any kernel call or cache write."""
+    _, cute = tiny_models(HEADS[1], seed=9)
+    cute.requires_grad_(False)
+    layer = integ.gdn_layers(cute)[0]
+    layer.get_parameter(name).requires_grad_(True)
+    prompt = torch.randint(0, 96, (1, 8))
+    assert not cute.get_input_embeddings()(prompt).requires_grad
+    cache = DynamicCache(config=cute.config)
+    with pytest.raises(NotImplementedError, match="no backward"):
+        cute(prompt, past_key_values=cache, use_cache=True)
+    assert not fake.calls
+    assert not cache.has_previous_state(layer.layer_idx)  # the conv cache was not written
+    with torch.no_grad():  # no recording: runs
+        cute(prompt)
+    assert len(fake.ops("prefill")) == 3
+
+
+def test_trainable_parameters_outside_the_kernels_keep_their_gradients(fake):
+    """Only what enters the kernels raises: with the lm_head (after every kernel) trainable, the forward runs
+    with autograd on and the lm_head's gradient is the torch path's."""
+    ref, cute = tiny_models(HEADS[1], seed=10)
+    prompt = torch.randint(0, 96, (2, 8))
+    grads = []
+    for model in (ref, cute):
+        model.requires_grad_(False)
+        model.lm_head.weight.requires_grad_(True)
+        model(prompt).logits.square().mean().backward()
+        grads.append(model.lm_head.weight.grad)
+    assert len(fake.ops("prefill")) == 3
+    assert_close(grads[1], grads[0])
+
+
+def test_fp32_model_raises_the_kernels_type_error(monkeypatch):
+    """The real ops reject fp32 q (before any write) with a TypeError, as the docstring and docs say."""
+    _cpu_identity(monkeypatch)
+    _, cute = tiny_models(HEADS[1])
+    with torch.no_grad(), pytest.raises(TypeError, match="q must have dtype"):
+        cute(torch.randint(0, 96, (1, 8)), use_cache=False)
+    docs = open(__file__.rsplit("/tests/", 1)[0] + "/docs/transformers.md").read()
+    for text in (integ.__doc__, docs):
+        line = " ".join(text.split())
+        fp32 = line[line.index("fp32 models"):]
+        fp32 = fp32[:fp32.index("CPU tensors")]
+        assert "TypeError" in fp32 and "ValueError" not in fp32, fp32
 
 
 def test_torch_reference_path_unwraps_transformers_backends():

@@ -69,12 +69,13 @@ every real token, so the state stays zero through the pads. The kernels get exac
 path gets (tested). Right padding gives what transformers gives too (the gates still decay the state there).
 
 Not supported (each raises, naming it):
-- backward (`NotImplementedError` when autograd would record the layer: run under `torch.no_grad()` or
+- backward (`NotImplementedError` when autograd would record what enters the kernels: an input that requires
+  grad, or trainable projections (LoRA included), conv, A_log or dt_bias; run under `torch.no_grad()` or
   `torch.inference_mode()`, as `generate` does);
 - packed sequences with `cu_seq_lens_q` (transformers' padding-free batches): each distinct sequence count
   would be a new pool size to compile; `NotImplementedError`;
-- what the kernels reject, with their `ValueError`: fp32 models (q/k/v must be bf16 or fp16), CPU tensors,
-  prefill head dims other than K = V = 128.
+- what the kernels reject: fp32 models with their `TypeError` (q/k/v must be bf16 or fp16); CPU tensors and
+  prefill head dims other than K = V = 128 with their `ValueError`.
 Untested: `torch.compile` / CUDA graphs of the whole transformers model, offloaded caches, tensor parallelism.
 """
 
@@ -90,6 +91,7 @@ from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.qwen3_next import modeling_qwen3_next as modeling
 
 import cute_gdn
+from cute_gdn import ops
 
 _STATE_DTYPES = (torch.float32, torch.bfloat16)
 _BIAS_DTYPES = (torch.float32, torch.bfloat16)
@@ -212,9 +214,6 @@ def _forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mas
     if kwargs.get("cu_seq_lens_q") is not None:
         raise NotImplementedError("cu_seq_lens_q: packed (padding-free) sequences are not supported by the cute_gdn "
                                   "integration; pass a padded batch with an attention mask")
-    if torch.is_grad_enabled() and hidden_states.requires_grad:
-        raise NotImplementedError("cute_gdn's kernels have no backward: run under torch.no_grad() or "
-                                  "torch.inference_mode(), or call restore_transformers(model) to train")
     hidden_states = modeling.apply_mask_to_padding_states(hidden_states, attention_mask)
     B, T = hidden_states.shape[:2]
     H, HV, K, V = self.num_k_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
@@ -222,6 +221,12 @@ def _forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mas
 
     query, key, value, z, b, a = self.fix_query_key_value_ordering(self.in_proj_qkvz(hidden_states),
                                                                    self.in_proj_ba(hidden_states))
+    # Checked here, after the projections (which write nothing) and before the conv updates its cache: their
+    # outputs require grad when the input does or when a projection is trainable (LoRA adapters included).
+    if torch.is_grad_enabled() and _records_grad(self, query, key, value, b, a):
+        raise NotImplementedError("cute_gdn's kernels have no backward: run under torch.no_grad() or "
+                                  "torch.inference_mode(), freeze the GDN layers' projections, conv, A_log and "
+                                  "dt_bias, or call restore_transformers(model) to train")
     mixed_qkv = torch.cat([x.reshape(B, T, -1) for x in (query, key, value)], dim=-1).transpose(1, 2)  # [B, C, T]
     mixed_qkv = _causal_conv(self, mixed_qkv, cache_params, cached, T, kwargs)  # [B, C, T]
     # The conv's [B, C, T] output transposed has stride T on the channels; one copy makes every head a
@@ -241,7 +246,8 @@ def _forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mas
         # A decode step reads its state: zeros where none is stored, as transformers' initial_state=None.
         pool = (torch.zeros if cached and T == 1 else torch.empty)(state_shape, dtype=state_dtype,
                                                                   device=hidden_states.device)
-    slots = _slots(B, hidden_states.device)  # pool = batch: slot b is batch row b
+    # pool = batch: slot b is batch row b. The shared arange memo: no allocation per step, capture-safe.
+    slots = ops._identity_indices(B, hidden_states.device)  # [B] int32
 
     if cached and T == 1:
         q, k, v = _split_heads(mixed_qkv, H, HV, K, V)  # [B, 1, H, K], [B, 1, H, K], [B, 1, HV, V]
@@ -280,15 +286,12 @@ def _causal_conv(self, mixed_qkv: torch.Tensor, cache_params, cached: bool, T: i
     return out if cache_params is None else out[:, :, -T:]
 
 
-_SLOTS: dict = {}  # (B, device) -> arange(B) int32
-
-
-def _slots(B: int, device: torch.device) -> torch.Tensor:  # [B] int32
-    # Memoized, so that a decode step allocates nothing for its slot indices.
-    slots = _SLOTS.get((B, device))
-    if slots is None:
-        slots = _SLOTS[(B, device)] = torch.arange(B, dtype=torch.int32, device=device)
-    return slots
+def _records_grad(self, *inputs: torch.Tensor) -> bool:
+    """Whether autograd would record something that enters the kernels: the projections' outputs `inputs`, the
+    conv's parameters or the gate parameters. The kernels' outputs carry no grad_fn, so a gradient through any of
+    them would be dropped without an error. (z, the norm and out_proj run in torch and keep their gradients.)"""
+    return (any(x.requires_grad for x in inputs) or self.A_log.requires_grad or self.dt_bias.requires_grad
+            or any(p.requires_grad for p in self.conv1d.parameters()))
 
 
 def _split_heads(mixed: torch.Tensor, H: int, HV: int, K: int, V: int) -> tuple:
