@@ -461,7 +461,7 @@ def test_install_refusals(kernel, tmp_path):
         cg.install(d, no_verify)
     small = make_kernel(tmp_path, dims=(2, 4, 64, 64))
     small.kernels.warm = True
-    with pytest.raises(ValueError, match="extend"):
+    with pytest.raises(NotImplementedError, match="extend"):  # unsupported, as CuteGDNKernel.extend says
         cg.install(d, small, modes=("decode", "extend"))
     assert d.decode_kernel is d.extend_kernel is d.verify_kernel is d.triton  # nothing swapped by a refusal
     cg.install(d, small, modes=("decode", "target_verify"))
@@ -506,12 +506,15 @@ def test_install_into_runner(kernel):
 class RadixLinearAttention(torch.nn.Module):
     """Named like SGLang's GDN layer (from_model_runner finds layers by class name)."""
 
-    def __init__(self):
+    def __init__(self, dt_bias_dtype=torch.bfloat16, A_log_dtype=torch.float32):
         super().__init__()
         self.num_q_heads = self.num_k_heads = H
         self.num_v_heads = HV
         self.head_q_dim = self.head_k_dim = K
         self.head_v_dim = V
+        # As Qwen3-Next creates them: dt_bias in the default (model) dtype, A_log in fp32.
+        self.A_log = torch.zeros(HV, dtype=A_log_dtype)
+        self.dt_bias = torch.zeros(HV, dtype=dt_bias_dtype)
 
 
 def test_from_model_runner_reads_the_config(tmp_path, monkeypatch):
@@ -534,6 +537,132 @@ def test_from_model_runner_reads_the_config(tmp_path, monkeypatch):
         cg.CuteGDNKernel.from_model_runner(SimpleNamespace(model=torch.nn.Linear(2, 2)), warmup=False)
 
 
+def mamba_pool(cache=None, **flags):
+    """SGLang 0.5.23's MambaPool ReplaySSM attributes at their defaults (all off), overridden by flags."""
+    attrs = dict(enable_linear_replayssm=False, enable_linear_replayssm_spec=False, replayssm_spec_fold=False,
+                 replayssm_cache_base=None, replayssm_write_pos=None)
+    attrs.update(flags)
+    return SimpleNamespace(mamba_cache=cache, **attrs)
+
+
+def model_runner(layers=None, extra_buffer=False, **flags):
+    model = torch.nn.ModuleList(layers or [RadixLinearAttention(), RadixLinearAttention()])
+    cache = SimpleNamespace(temporal=torch.zeros(2, POOL, HV, V, K),
+                            intermediate_ssm=torch.zeros(2, 3, STEPS, HV, V, K))
+    return SimpleNamespace(model=model, dtype=torch.bfloat16,
+                           req_to_token_pool=SimpleNamespace(enable_mamba_extra_buffer=extra_buffer,
+                                                             mamba_pool=mamba_pool(cache, **flags)))
+
+
+def test_mamba_pool_stand_in_has_sglangs_replayssm_attributes():
+    """The flag names the refusal reads are MambaPool's own (memory_pool.py)."""
+    source = (SGLANG / "srt" / "mem_cache" / "memory_pool.py").read_text()
+    for flag in cg.REPLAYSSM_FLAGS:
+        assert f"self.{flag} = " in source, flag
+    assert set(cg.REPLAYSSM_FLAGS) <= set(vars(mamba_pool()))
+
+
+@pytest.mark.parametrize("flag,value", [("enable_linear_replayssm", True), ("enable_linear_replayssm_spec", True),
+                                        ("replayssm_spec_fold", True),
+                                        ("replayssm_cache_base", torch.zeros(4, dtype=torch.int32))])
+def test_replayssm_is_refused_wherever_the_pool_is_reachable(kernel, tmp_path, flag, value):
+    runner = model_runner(**{flag: value})
+    with pytest.raises(NotImplementedError, match=flag):
+        cg.CuteGDNKernel.from_model_runner(runner, cache_dir=tmp_path, warmup=False)
+    d = FakeDispatcher()
+    runner.attn_backend = _hybrid(d)
+    for modes in (cg.ALL_MODES, ("extend",)):
+        with pytest.raises(NotImplementedError, match=flag):
+            cg.install_into_runner(runner, kernel, modes=modes)  # given a kernel: still refused
+        with pytest.raises(NotImplementedError, match=flag):
+            cg.install(d, kernel, modes=modes, model_runner=runner)
+    assert d.decode_kernel is d.extend_kernel is d.verify_kernel is d.triton
+    # All flags off (the pool's defaults): accepted.
+    assert cg.CuteGDNKernel.from_model_runner(model_runner(), cache_dir=tmp_path, warmup=False).pool_size == POOL
+
+
+def test_install_by_hand_refuses_the_extra_buffer_given_the_runner(kernel):
+    runner = model_runner(extra_buffer=True)
+    d = FakeDispatcher()
+    with pytest.raises(NotImplementedError, match="enable_mamba_extra_buffer"):
+        cg.install(d, kernel, model_runner=runner)
+    assert d.extend_kernel is d.decode_kernel is d.triton
+    cg.install(d, kernel, modes=("decode", "target_verify"), model_runner=runner)
+    assert d.decode_kernel is kernel and d.extend_kernel is d.triton
+
+
+@pytest.mark.parametrize("name,layer", [
+    ("dt_bias", RadixLinearAttention(dt_bias_dtype=torch.float16)),  # an fp16 model's dt_bias
+    ("A_log", RadixLinearAttention(A_log_dtype=torch.bfloat16)),
+])
+def test_from_model_runner_refuses_gate_parameter_dtypes_outside_the_warmed_set(tmp_path, name, layer):
+    with pytest.raises(NotImplementedError, match=f"{name} in torch.(float16|bfloat16)"):
+        cg.CuteGDNKernel.from_model_runner(model_runner([RadixLinearAttention(), layer]), cache_dir=tmp_path,
+                                           warmup=False)
+    fp32 = RadixLinearAttention(dt_bias_dtype=torch.float32)
+    assert cg.CuteGDNKernel.from_model_runner(model_runner([fp32, RadixLinearAttention()]), cache_dir=tmp_path,
+                                              warmup=False).head_k_dim == K
+
+
+def test_compact_ragged_verify_mode_is_refused_for_target_verify(kernel, monkeypatch):
+    monkeypatch.setenv("SGLANG_RAGGED_VERIFY_MODE", "compact")
+    d = FakeDispatcher()
+    with pytest.raises(NotImplementedError, match="SGLANG_RAGGED_VERIFY_MODE"):
+        cg.install(d, kernel)
+    runner = model_runner()
+    runner.attn_backend = _hybrid(d)
+    with pytest.raises(NotImplementedError, match="SGLANG_RAGGED_VERIFY_MODE"):
+        cg.install_into_runner(runner, kernel)
+    assert d.decode_kernel is d.verify_kernel is d.triton
+    cg.install(d, kernel, modes=("decode", "extend"))  # no verify: the mode does not matter
+    monkeypatch.setenv("SGLANG_RAGGED_VERIFY_MODE", "static")  # SGLang's default: dense N x T verify
+    cg.install(d, kernel)
+    assert d.verify_kernel is kernel
+
+
+def test_no_dispatcher_is_swapped_when_a_check_fails(kernel, tmp_path):
+    full, partial = FakeDispatcher(), FakeDispatcher()
+    del partial.tree_verify_kernel
+    # One attribute list decides both what is a dispatcher and what install needs.
+    assert cg.gdn_dispatchers(_runner(SimpleNamespace(primary=_hybrid(full), children=[_hybrid(partial)]))) == [full]
+    with pytest.raises(TypeError, match="tree_verify_kernel"):
+        cg.install(partial, kernel)
+    assert partial.decode_kernel is partial.triton and partial.supports_packed_decode is True
+    d1, d2 = FakeDispatcher(), FakeDispatcher()
+    runner = _runner(SimpleNamespace(primary=_hybrid(d1), children=[_hybrid(d2)]))
+    with pytest.raises(ValueError, match="warm"):
+        cg.install_into_runner(runner, make_kernel(tmp_path))
+    for d in (d1, d2):
+        assert d.decode_kernel is d.extend_kernel is d.verify_kernel is d.triton
+        assert d.supports_packed_decode is True and d.verify_kernel_is_flashinfer is True
+
+
+def test_check_modes_is_shared_and_strict():
+    assert cg._check_modes(["decode", "extend", "decode"]) == ("decode", "extend")
+    for bad in ((), ("verify",), ("decode", "prefill")):
+        with pytest.raises(ValueError, match="modes"):
+            cg._check_modes(bad)
+    with pytest.raises(TypeError, match="modes"):
+        cg._check_modes("decode")  # would be read as the modes 'd', 'e', ...
+
+
+def test_check_indices_exact():
+    idx = torch.arange(5, dtype=torch.int32)
+    assert cg.CuteGDNKernel._check_indices("x", idx, 3).tolist() == [0, 1, 2]
+    assert cg.CuteGDNKernel._check_indices("x", idx, 5, exact=True) is idx
+    with pytest.raises(ValueError, match="exactly 3"):
+        cg.CuteGDNKernel._check_indices("x", idx, 3, exact=True)
+
+
+def test_decode_of_one_sequence_keeps_its_views(kernel):
+    (q, k, v, a, b), kw = decode_args(1)
+    o = kernel.decode(q, k, v, a, b, **kw)
+    (args, kwargs), = kernel.kernels.decode.calls
+    assert [tuple(x.shape) for x in args] == [(1, 1, H, K), (1, 1, H, K), (1, 1, HV, V), (1, 1, HV), (1, 1, HV)]
+    assert all(x.data_ptr() == y.data_ptr() for x, y in zip(args, (q, k, v, a, b)))
+    assert o.shape == (1, 1, HV, V) and kwargs["out"].shape == (1, 1, HV, V)
+
+
 def test_register_sglang_hook_installs_after_init_attention_backends(kernel, monkeypatch):
     registered = []
     hooks = SimpleNamespace(HookRegistry=SimpleNamespace(register=lambda *a: registered.append(a)),
@@ -550,8 +679,59 @@ def test_register_sglang_hook_installs_after_init_attention_backends(kernel, mon
     gdn_runner, draft_runner = _runner(_hybrid(FakeDispatcher())), _runner(SimpleNamespace())
     assert hook("result", gdn_runner) == "result" and hook(None, draft_runner) is None
     assert built == [(gdn_runner, dict(modes=("decode", "target_verify"), cache_dir="/tmp/x"))]
+
+
+@pytest.fixture
+def hook_registry(monkeypatch):
+    """A stand-in for SGLang's HookRegistry that records registrations."""
+    registered = []
+    hooks = SimpleNamespace(HookRegistry=SimpleNamespace(register=lambda *a: registered.append(a)),
+                            HookType=SimpleNamespace(AFTER="after"))
+    monkeypatch.setitem(sys.modules, "sglang.srt.plugins.hook_registry", hooks)
+    return registered
+
+
+@pytest.mark.parametrize("env", ["decode,verify", "decode;extend", ","])
+def test_plugin_with_bad_modes_registers_and_the_hook_raises(hook_registry, monkeypatch, env):
+    """SGLang's load_plugins only logs a plugin's exception: a typo must not stop the registration
+    (the server would silently stay on Triton) but fail loudly in the hook, whose exceptions reach
+    ModelRunner.init_attention_backends."""
+    monkeypatch.setenv("CUTE_GDN_SGLANG_MODES", env)
+    monkeypatch.setattr(cg, "install_into_runner", Unreachable())
+    cg.plugin()  # does not raise
+    (target, hook, kind), = hook_registry
+    assert target == cg.HOOK_TARGET and kind == "after"
     with pytest.raises(ValueError, match="modes"):
-        cg.register_sglang_hook(modes=("verify",))
+        hook(None, _runner(_hybrid(FakeDispatcher())))
+    with pytest.raises(ValueError, match="modes"):  # also on a runner without GDN layers
+        hook(None, _runner(SimpleNamespace()))
+
+
+def test_register_sglang_hook_defers_validating_given_modes(hook_registry, monkeypatch):
+    monkeypatch.setattr(cg, "install_into_runner", Unreachable())
+    cg.register_sglang_hook(modes=("verify",))
+    (_, hook, _), = hook_registry
+    with pytest.raises(ValueError, match="'verify'"):
+        hook(None, _runner(_hybrid(FakeDispatcher())))
+
+
+def test_hook_installs_for_real_and_logs_every_dispatcher(kernel, hook_registry, monkeypatch, caplog):
+    monkeypatch.setenv("CUTE_GDN_SGLANG_MODES", "decode,target_verify")
+    monkeypatch.setattr(cg.CuteGDNKernel, "from_model_runner", classmethod(lambda cls, runner, **kw: kernel))
+    cg.plugin()
+    (_, hook, _), = hook_registry
+    d1, d2 = FakeDispatcher(), FakeDispatcher()
+    with caplog.at_level("INFO", logger="cute_gdn.integrations.sglang"):
+        assert hook("r", _runner(SimpleNamespace(primary=_hybrid(d1), children=[_hybrid(d2)]))) == "r"
+    assert d1.decode_kernel is d2.decode_kernel is d1.verify_kernel is d2.verify_kernel is kernel
+    assert d1.extend_kernel is d1.triton
+    records = [r for r in caplog.records if r.name == "cute_gdn.integrations.sglang"]
+    assert len(records) == 2 and all(r.levelname == "INFO" for r in records)
+    for record, d in zip(records, (d1, d2)):
+        msg = record.getMessage()
+        assert f"{id(d):#x}" in msg and msg.count("CuteGDNKernel(") == 2  # decode and target_verify
+        assert "extend=object" in msg and "tree verify=object" in msg
+        assert "replaced: decode=object, target_verify=object" in msg
 
 
 # ---- the peer loader ----

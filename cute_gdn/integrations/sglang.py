@@ -31,10 +31,14 @@ Semantics, against SGLang's Triton kernels (`fused_sigmoid_gating_delta_rule_upd
   (it never consults `extend_prefix_lens`: SGLang zeroes a slot when it hands it to a new request), so
   has_initial_state is None (all True) and `extend_prefix_lens` is not read. `output=` is written when
   given. Returns `(o, None, None)`: no per-chunk states h (Triton returns them for SGLang's mamba
-  prefix-cache tracking, which is therefore not supported: `install_into_runner` refuses a runner with
-  the mamba extra buffer).
+  prefix-cache tracking, which is therefore not supported: `install_into_runner`, and `install` given
+  `model_runner=`, refuse extend for a runner with the mamba extra buffer).
 - target_verify: chain verify only. `[1, N*T, ...]` becomes `[N, T, ...]` views (T = `cache_steps`,
-  the draft tokens of this step, <= the config's cache_steps); `intermediate_states_buffer`
+  the draft tokens of this step, <= the config's cache_steps). The dense layout (sequence i holds tokens
+  i*T .. i*T + T - 1) is assumed, as SGLang's own GDN verify assumes it: only the token count
+  (q holds N*T tokens, N = len(query_start_loc) - 1) is checked, the values of query_start_loc are not
+  read (that would cost a device sync). SGLang's compact ragged verify (SGLANG_RAGGED_VERIFY_MODE=compact)
+  is refused at install time instead; `intermediate_states_buffer`
   `[slots, cache_steps, HV, V, K]` is the verify cache and `intermediate_state_indices[:N]` its
   indices; the pool is only read.
 - padding (an index < 0): its state is neither read nor written, as in Triton; cute_gdn writes zeros
@@ -44,13 +48,20 @@ Semantics, against SGLang's Triton kernels (`fused_sigmoid_gating_delta_rule_upd
   `state_indices_list`, the unified pool's translate, `build_verify_intermediate_state_indices`), which
   is what the kernels take, so nothing is converted; another dtype raises TypeError.
 - Anything else is refused with NotImplementedError naming the argument: tree verify
-  (`retrieve_parent_token`), `inplace_update=False`, state checkpoints, `track_state`, ragged verify,
-  a non-contiguous (envelope-strided) pool, extend with head dims cute_gdn's prefill rejects, unknown
-  keyword arguments that request something (not None / False / 0).
+  (`retrieve_parent_token`), `inplace_update=False`, state checkpoints, `track_state`, ragged verify
+  (a token count other than N * cache_steps; compact ragged verify mode at install), ReplaySSM (the
+  mamba pool's flags, at construction from a runner and at install), a non-contiguous
+  (envelope-strided) pool, extend with head dims cute_gdn's prefill rejects, dt_bias / A_log dtypes
+  outside the warmed set (at construction from a runner), unknown keyword arguments that request
+  something (not None / False / 0).
+
+Logging: `install` logs (logger "cute_gdn.integrations.sglang", INFO) the kernels each dispatcher
+runs after a successful install.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterable, Optional
 
@@ -65,9 +76,28 @@ except ImportError as exc:  # the module is useless without the interface it imp
                       "sglang.srt.layers.attention.linear.kernels.kernel_backend failed to import "
                       f"({exc})") from exc
 
+logger = logging.getLogger("cute_gdn.integrations.sglang")
+
 # GDNKernelDispatcher attribute of each forward mode.
 MODES = {"decode": "decode_kernel", "extend": "extend_kernel", "target_verify": "verify_kernel"}
 ALL_MODES = tuple(MODES)
+# What makes an object a GDNKernelDispatcher for gdn_dispatchers() and install(): the attributes
+# install() reads or writes, so a dispatcher that passes the check can be swapped completely.
+DISPATCHER_ATTRS = (*MODES.values(), "supports_packed_decode", "tree_verify_kernel")
+
+# The mamba pool's ReplaySSM flags (SGLang 0.5.23, MambaPool.__init__). With the decode ring
+# (--enable-linear-replayssm) the ring-writing decode exists only on Triton's packed path; with the
+# spec ring (--enable-linear-replayssm-spec: replayssm_cache_base for GDN, replayssm_spec_fold for KDA)
+# verify takes SGLang's replay path and never reaches dispatcher.target_verify. Flag -> "is it on".
+REPLAYSSM_FLAGS = {
+    "enable_linear_replayssm": lambda value: bool(value),
+    "enable_linear_replayssm_spec": lambda value: bool(value),
+    "replayssm_spec_fold": lambda value: bool(value),
+    "replayssm_cache_base": lambda value: value is not None,
+}
+
+# dt_bias dtypes the warmed kernel set covers (serving.GATE_VARIANTS); A_log is always fp32.
+DT_BIAS_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _requested(value) -> bool:
@@ -82,10 +112,63 @@ def _reject_unknown(method: str, kwargs: dict) -> None:
 
 
 def _split_tokens(x: torch.Tensor, seqs: int, tokens: int) -> torch.Tensor:
-    """[1, seqs * tokens, ...] (or [seqs * tokens, ...]) -> a [seqs, tokens, ...] view (no copy)."""
-    if x.dim() >= 1 and x.shape[0] == 1 and x.dim() in (3, 4):
-        x = x[0]
+    """[seqs * tokens, ...] -> a [seqs, tokens, ...] view (no copy). Callers strip SGLang's leading 1
+    of q/k/v/out ([1, tokens, ...]) themselves with x[0]; a/b come without it."""
     return x.unflatten(0, (seqs, tokens))
+
+
+def _check_modes(modes: Iterable[str]) -> tuple:
+    """The modes as a tuple without repeats; ValueError naming `modes` for an empty or unknown one."""
+    if isinstance(modes, str):
+        raise TypeError(f"modes must be an iterable of mode names, got the string {modes!r}")
+    modes = tuple(dict.fromkeys(modes))
+    if not modes:
+        raise ValueError(f"modes must name at least one of {list(MODES)}")
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"modes must be among {list(MODES)}, got {mode!r}")
+    return modes
+
+
+def _check_replayssm(mamba_pool) -> None:
+    """NotImplementedError naming the first ReplaySSM flag that is on in SGLang's mamba pool."""
+    for flag, is_on in REPLAYSSM_FLAGS.items():
+        if is_on(getattr(mamba_pool, flag, None)):
+            raise NotImplementedError(f"mamba_pool.{flag} (SGLang's linear ReplaySSM, --enable-linear-replayssm"
+                                      "[-spec]): its ring-writing decode and replay verify are Triton's own paths "
+                                      "that CuteGDNKernel does not take")
+
+
+def _check_runner(model_runner, modes: tuple) -> None:
+    """The refusals that need the runner's memory pools (where it has them)."""
+    pool = getattr(model_runner, "req_to_token_pool", None)
+    if pool is None:
+        return
+    if "extend" in modes and getattr(pool, "enable_mamba_extra_buffer", False):
+        raise NotImplementedError("extend with SGLang's mamba extra buffer (req_to_token_pool."
+                                  "enable_mamba_extra_buffer, --mamba-scheduler-strategy extra_buffer): its "
+                                  "prefix-cache tracking reads the per-chunk states h that CuteGDNKernel.extend "
+                                  "does not return")
+    mamba_pool = getattr(pool, "mamba_pool", None)
+    if mamba_pool is not None:
+        _check_replayssm(mamba_pool)
+
+
+def _check_ragged_verify(modes: tuple) -> None:
+    # SGLang's compact ragged verify hands the GDN backend per-request verify lengths (query_start_loc
+    # from the ragged layout); CuteGDNKernel assumes the dense N x T layout and checks only the token
+    # count, so a ragged batch with N * T tokens would pass. The mode is process-wide (read here as
+    # SGLang's envs.SGLANG_RAGGED_VERIFY_MODE reads it: the raw value, default "static").
+    if "target_verify" in modes and os.environ.get("SGLANG_RAGGED_VERIFY_MODE", "static") == "compact":
+        raise NotImplementedError("target_verify with SGLANG_RAGGED_VERIFY_MODE=compact (ragged verify): "
+                                  "CuteGDNKernel verifies N sequences of cache_steps tokens each")
+
+
+def _check_dispatcher(dispatcher) -> None:
+    for attr in DISPATCHER_ATTRS:
+        if not hasattr(dispatcher, attr):
+            raise TypeError(f"dispatcher must be SGLang's GDNKernelDispatcher (GDNAttnBackend.kernel_dispatcher); "
+                            f"{type(dispatcher).__name__} has no attribute {attr!r}")
 
 
 class CuteGDNKernel(LinearAttnKernelBase):
@@ -142,7 +225,19 @@ class CuteGDNKernel(LinearAttnKernelBase):
         Hq, H, HV, Kq, K, V = shapes.pop()
         if (Hq, Kq) != (H, K):
             raise NotImplementedError(f"q heads ({Hq} x {Kq}) differ from k heads ({H} x {K})")
-        cache = model_runner.req_to_token_pool.mamba_pool.mamba_cache
+        # SGLang creates dt_bias in the default dtype (the model's: an fp16 model has an fp16 dt_bias) and
+        # A_log in fp32; the warmed set holds raw gates with an fp32 or bf16 dt_bias and an fp32 A_log,
+        # so anything else would raise KernelNotCompiledError at the first decode.
+        for name, allowed in (("dt_bias", DT_BIAS_DTYPES), ("A_log", (torch.float32,))):
+            dtypes = {getattr(m, name).dtype for m in layers if getattr(m, name, None) is not None}
+            bad = sorted(str(d) for d in dtypes if d not in allowed)
+            if bad:
+                raise NotImplementedError(f"{name} in {', '.join(bad)} (RadixLinearAttention.{name}): cute_gdn's "
+                                          f"raw-gate kernels take {name} in "
+                                          f"{' or '.join(str(d) for d in allowed)}")
+        mamba_pool = model_runner.req_to_token_pool.mamba_pool
+        _check_replayssm(mamba_pool)
+        cache = mamba_pool.mamba_cache
         temporal = cache.temporal  # [layers, pool_size, HV, V, K]
         if tuple(temporal.shape[2:]) != (HV, V, K):
             raise ValueError(f"mamba_cache.temporal {list(temporal.shape)} does not hold [HV={HV}, V={V}, K={K}] "
@@ -177,12 +272,15 @@ class CuteGDNKernel(LinearAttnKernelBase):
                              f"with pool_size={self.pool_size} (ssm_states.shape[0] as SGLang allocates it)")
 
     @staticmethod
-    def _check_indices(name: str, idx: torch.Tensor, count: int) -> torch.Tensor:
-        """The first `count` entries of an int32 index vector, as a contiguous view."""
+    def _check_indices(name: str, idx: torch.Tensor, count: int, exact: bool = False) -> torch.Tensor:
+        """The first `count` entries of an int32 index vector, as a contiguous view; `exact`: it must
+        have exactly `count` entries (one per sequence) rather than at least `count` (SGLang's padded
+        tables)."""
         if idx.dtype != torch.int32:
             raise TypeError(f"{name} must be int32 (as SGLang passes it), got {idx.dtype}")
-        if idx.dim() != 1 or idx.shape[0] < count:
-            raise ValueError(f"{name} must be 1-D with at least {count} entries, got shape {list(idx.shape)}")
+        if idx.dim() != 1 or idx.shape[0] < count or (exact and idx.shape[0] != count):
+            raise ValueError(f"{name} must be 1-D with {'exactly' if exact else 'at least'} {count} entries "
+                             f"(one per sequence), got shape {list(idx.shape)}")
         return idx if idx.shape[0] == count else idx[:count]
 
     def _require_warm(self) -> None:
@@ -218,9 +316,9 @@ class CuteGDNKernel(LinearAttnKernelBase):
         slots = self._check_indices("cache_indices", cache_indices, B)
         self._require_warm()
         out = v.new_empty(1, B, self.num_v_heads, self.head_v_dim)
-        self.kernels.decode(_split_tokens(q, B, 1), _split_tokens(k, B, 1), _split_tokens(v, B, 1),
+        self.kernels.decode(_split_tokens(q[0], B, 1), _split_tokens(k[0], B, 1), _split_tokens(v[0], B, 1),
                             _split_tokens(a, B, 1), _split_tokens(b, B, 1), A_log=A_log, dt_bias=dt_bias,
-                            state=ssm_states, state_indices=slots, out=_split_tokens(out, B, 1))
+                            state=ssm_states, state_indices=slots, out=_split_tokens(out[0], B, 1))
         return out
 
     def extend(
@@ -260,9 +358,7 @@ class CuteGDNKernel(LinearAttnKernelBase):
         _reject_unknown("extend", kwargs)
         self._check_pool(ssm_states)
         N = query_start_loc.shape[0] - 1
-        slots = self._check_indices("cache_indices", cache_indices, N)
-        if slots.shape[0] != cache_indices.shape[0]:
-            raise ValueError(f"cache_indices must have one entry per sequence (N={N}), got {cache_indices.shape[0]}")
+        slots = self._check_indices("cache_indices", cache_indices, N, exact=True)
         if query_start_loc.dtype != torch.int32:
             raise TypeError(f"query_start_loc must be int32 (as SGLang passes it), got {query_start_loc.dtype}")
         if output is not None and (tuple(output.shape) != tuple(v.shape[:2]) + (self.num_v_heads, self.head_v_dim)):
@@ -317,54 +413,45 @@ class CuteGDNKernel(LinearAttnKernelBase):
             raise NotImplementedError(f"cache_steps={T}: this CuteGDNKernel verifies 1 to {self.cache_steps} "
                                       "draft tokens")
         N = query_start_loc.shape[0] - 1
+        # Only the token count is checked: the dense layout (sequence i = tokens i*T .. i*T + T - 1) is
+        # assumed, as SGLang's own GDN verify assumes it; reading query_start_loc's values would sync.
+        # A ragged batch of another token count is refused here, SGLang's compact ragged verify mode at
+        # install (_check_ragged_verify).
         if q.dim() != 4 or q.shape[0] != 1 or q.shape[1] != N * T:
             raise NotImplementedError(f"query_start_loc with N={N} sequences for q {list(q.shape)}: verify takes "
-                                      f"[1, N * cache_steps = {N * T}, H, K] (ragged verify is not supported)")
+                                      f"[1, N * cache_steps = {N * T}, H, K], N sequences of cache_steps tokens "
+                                      "(ragged verify is not supported)")
         self._check_pool(ssm_states)
         slots = self._check_indices("cache_indices", cache_indices, N)
         rows = self._check_indices("intermediate_state_indices", intermediate_state_indices, N)
         self._require_warm()
         out = v.new_empty(1, N * T, self.num_v_heads, self.head_v_dim)
-        self.kernels.target_verify(_split_tokens(q, N, T), _split_tokens(k, N, T), _split_tokens(v, N, T),
+        self.kernels.target_verify(_split_tokens(q[0], N, T), _split_tokens(k[0], N, T), _split_tokens(v[0], N, T),
                                    _split_tokens(a, N, T), _split_tokens(b, N, T), A_log=A_log, dt_bias=dt_bias,
                                    state=ssm_states, state_indices=slots, cache=intermediate_states_buffer,
-                                   cache_indices=rows, out=_split_tokens(out, N, T))
+                                   cache_indices=rows, out=_split_tokens(out[0], N, T))
         return out
 
 
-def install(dispatcher, kernel: CuteGDNKernel, modes: Iterable[str] = ALL_MODES) -> dict:
-    """Make SGLang's GDNKernelDispatcher (`GDNAttnBackend.kernel_dispatcher`) run `kernel` for `modes`
-    (any of "decode", "extend", "target_verify"). Returns the kernels it replaced, by mode.
-
-    Where: once the model runner built its attention backends and before it captures CUDA graphs
-    (captured graphs keep the kernels they recorded), e.g. in an AFTER hook of
-    `ModelRunner.init_attention_backends` (see `register_sglang_hook`):
-
-        dispatcher = model_runner.attn_backend.linear_attn_backend.kernel_dispatcher
-        install(dispatcher, CuteGDNKernel.from_model_runner(model_runner))
-
-    Tree verify (EAGLE top-k > 1) keeps going to the dispatcher's `tree_verify_kernel` (Triton).
-    """
+def _check_kernel(kernel, modes: tuple) -> None:
     if not isinstance(kernel, CuteGDNKernel):
         raise TypeError(f"kernel must be a CuteGDNKernel, got {type(kernel).__name__}")
-    modes = tuple(modes)
-    if not modes:
-        raise ValueError(f"modes must name at least one of {list(MODES)}")
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"modes must be among {list(MODES)}, got {mode!r}")
-    for attr in (*MODES.values(), "supports_packed_decode", "tree_verify_kernel"):
-        if not hasattr(dispatcher, attr):
-            raise TypeError(f"dispatcher must be SGLang's GDNKernelDispatcher (GDNAttnBackend.kernel_dispatcher); "
-                            f"{type(dispatcher).__name__} has no attribute {attr!r}")
     if "extend" in modes and not kernel.supports_prefill:
-        raise ValueError(f"{kernel!r} cannot take extend: cute_gdn's prefill needs K = V = 128")
+        raise NotImplementedError(f"{kernel!r} cannot take extend: cute_gdn's prefill needs K = V = 128")
     if "target_verify" in modes and not kernel.supports_target_verify:
         raise ValueError(f"{kernel!r} cannot take target_verify: build it with cache_steps = the draft tokens")
     if not kernel.kernels.warm:
         raise ValueError(f"{kernel!r} is not warmed up: call warmup() before installing it")
+
+
+def _kernel_name(obj) -> str:
+    return repr(obj) if isinstance(obj, CuteGDNKernel) else type(obj).__name__
+
+
+def _apply(dispatcher, kernel: CuteGDNKernel, modes: tuple) -> dict:
+    """The swap itself, on a dispatcher and kernel that passed every check (it cannot fail halfway)."""
     replaced = {}
-    for mode in dict.fromkeys(modes):
+    for mode in modes:
         attr = MODES[mode]
         replaced[mode] = getattr(dispatcher, attr)
         setattr(dispatcher, attr, kernel)
@@ -374,13 +461,43 @@ def install(dispatcher, kernel: CuteGDNKernel, modes: Iterable[str] = ALL_MODES)
     if "target_verify" in modes and hasattr(dispatcher, "verify_kernel_is_flashinfer"):
         # Picks FlashInfer's CuTe DSL ReplaySSM fold when True; the verify kernel is no longer FlashInfer's.
         dispatcher.verify_kernel_is_flashinfer = False
+    logger.info("cute_gdn: GDN dispatcher %#x now runs decode=%s, extend=%s, target_verify=%s, tree verify=%s "
+                "(replaced: %s)", id(dispatcher), *(_kernel_name(getattr(dispatcher, MODES[m])) for m in MODES),
+                _kernel_name(dispatcher.tree_verify_kernel),
+                ", ".join(f"{m}={_kernel_name(k)}" for m, k in replaced.items()))
     return replaced
 
 
+def install(dispatcher, kernel: CuteGDNKernel, modes: Iterable[str] = ALL_MODES, *, model_runner=None) -> dict:
+    """Make SGLang's GDNKernelDispatcher (`GDNAttnBackend.kernel_dispatcher`) run `kernel` for `modes`
+    (any of "decode", "extend", "target_verify"). Returns the kernels it replaced, by mode.
+
+    Where: once the model runner built its attention backends and before it captures CUDA graphs
+    (captured graphs keep the kernels they recorded), e.g. in an AFTER hook of
+    `ModelRunner.init_attention_backends` (see `register_sglang_hook`):
+
+        dispatcher = model_runner.attn_backend.linear_attn_backend.kernel_dispatcher
+        install(dispatcher, CuteGDNKernel.from_model_runner(model_runner), model_runner=model_runner)
+
+    The dispatcher does not reach SGLang's memory pools: pass `model_runner` so that install also
+    refuses what needs them (extend with the mamba extra buffer, ReplaySSM); install_into_runner always
+    does. Every check runs before the first attribute is set. Tree verify (EAGLE top-k > 1) keeps going
+    to the dispatcher's `tree_verify_kernel` (Triton).
+    """
+    modes = _check_modes(modes)
+    _check_kernel(kernel, modes)
+    _check_dispatcher(dispatcher)
+    _check_ragged_verify(modes)
+    if model_runner is not None:
+        _check_runner(model_runner, modes)
+    return _apply(dispatcher, kernel, modes)
+
+
 def gdn_dispatchers(model_runner) -> list:
-    """Every GDNKernelDispatcher a ModelRunner's attention backends hold: `attn_backend` (a
-    HybridLinearAttnBackend whose `linear_attn_backend` is the GDNAttnBackend, or a TboAttnBackend's
-    primary and children), `decode_attn_backend` and `decode_attn_backend_group` (PD multiplexing)."""
+    """Every GDNKernelDispatcher (an object with all of DISPATCHER_ATTRS) a ModelRunner's attention
+    backends hold: `attn_backend` (a HybridLinearAttnBackend whose `linear_attn_backend` is the
+    GDNAttnBackend, or a TboAttnBackend's primary and children), `decode_attn_backend` and
+    `decode_attn_backend_group` (PD multiplexing)."""
     found, seen = [], set()
 
     def walk(backend):
@@ -388,7 +505,7 @@ def gdn_dispatchers(model_runner) -> list:
             return
         seen.add(id(backend))
         dispatcher = getattr(backend, "kernel_dispatcher", None)
-        if dispatcher is not None and all(hasattr(dispatcher, attr) for attr in MODES.values()):
+        if dispatcher is not None and all(hasattr(dispatcher, attr) for attr in DISPATCHER_ATTRS):
             if all(d is not dispatcher for d in found):
                 found.append(dispatcher)
         walk(getattr(backend, "linear_attn_backend", None))
@@ -408,24 +525,27 @@ def gdn_dispatchers(model_runner) -> list:
 def install_into_runner(model_runner, kernel: Optional[CuteGDNKernel] = None, modes: Iterable[str] = ALL_MODES,
                         **kernel_kwargs) -> CuteGDNKernel:
     """install() into every GDN dispatcher of `model_runner`; builds (and warms up) the kernel with
-    CuteGDNKernel.from_model_runner(model_runner, **kernel_kwargs) unless one is given. Returns it."""
-    modes = tuple(modes)
+    CuteGDNKernel.from_model_runner(model_runner, **kernel_kwargs) unless one is given. Returns it.
+    Everything (modes, runner, kernel, every dispatcher) is checked before the first dispatcher is
+    touched, so a refusal leaves all of them on SGLang's kernels."""
+    modes = _check_modes(modes)
     dispatchers = gdn_dispatchers(model_runner)
     if not dispatchers:
         raise ValueError("model_runner has no GDN kernel dispatcher (is it a GDN model, attention backends built?)")
-    pool = getattr(model_runner, "req_to_token_pool", None)
-    if "extend" in modes and getattr(pool, "enable_mamba_extra_buffer", False):
-        raise NotImplementedError("extend with SGLang's mamba extra buffer (--mamba-scheduler-strategy "
-                                  "extra_buffer): its prefix-cache tracking reads the per-chunk states h that "
-                                  "CuteGDNKernel.extend does not return")
+    for dispatcher in dispatchers:
+        _check_dispatcher(dispatcher)
+    _check_ragged_verify(modes)
+    _check_runner(model_runner, modes)  # before from_model_runner warms up (which may compile)
     if kernel is None:
         kernel = CuteGDNKernel.from_model_runner(model_runner, **kernel_kwargs)
+    _check_kernel(kernel, modes)
     for dispatcher in dispatchers:
-        install(dispatcher, kernel, modes)
+        _apply(dispatcher, kernel, modes)
     return kernel
 
 
 HOOK_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.init_attention_backends"
+MODES_ENV = "CUTE_GDN_SGLANG_MODES"
 
 
 def register_sglang_hook(modes: Optional[Iterable[str]] = None, **kernel_kwargs) -> None:
@@ -433,20 +553,25 @@ def register_sglang_hook(modes: Optional[Iterable[str]] = None, **kernel_kwargs)
     that runs install_into_runner on every runner holding GDN layers (draft runners without GDN layers
     are left alone). Call it from an SGLang general plugin (entry point group "sglang.srt.plugins"), which
     SGLang loads in every scheduler process before the model runners exist. `modes` defaults to
-    $CUTE_GDN_SGLANG_MODES (comma-separated) or all three."""
+    $CUTE_GDN_SGLANG_MODES (comma-separated) or, where it is unset or blank, all three.
+
+    Nothing is validated here: SGLang's load_plugins catches and only logs a plugin's exception, which
+    would leave the server silently on Triton. The hook validates the modes (and install_into_runner
+    everything else) instead: an exception from an AFTER hook propagates out of
+    init_attention_backends and stops the server with the reason."""
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     if modes is None:
-        env = os.environ.get("CUTE_GDN_SGLANG_MODES", "")
-        modes = tuple(m.strip() for m in env.split(",") if m.strip()) or ALL_MODES
-    modes = tuple(modes)
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"modes must be among {list(MODES)}, got {mode!r}")
+        env = os.environ.get(MODES_ENV, "")
+        # Set to something that names no mode (e.g. ","): handed on empty, so the hook refuses it.
+        modes = tuple(m.strip() for m in env.split(",") if m.strip()) if env.strip() else ALL_MODES
+    elif not isinstance(modes, str):
+        modes = tuple(modes)  # a generator would be spent by the first runner
 
     def after_init_attention_backends(result, model_runner, *args, **kwargs):
+        checked = _check_modes(modes)
         if gdn_dispatchers(model_runner):
-            install_into_runner(model_runner, modes=modes, **kernel_kwargs)
+            install_into_runner(model_runner, modes=checked, **kernel_kwargs)
         return result
 
     HookRegistry.register(HOOK_TARGET, after_init_attention_backends, HookType.AFTER)
@@ -454,7 +579,9 @@ def register_sglang_hook(modes: Optional[Iterable[str]] = None, **kernel_kwargs)
 
 def plugin() -> None:
     """An SGLang general-plugin entry point (group "sglang.srt.plugins") that is opt-in: it registers
-    the hook only when $CUTE_GDN_SGLANG_MODES names the modes to take (e.g. "decode,extend,target_verify"),
-    so installing cute_gdn alone never changes the kernels SGLang runs."""
-    if os.environ.get("CUTE_GDN_SGLANG_MODES", "").strip():
+    the hook only when $CUTE_GDN_SGLANG_MODES is set (e.g. "decode,extend,target_verify"), so
+    installing cute_gdn alone never changes the kernels SGLang runs. When it is set the hook is
+    registered whatever it holds, and a value naming no or an unknown mode raises ValueError from
+    ModelRunner.init_attention_backends (not here, where SGLang would only log it)."""
+    if os.environ.get(MODES_ENV, "").strip():
         register_sglang_hook()
