@@ -92,6 +92,7 @@ class GDNKernels:
         self.warm = False
         self.warmup_seconds: Optional[float] = None
         self._modes = {"extend": self.extend, "decode": self.decode, "target_verify": self.target_verify}
+        self._decode = ops._decode_entry(lambda: self.cache, lambda: not self.warm, self._check_config)
 
     def warmup(self, jobs: Optional[int] = None) -> "GDNKernels":
         """Load every kernel of this config (compiling the missing ones); then freeze the set."""
@@ -127,8 +128,8 @@ class GDNKernels:
     def decode(self, q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, state,
                state_indices, scale=None, out=None) -> torch.Tensor:
         """cute_gdn.decode with this config's kernels (see ops.decode for the arguments)."""
-        return ops._decode(self.cache, not self.warm, self._check_config, q, k, v, a, b, A_log, dt_bias, g, beta,
-                           state, state_indices, scale, self.use_qk_l2norm, out)
+        return self._decode(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, state=state,
+                            state_indices=state_indices, scale=scale, use_qk_l2norm=self.use_qk_l2norm, out=out)
 
     def _check_cache_steps(self, cache_steps: int) -> None:
         if cache_steps != self.cache_steps:
