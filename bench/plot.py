@@ -4,6 +4,7 @@
     python bench/plot.py bench/results/decode_H200.json
     python bench/plot.py bench/results/verify_H200.json    # verify (per T) and commit
     python bench/plot.py bench/results/prefill_<gpu>.json  # prefill: us and TFLOP/s per shape
+    python bench/plot.py bench/results/decode_eager_<gpu>.json  # eager B = 1 calls (bench_decode.py --eager)
     python bench/plot.py --tables FILE...                  # tables only: no PNG, no matplotlib needed
     python bench/plot.py --summary FILE...                 # the README's short tables (a few rows per op)
 
@@ -196,6 +197,54 @@ def plot_verify(path: Path) -> Path:
     return out
 
 
+# bench_decode.py --eager's entry points, in table order, with their display names.
+EAGER_IMPLS = {"cute_gdn.decode": "cute_gdn.decode", "cute_gdn.decode (--ab-ops)": "--ab-ops ops.py",
+               "kernel call": "kernel call", "torch.ops.cute_gdn.decode": "torch.ops.cute_gdn.decode",
+               "torch.ops.cute_gdn.decode_out": "torch.ops.cute_gdn.decode_out", "flashinfer": "FlashInfer"}
+
+
+def _eager_shapes(data: dict) -> tuple[list, dict, list]:
+    """(shapes (H, HV, state), us by (shape, impl, mode), the eager impls present, in EAGER_IMPLS order)."""
+    us = {((r["H"], r["HV"], r["state"]), r["impl"], r["mode"]): r["us"] for r in data["rows"]}
+    shapes = list(dict.fromkeys(shape for shape, _, _ in us))
+    impls = [i for i in EAGER_IMPLS if any((shape, i, "eager") in us for shape in shapes)]
+    return shapes, us, impls
+
+
+def eager_table(data: dict) -> str:
+    """Markdown table: microseconds per eager call at B = 1 for every entry point, graph replay beside."""
+    shapes, us, impls = _eager_shapes(data)
+    graphs = [i for i in ("cute_gdn.decode", "flashinfer") if any((s, i, "graph") in us for s in shapes)]
+    header = ["shape"] + [EAGER_IMPLS[i] for i in impls] + [f"{EAGER_IMPLS[i]} graph" for i in graphs]
+    body = [[f"H={H}/HV={HV}, {STATE_NAMES[st]} state"] + [f"{us[((H, HV, st), i, 'eager')]:.2f}" for i in impls]
+            + [f"{us[((H, HV, st), i, 'graph')]:.2f}" for i in graphs] for H, HV, st in shapes]
+    gpu = data["env"]["gpu"]
+    return "\n".join([f"Decode eager call at B = 1, {gpu}, host overhead included, microseconds", ""]
+                     + md_table(header, body))
+
+
+def plot_eager(path: Path) -> Path:
+    plt = _pyplot()
+    data = json.loads(path.read_text())
+    shapes, us, impls = _eager_shapes(data)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / len(impls)
+    for j, impl in enumerate(impls):
+        ax.bar([i + j * width for i in range(len(shapes))], [us[(s, impl, "eager")] for s in shapes], width,
+               label=EAGER_IMPLS[impl])
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))],
+                  [f"H={H} HV={HV}\n{STATE_NAMES[st]} state" for H, HV, st in shapes])
+    ax.set_ylabel("us per eager call (B = 1)")
+    ax.set_yscale("log")
+    ax.set_title(f"Decode eager call at B = 1, {data['env']['gpu']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=3, loc="upper left")
+    ax.set_ylim(top=max(us.values()) * 4)  # room for the legend above the bars
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
 def _geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
@@ -330,7 +379,9 @@ def main(argv: list[str]) -> None:
         if summary:
             print(summary_table(data) + "\n")
             continue
-        if "prefill" in ops:
+        if any(r.get("mode") == "eager" for r in data["rows"]):
+            plot_fn, table_fn = plot_eager, eager_table
+        elif "prefill" in ops:
             plot_fn, table_fn = plot_prefill, prefill_table
         elif "verify" in ops:
             plot_fn, table_fn = plot_verify, verify_table
