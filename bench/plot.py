@@ -5,6 +5,7 @@
     python bench/plot.py bench/results/verify_H200.json    # verify (per T) and commit
     python bench/plot.py bench/results/prefill_<gpu>.json  # prefill: us and TFLOP/s per shape
     python bench/plot.py bench/results/decode_eager_<gpu>.json  # eager B = 1 calls (bench_decode.py --eager)
+    python bench/plot.py bench/results/spec_<gpu>.json     # spec steps (bench_spec.py): us per step, ratios
     python bench/plot.py --tables FILE...                  # tables only: no PNG, no matplotlib needed
     python bench/plot.py --summary FILE...                 # the README's short tables (a few rows per op)
 
@@ -23,7 +24,11 @@ from pathlib import Path
 
 # Display names for the JSON's impl and state strings, so that pasted tables need no hand-edited header.
 IMPL_NAMES = {"cute_gdn": "cute_gdn", "flashinfer": "FlashInfer", "fla": "FLA", "torch indexing": "torch indexing",
-              "cute_gdn commit_layers L=8": "commit_layers, 8 layers", "cute_gdn commit x8": "8 × commit"}
+              "cute_gdn commit_layers L=8": "commit_layers, 8 layers", "cute_gdn commit x8": "8 × commit",
+              "cute_gdn_replay": "cute_gdn replay", "cute_gdn_cached": "cute_gdn cached",
+              "sglang_replayssm": "SGLang ReplaySSM", "sglang_replayssm_fp32ring": "SGLang ReplaySSM fp32 ring",
+              "sglang_replayssm_backend": "SGLang ReplaySSM backend", "sglang_cached": "SGLang cached",
+              "flashinfer_mtp": "FlashInfer MTP"}
 STATE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
 
 
@@ -191,6 +196,101 @@ def plot_verify(path: Path) -> Path:
                 series[f"{r['impl']} ({r['state']})"].append((r["B"], r["pct_bw"]))
         title = f"verify T={T} H={H} HV={HV}" if op == "verify" else f"commit HV={HV}"
         _bandwidth_panel(ax, series, title, data, legend_size=6)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=100)
+    return out
+
+
+# bench_spec.py's implementations, in table order; the ratios are those of ours over the two named bases.
+SPEC_IMPLS = ("cute_gdn_replay", "cute_gdn_cached", "sglang_replayssm", "sglang_replayssm_fp32ring",
+              "sglang_replayssm_backend", "sglang_cached", "flashinfer_mtp")
+SPEC_RATIOS = (("sglang_replayssm", "vs SGLang ReplaySSM"), ("cute_gdn_cached", "vs cute_gdn cached"))
+
+
+def _spec_impls(rows: list[dict]) -> list[str]:
+    present = list(dict.fromkeys(r["impl"] for r in rows))
+    return [i for i in SPEC_IMPLS if i in present] + [i for i in present if i not in SPEC_IMPLS]
+
+
+def spec_table(data: dict) -> str:
+    """Markdown tables per (T, H, HV): microseconds per spec step (% of the byte model's time at copy
+    bandwidth) per implementation, with the replay's speedups (their time / ours); then the memory per
+    request per layer."""
+    rows = [r for r in data["rows"] if r.get("op") == "spec"]
+    timed = [r for r in rows if "us" in r]
+    impls = _spec_impls(timed)
+    out = []
+    for T in sorted({r["T"] for r in timed}):
+        for H, HV in sorted({(r["H"], r["HV"]) for r in timed if r["T"] == T}, reverse=True):
+            out.append(f"\nSpec step (verify + commit) T = {T}, H = {H}, HV = {HV}, ring {data.get('ring_len', '')}: "
+                       "microseconds per step (% of the byte model at copy bandwidth), replay speedup\n")
+            body = []
+            for B in sorted({r["B"] for r in timed if (r["T"], r["H"], r["HV"]) == (T, H, HV)}):
+                for state in ("float32", "bfloat16"):
+                    got = {r["impl"]: r for r in timed if (r["T"], r["H"], r["HV"], r["B"], r["state"]) ==
+                           (T, H, HV, B, state)}
+                    if not got:
+                        continue
+                    cells = [str(B), STATE_NAMES.get(state, state)]
+                    cells += [f"{got[i]['us']:.1f} ({got[i]['pct_model']:.0f}%)" if i in got else "" for i in impls]
+                    ours = got.get("cute_gdn_replay")
+                    for base, _ in SPEC_RATIOS:
+                        cells.append(f"{got[base]['us'] / ours['us']:.2f}x" if ours and base in got else "")
+                    body.append(cells)
+            out += md_table(["B", "state"] + [IMPL_NAMES.get(i, i) for i in impls] + [n for _, n in SPEC_RATIOS],
+                            body)
+    mem = {}
+    for r in rows:
+        mem.setdefault((r["T"], r["H"], r["HV"], r["state"]), {})[r["impl"]] = r["mem_per_request"]
+    if mem:
+        mimpls = _spec_impls(rows)
+        out.append("\nSpeculative scratch per request per layer, KiB (cached: T intermediate states; replay: "
+                   "the ring)\n")
+        body = [[str(T), f"{H}/{HV}", STATE_NAMES.get(st, st)] +
+                [f"{m[i] / 1024:.0f}" if i in m else "" for i in mimpls]
+                for (T, H, HV, st), m in sorted(mem.items(), key=lambda kv: (kv[0][0], -kv[0][2], kv[0][3]))]
+        out += md_table(["T", "H/HV", "state"] + [IMPL_NAMES.get(i, i) for i in mimpls], body)
+    errors = [r for r in rows if "error" in r]
+    if errors:
+        out.append("\nNot timed\n")
+        out += md_table(["impl", "T", "H/HV", "B", "state", "why"],
+                        [[IMPL_NAMES.get(r["impl"], r["impl"]), str(r["T"]), f"{r['H']}/{r['HV']}", str(r["B"]),
+                          STATE_NAMES.get(r["state"], r["state"]), r["error"].replace("|", "/").splitlines()[0][:120]]
+                         for r in errors])
+    return "\n".join(out)
+
+
+def plot_spec(path: Path) -> Path:
+    """One panel per (T, H, HV): microseconds per spec step over the batch, a line per implementation and
+    state dtype (ours solid, log-log)."""
+    plt = _pyplot()
+    data = json.loads(path.read_text())
+    rows = [r for r in data["rows"] if r.get("op") == "spec" and "us" in r]
+    panels = sorted({(r["T"], r["H"], r["HV"]) for r in rows}, key=lambda p: (p[0] != 4, p[0], -p[2]))
+    cols = min(4, max(1, len(panels)))
+    nrows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(max(1, nrows), cols, figsize=(5.5 * cols, 4.2 * max(1, nrows)), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (T, H, HV) in zip(axes.flat, panels):
+        series = defaultdict(list)
+        for r in rows:
+            if (r["T"], r["H"], r["HV"]) == (T, H, HV):
+                series[(r["impl"], r["state"])].append((r["B"], r["us"]))
+        for (impl, state), pts in sorted(series.items(), key=lambda kv: (SPEC_IMPLS.index(kv[0][0])
+                                                                         if kv[0][0] in SPEC_IMPLS else 99, kv[0][1])):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if state == "float32" else "s",
+                    linestyle="-" if impl.startswith("cute_gdn") else "--",
+                    label=f"{IMPL_NAMES.get(impl, impl)} ({STATE_NAMES.get(state, state)})")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch (sequences)")
+        ax.set_ylabel("us per spec step (verify + commit)")
+        ax.grid(alpha=0.3, which="both")
+        ax.set_title(f"spec T={T} H={H} HV={HV}, {data['env']['gpu']}", fontsize=9)
+        ax.legend(fontsize=5.5)
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=100)
@@ -383,6 +483,8 @@ def main(argv: list[str]) -> None:
             plot_fn, table_fn = plot_eager, eager_table
         elif "prefill" in ops:
             plot_fn, table_fn = plot_prefill, prefill_table
+        elif "spec" in ops:
+            plot_fn, table_fn = plot_spec, spec_table
         elif "verify" in ops:
             plot_fn, table_fn = plot_verify, verify_table
         else:

@@ -46,6 +46,8 @@ COMPILERS = {
     "verify": "cute_gdn.kernels.verify:compile_verify",
     "commit": "cute_gdn.kernels.commit:compile_commit",
     "prefill": "cute_gdn.kernels.prefill:compile_prefill",
+    "replay": "cute_gdn.kernels.replay:compile_replay",
+    "replay_cursor": "cute_gdn.kernels.replay:compile_cursor",
 }
 
 

@@ -21,6 +21,7 @@ from .cache import KernelCache, KernelKey, default_cache
 from .kernels import commit as commit_kernel
 from .kernels import decode as decode_kernel
 from .kernels import prefill as prefill_kernel
+from .kernels import replay as replay_kernel
 from .kernels import verify as verify_kernel
 from .kernels.commit import CommitConfig
 from .kernels.decode import LARGE_BATCH_HEADS, DecodeConfig
@@ -83,7 +84,8 @@ def prefill_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads:
 
 
 _CAN_IMPLEMENT = {"decode": decode_kernel.can_implement, "verify": verify_kernel.can_implement,
-                  "commit": commit_kernel.can_implement, "prefill": prefill_kernel.can_implement}
+                  "commit": commit_kernel.can_implement, "prefill": prefill_kernel.can_implement,
+                  "replay": replay_kernel.can_implement, "replay_cursor": replay_kernel.can_implement_cursor}
 
 
 def can_implement_key(key: KernelKey) -> None:

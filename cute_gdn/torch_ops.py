@@ -5,6 +5,9 @@
     torch.ops.cute_gdn.verify / verify_out        verify cache written in place (the pool is only read)
     torch.ops.cute_gdn.commit                     state pool written in place
     torch.ops.cute_gdn.commit_layers              every layer's state pool written in place
+    torch.ops.cute_gdn.replay_verify / _out       the ring written; the pool written by a fold
+    torch.ops.cute_gdn.replay_commit              the cursors written in place
+    torch.ops.cute_gdn.replay_flush               every layer's state pool and the cursors written
 
 These are separate entry points for models that are compiled: the eager `cute_gdn.decode(...)` is not
 routed through the dispatcher and keeps its own cost. Each op calls the public function of
@@ -35,6 +38,12 @@ for the life of the process, because a captured graph reads their address arrays
 (they hold the tensors, so the addresses stay valid); `clear_layer_tables()` drops them once no such
 graph will be replayed.
 
+Replay. `cute_gdn.ReplayRing` and `cute_gdn.ReplayCursors` are NamedTuples, which a schema cannot take:
+the ops take a ring as its four tensors (ring_k, ring_v, ring_d, ring_gb; lists of them, one per layer, for
+replay_flush) and the cursors as `cursors_pos` plus the two ints ring_len and max_tokens, and rebuild the
+tuples. The Python functions take the tuples. replay_verify declares the pool written: a row that folds
+rewrites its checkpoint (the choice is made on the device, so every call may write it).
+
 This module does not use `from __future__ import annotations`: custom_op infers each schema from the
 annotations, and real types are what it reads most reliably across torch versions.
 """
@@ -46,6 +55,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from . import replay
 
 # --------------------------------------------------------------------------------------------------
 # where the ops run: the free functions, or a serving surface's kernels
@@ -473,5 +483,182 @@ def commit_layers(
     torch.ops.cute_gdn.commit_layers(states, caches, state_indices, cache_indices, accepted_steps)
 
 
+# --------------------------------------------------------------------------------------------------
+# replay: verify from a checkpoint and a ring, commit = a cursor move, flush = fold the rings
+
+
+def _ring(k: Tensor, v: Tensor, d: Tensor, gb: Tensor) -> "replay.ReplayRing":
+    return replay.ReplayRing(k, v, d, gb)
+
+
+def _cursors(pos: Tensor, ring_len: int, max_tokens: int) -> "replay.ReplayCursors":
+    return replay.ReplayCursors(pos, int(ring_len), int(max_tokens))
+
+
+def _replay_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring_k, ring_v, ring_d, ring_gb,
+                   cursors_pos, ring_len, max_tokens, scale, use_qk_l2norm, out):
+    surface = _surface_for(use_qk_l2norm)
+    ring, cursors = _ring(ring_k, ring_v, ring_d, ring_gb), _cursors(cursors_pos, ring_len, max_tokens)
+    if surface is None:
+        return replay.replay_verify(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, state=state,
+                                    state_indices=state_indices, ring=ring, cursors=cursors, scale=scale,
+                                    use_qk_l2norm=use_qk_l2norm, out=out)
+    return surface.target_verify(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, state=state,
+                                 state_indices=state_indices, ring=ring, cursors=cursors, scale=scale, out=out)
+
+
+@torch.library.custom_op("cute_gdn::replay_verify", mutates_args=("state", "ring_k", "ring_v", "ring_d", "ring_gb"))
+def _replay_verify_op(
+    q: Tensor,  # [B, T, H, K] bf16/fp16, 1 <= T <= max_tokens
+    k: Tensor,  # [B, T, H, K]
+    v: Tensor,  # [B, T, HV, V]
+    a: Optional[Tensor],        # [B, T, HV] raw gate (io dtype), or None with g
+    b: Optional[Tensor],        # [B, T, HV] raw beta logit (io dtype), or None with beta
+    A_log: Optional[Tensor],    # [HV] fp32
+    dt_bias: Optional[Tensor],  # [HV] fp32 or bf16
+    g: Optional[Tensor],        # [B, T, HV] fp32 (instead of a, A_log, dt_bias)
+    beta: Optional[Tensor],     # [B, T, HV] fp32 (instead of b)
+    state: Tensor,              # [pool_size, HV, V, K] fp32 or bf16: the checkpoints, rewritten by a fold
+    state_indices: Tensor,      # [B] int32; < 0 = padding
+    ring_k: Tensor,             # [pool_size, H, L, K] io dtype (ReplayRing.k), candidates written
+    ring_v: Tensor,             # [pool_size, HV, L, V] io dtype (ReplayRing.v)
+    ring_d: Tensor,             # [pool_size, HV, L, V] fp32 (ReplayRing.d)
+    ring_gb: Tensor,            # [pool_size, HV, L, 2] fp32 (ReplayRing.gb)
+    cursors_pos: Tensor,        # [pool_size, 2] int32 (ReplayCursors.pos), read only
+    ring_len: int,              # ReplayCursors.ring_len
+    max_tokens: int,            # ReplayCursors.max_tokens
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = True,
+) -> Tensor:  # o [B, T, HV, V] io dtype
+    return _replay_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring_k, ring_v, ring_d,
+                          ring_gb, cursors_pos, ring_len, max_tokens, scale, use_qk_l2norm, None)
+
+
+@_replay_verify_op.register_fake
+def _(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring_k, ring_v, ring_d, ring_gb, cursors_pos,
+      ring_len, max_tokens, scale=None, use_qk_l2norm=True):
+    return torch.empty_like(v)  # as replay.replay_verify allocates o
+
+
+@torch.library.custom_op("cute_gdn::replay_verify_out",
+                         mutates_args=("state", "ring_k", "ring_v", "ring_d", "ring_gb", "out"))
+def _replay_verify_out_op(
+    q: Tensor, k: Tensor, v: Tensor, a: Optional[Tensor], b: Optional[Tensor], A_log: Optional[Tensor],
+    dt_bias: Optional[Tensor], g: Optional[Tensor], beta: Optional[Tensor],
+    state: Tensor,  # [pool_size, HV, V, K], rewritten by a fold
+    state_indices: Tensor,
+    ring_k: Tensor, ring_v: Tensor, ring_d: Tensor, ring_gb: Tensor,  # the ring, candidates written
+    cursors_pos: Tensor, ring_len: int, max_tokens: int, scale: Optional[float], use_qk_l2norm: bool,
+    out: Tensor,  # [B, T, HV, V] io dtype, written
+) -> None:
+    """cute_gdn::replay_verify writing o into `out` (arguments as cute_gdn::replay_verify, all given)."""
+    _replay_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring_k, ring_v, ring_d, ring_gb,
+                   cursors_pos, ring_len, max_tokens, scale, use_qk_l2norm, out)
+
+
+@_replay_verify_out_op.register_fake
+def _(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring_k, ring_v, ring_d, ring_gb, cursors_pos,
+      ring_len, max_tokens, scale, use_qk_l2norm, out):
+    return None
+
+
+def replay_verify(
+    q: Tensor,  # [B, T, H, K]
+    k: Tensor,  # [B, T, H, K]
+    v: Tensor,  # [B, T, HV, V]
+    a: Optional[Tensor] = None,  # [B, T, HV]
+    b: Optional[Tensor] = None,  # [B, T, HV]
+    *,
+    A_log: Optional[Tensor] = None,    # [HV]
+    dt_bias: Optional[Tensor] = None,  # [HV]
+    g: Optional[Tensor] = None,        # [B, T, HV]
+    beta: Optional[Tensor] = None,     # [B, T, HV]
+    state: Tensor,               # [pool_size, HV, V, K], rewritten by a fold
+    state_indices: Tensor,       # [B] int32
+    ring: "replay.ReplayRing",
+    cursors: "replay.ReplayCursors",
+    scale: Optional[float] = None,
+    use_qk_l2norm: bool = True,
+    out: Optional[Tensor] = None,  # [B, T, HV, V]
+) -> Tensor:
+    """`cute_gdn.replay_verify` through the registered ops (same arguments); returns o (`out` if given)."""
+    return _call(torch.ops.cute_gdn.replay_verify, torch.ops.cute_gdn.replay_verify_out,
+                 (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring.k, ring.v, ring.d, ring.gb,
+                  cursors.pos, cursors.ring_len, cursors.max_tokens, scale, use_qk_l2norm), out)
+
+
+@torch.library.custom_op("cute_gdn::replay_commit", mutates_args=("cursors_pos",))
+def _replay_commit_op(
+    cursors_pos: Tensor,    # [pool_size, 2] int32 (ReplayCursors.pos), moved in place
+    ring_len: int,          # ReplayCursors.ring_len
+    max_tokens: int,        # ReplayCursors.max_tokens
+    state_indices: Tensor,  # [B] int32; < 0 = padding
+    num_accepted: Tensor,   # [B] int32 in [0, T]
+) -> None:
+    cursors = _cursors(cursors_pos, ring_len, max_tokens)
+    surface = _surface
+    if surface is None:
+        replay.replay_commit(cursors, state_indices, num_accepted)
+    else:
+        surface.replay_commit(cursors, state_indices, num_accepted)
+
+
+@_replay_commit_op.register_fake
+def _(cursors_pos, ring_len, max_tokens, state_indices, num_accepted):
+    return None
+
+
+def replay_commit(
+    cursors: "replay.ReplayCursors",
+    state_indices: Tensor,  # [B] int32
+    num_accepted: Tensor,   # [B] int32
+) -> None:
+    """`cute_gdn.replay_commit` through the registered op (same arguments)."""
+    torch.ops.cute_gdn.replay_commit(cursors.pos, cursors.ring_len, cursors.max_tokens, state_indices, num_accepted)
+
+
+@torch.library.custom_op("cute_gdn::replay_flush", mutates_args=("states", "cursors_pos"))
+def _replay_flush_op(
+    states: list[Tensor],   # L x [pool_size, HV, V, K], the named slots folded in place
+    ring_k: list[Tensor],   # L x [pool_size, H, L, K] (each layer's ReplayRing.k)
+    ring_v: list[Tensor],   # L x [pool_size, HV, L, V]
+    ring_d: list[Tensor],   # L x [pool_size, HV, L, V]
+    ring_gb: list[Tensor],  # L x [pool_size, HV, L, 2]
+    cursors_pos: Tensor,    # [pool_size, 2] int32, the named slots emptied
+    ring_len: int,
+    max_tokens: int,
+    state_indices: Tensor,  # [B] int32; < 0 = padding
+    use_qk_l2norm: bool = True,
+) -> None:
+    surface = _surface_for(use_qk_l2norm)
+    rings = [_ring(*t) for t in zip(ring_k, ring_v, ring_d, ring_gb)]
+    cursors = _cursors(cursors_pos, ring_len, max_tokens)
+    if surface is None:
+        replay.replay_flush(states, rings, cursors, state_indices, use_qk_l2norm=use_qk_l2norm)
+    else:
+        surface.replay_flush(states, rings, cursors, state_indices)
+
+
+@_replay_flush_op.register_fake
+def _(states, ring_k, ring_v, ring_d, ring_gb, cursors_pos, ring_len, max_tokens, state_indices, use_qk_l2norm=True):
+    return None
+
+
+def replay_flush(
+    states: Union[Sequence[Tensor], Tensor],  # [pool_size, HV, V, K] or a sequence of them (one per layer)
+    rings,                                    # the ReplayRing (or sequence of rings) of those layers
+    cursors: "replay.ReplayCursors",
+    state_indices: Tensor,  # [B] int32
+    *,
+    use_qk_l2norm: bool = True,
+) -> None:
+    """`cute_gdn.replay_flush` through the registered op (same arguments; one pool and ring, or sequences)."""
+    states = [states] if isinstance(states, Tensor) else list(states)
+    rings = [rings] if isinstance(rings, replay.ReplayRing) else list(rings)
+    torch.ops.cute_gdn.replay_flush(states, [r.k for r in rings], [r.v for r in rings], [r.d for r in rings],
+                                    [r.gb for r in rings], cursors.pos, cursors.ring_len, cursors.max_tokens,
+                                    state_indices, use_qk_l2norm)
+
+
 __all__ = ["prefill", "decode", "verify", "commit", "commit_layers", "layer_table", "clear_layer_tables",
-           "use_kernels"]
+           "use_kernels", "replay_verify", "replay_commit", "replay_flush"]

@@ -13,6 +13,9 @@ Stand-ins replace the few helpers the loaded modules import from modules that wo
 `sglang.srt.utils.common.torch_release` and `sglang.kernels.jit.utils.is_arch_support_pdl`, and `einops`
 where it is not installed (fla/chunk.py imports it for a layout TritonGDNKernel never uses). `is_cpu()`
 is False: the peer is SGLang's CUDA path (its CPU path needs the sgl_kernel wheel).
+
+`ReplaySSMLayer` drives SGLang's ReplaySSM GDN spec verify (gdn_replayssm_spec_decode.py) on one layer,
+with the buffers SGLang's MambaPool allocates for it and the calls its backend and spec_utils make.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import importlib.util
 import os
 import sys
 import types
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Optional
 
@@ -197,3 +200,81 @@ def load_fused_gdn_gating():
     """SGLang's fused_gdn_gating(A_log, a, b, dt_bias) -> (g, beta), the gates it feeds extend (GPU host)."""
     install()
     return importlib.import_module(FUSED_GDN_GATING).fused_gdn_gating
+
+
+REPLAYSSM = "sglang.kernels.ops.attention.linear.gdn_replayssm_spec_decode"
+
+
+def load_replayssm():
+    """SGLang's ReplaySSM GDN module: gdn_replayssm_spec_decode and commit_gdn_replayssm_spec (GPU host)."""
+    install()
+    return importlib.import_module(REPLAYSSM)
+
+
+class ReplaySSMLayer:
+    """One GDN layer under SGLang's ReplaySSM speculative verify, the protocol cute_gdn.replay follows.
+
+    Buffers as MambaPool allocates them for `--enable-linear-replayssm-spec` (memory_pool.py), one layer:
+    the compact output-path records d [slots, HV, L, V] and L2-normalized k [slots, H, L, K] in
+    `record_dtype` (SGLang: the activation dtype), g [slots, HV, L] fp32, and request-keyed cursors
+    write_pos / cache_base (int32) and is_flush (int8) [slots]. The exact fold that launch_mode "both" runs
+    also needs the raw replay records (raw v, raw k in the io dtype, beta fp32), which SGLang's pool
+    allocates for KDA's fold-every-commit; they are allocated here. The ring is keyed by the pool slot
+    (replay_indices = state_indices), as cute_gdn's is.
+
+    `verify` is gdn_replayssm_spec_decode with launch_mode "both": the exact fold of the rows whose ring is
+    past the early-flush margin (write_pos > L - 2 T), their outputs from the folded checkpoint, and every
+    other row's outputs from checkpoint + records. `commit` is commit_gdn_replayssm_spec (spec_utils.py):
+    the cursor move, which also sets next step's is_flush. Padding is -1 (null_block_id=-1, as SGLang's
+    backend passes).
+    """
+
+    def __init__(self, num_slots: int, num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, *,
+                 ring_len: int, max_spec_len: int, io_dtype: torch.dtype = torch.bfloat16,
+                 record_dtype: torch.dtype = torch.bfloat16, device="cuda"):
+        # The circular positions are (base + i) & (L - 1), and MambaPool checks the early-flush margin.
+        if ring_len & (ring_len - 1) or ring_len < 2 * max_spec_len:
+            raise ValueError(f"ReplaySSM needs a power-of-two ring_len >= 2 * max_spec_len, got {ring_len}")
+        self.module = load_replayssm()
+        self.ring_len, self.max_spec_len = ring_len, max_spec_len
+        H, HV, K, V, L = num_heads, num_v_heads, head_k_dim, head_v_dim, ring_len
+        zeros = partial(torch.zeros, device=device)
+        self.d = zeros(num_slots, HV, L, V, dtype=record_dtype)
+        self.k = zeros(num_slots, H, L, K, dtype=record_dtype)
+        self.g = zeros(num_slots, HV, L, dtype=torch.float32)
+        self.rawv = zeros(num_slots, HV, L, V, dtype=io_dtype)
+        self.rawk = zeros(num_slots, H, L, K, dtype=io_dtype)
+        self.beta = zeros(num_slots, HV, L, dtype=torch.float32)
+        self.write_pos = zeros(num_slots, dtype=torch.int32)
+        self.cache_base = zeros(num_slots, dtype=torch.int32)
+        self.is_flush = zeros(num_slots, dtype=torch.int8)
+
+    def verify(self, q, k, v, a, b, A_log, dt_bias, *, state, state_indices, scale=None, use_qk_l2norm=True,
+               dot_precision: str = "ieee") -> torch.Tensor:
+        """q, k [B, T, H, K], v [B, T, HV, V], a, b [B, T, HV] (raw gates), state [slots, HV, V, K] fp32
+        (folded in place), state_indices [B] int32 (-1 = padding). Returns o [B, T, HV, V].
+
+        dot_precision: "ieee" (fp32 dots) or "tf32" (SGLang's default on Ampere and newer)."""
+        B, T, H, K = q.shape
+        HV, V = v.shape[2], v.shape[3]
+        tokens = B * T
+        # SGLang packs the requests along the token dim: [tokens, heads, dim] with cu_seqlens.
+        query_start_loc = torch.arange(0, tokens + 1, T, dtype=torch.int32, device=q.device)
+        out = torch.empty(tokens, HV, V, dtype=q.dtype, device=q.device)
+        self.module.gdn_replayssm_spec_decode(
+            q=q.reshape(tokens, H, K), k=k.reshape(tokens, H, K), v=v.reshape(tokens, HV, V),
+            a=a.reshape(tokens, HV), b=b.reshape(tokens, HV), A_log=A_log, dt_bias=dt_bias,
+            checkpoint_state=state, d_cache=self.d, k_cache=self.k, g_cache=self.g, rawv_cache=self.rawv,
+            rawk_cache=self.rawk, beta_cache=self.beta, out=out, query_start_loc=query_start_loc,
+            ssm_state_indices=state_indices, replay_indices=state_indices, write_pos=self.write_pos,
+            cache_base=self.cache_base, is_flush=self.is_flush, max_cache_len=self.ring_len,
+            max_spec_len=self.max_spec_len, scale=scale, use_qk_l2norm_in_kernel=use_qk_l2norm,
+            null_block_id=-1, launch_mode="both", dot_precision=dot_precision)
+        return out.view(B, T, HV, V)
+
+    def commit(self, state_indices: torch.Tensor, num_accepted: torch.Tensor) -> None:
+        """Advance the cursors of the rows of the last verify by num_accepted [B] int32 (0 .. T)."""
+        self.module.commit_gdn_replayssm_spec(
+            write_pos=self.write_pos, cache_base=self.cache_base, is_flush=self.is_flush,
+            num_accepted=num_accepted, replay_indices=state_indices, max_cache_len=self.ring_len,
+            max_spec_len=self.max_spec_len, fold_every_commit=False, null_block_id=-1)

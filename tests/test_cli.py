@@ -100,6 +100,11 @@ BAD_ARGS = [
     (["--model", "qwen3-next-80b", "--head-dim", "64"], "not both"),
     (["--jobs", "x"], "invalid int value: 'x'"),
     (["--state-dtype", "float16"], "invalid choice: 'float16'"),
+    (["--spec-mode", "replay"], "--spec-mode replay needs --cache-steps >= 1"),
+    (["--spec-mode", "replay", "--cache-steps", "4", "--ring-len", "7"],
+     "--ring-len 7 with --cache-steps 4: ring_len must be in [2 * max_tokens = 8, 64], got 7"),
+    (["--spec-mode", "replay", "--cache-steps", "4", "--ring-len", "65"], "got 65"),
+    (["--spec-mode", "tree"], "invalid choice: 'tree'"),
 ]
 
 
@@ -143,3 +148,59 @@ def test_help_carries_no_warning():
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert "--cache-steps" in r.stdout and "Exit status" in r.stdout
+
+
+def _no_compile(monkeypatch):
+    """compile_many stood in: every key a hit, recorded."""
+    import cute_gdn.precompile.cli as cli_module
+
+    seen = []
+
+    def compile_many(keys, cache_dir, jobs, on_result=None):
+        results = [(key, "hit", 0.0, None) for key in keys]
+        seen.extend(keys)
+        for r in results:
+            on_result(*r)
+        return results
+
+    monkeypatch.setattr(cli_module, "compile_many", compile_many)
+    return cli_module, seen
+
+
+def test_spec_mode_replay_builds_the_replay_kernel_set(tmp_path, monkeypatch, capsys):
+    """--spec-mode replay: decode, replay verify for T = 1..cache_steps, the flush kernel and both cursor
+    kernels (no verify/commit); the header names the ring and the memory line compares both modes."""
+    from cute_gdn import serving
+
+    cli_module, seen = _no_compile(monkeypatch)
+    args = ["--num-heads", "4", "--num-v-heads", "8", "--head-dim", "64", "--tp", "2", "--pool-size", "8",
+            "--cache-steps", "2", "--spec-mode", "replay", "--ring-len", "8", "--cache-dir", str(tmp_path)]
+    assert cli_module.main(args) == 0
+    out = capsys.readouterr().out
+    want = serving.config_keys(2, 4, 64, 64, pool_size=8, cache_steps=2, spec_mode="replay", ring_len=8)
+    assert seen == want
+    ops = [k.op for k in seen]
+    verify = [k for k in seen if k.op == "replay" and k.kwargs["num_tokens"] > 0]
+    flush = [k for k in seen if k.op == "replay" and k.kwargs["num_tokens"] == 0]
+    assert ops.count("decode") == 6 and 6 <= len(verify) <= 12 and 1 <= len(flush) <= 2 and ops.count("replay_cursor") == 2
+    assert "verify" not in ops and "commit" not in ops
+    assert "cache_steps=2 spec_mode=replay ring_len=8 state=float32" in out
+    # cached: 2 fp32 states of 4 x 64 x 64 = 128 KiB; replay: replay.ring_bytes of 8 records
+    from cute_gdn.replay import ring_bytes
+    cached, ring = 2 * 4 * 64 * 64 * 4, ring_bytes(2, 4, 64, 64, 8)
+    assert cli_module.spec_memory(2, 4, 64, 2, 8, "float32", "bfloat16") == (cached, ring)
+    assert (f"speculative memory per request per layer: cached {cached / 1024:.1f} KiB (2 float32 states), "
+            f"replay {ring / 1024:.1f} KiB (ring of 8 records), replay/cached = {ring / cached:.2f}") in out
+    assert f"{len(want)} hit, 0 compiled, 0 failed" in out
+
+
+def test_spec_mode_defaults_to_cached(tmp_path, monkeypatch, capsys):
+    cli_module, seen = _no_compile(monkeypatch)
+    assert cli_module.main([*SMALL, "--cache-dir", str(tmp_path)]) == 0
+    assert len(seen) == KERNELS and {k.op for k in seen} == {"decode", "verify", "commit"}
+    out = capsys.readouterr().out
+    assert "spec_mode=cached state=" in out and "ring_len" not in out.split("\n")[0]
+    assert "replay/cached" in out  # the comparison is printed whenever cache_steps > 0
+    assert cli_module.main(["--num-heads", "4", "--num-v-heads", "8", "--head-dim", "64", "--pool-size", "8",
+                            "--cache-dir", str(tmp_path)]) == 0
+    assert "speculative memory" not in capsys.readouterr().out

@@ -830,3 +830,230 @@ def test_import_without_sglang_names_the_requirement():
             "try:\n    import cute_gdn.integrations.sglang\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "needs SGLang (0.5.23) to be importable" in out.stdout, out.stdout + out.stderr
+
+
+# ---- spec_mode="replay": cute_gdn's replay protocol in place of SGLang's GDN spec ring ----
+
+RING = 2 * STEPS
+SPEC_DECODE_PY = SGLANG / "kernels" / "ops" / "attention" / "linear" / "gdn_replayssm_spec_decode.py"
+SPEC_UTILS_PY = SGLANG / "srt" / "speculative" / "spec_utils.py"
+
+
+class GDNLayer(RadixLinearAttention):
+    def __init__(self, layer_id):
+        super().__init__()
+        self.layer_id = layer_id
+
+
+def replay_runner(layer_ids=(3, 7), disable_radix_cache=True, extra_buffer=False, **flags):
+    """A runner whose mamba pool runs SGLang's GDN spec ring (--enable-linear-replayssm-spec), one GDN
+    backend holding a dispatcher, and a HybridReqToTokenPool-like alloc."""
+    model = torch.nn.ModuleList([GDNLayer(i) for i in layer_ids])
+    cache = SimpleNamespace(temporal=torch.zeros(len(layer_ids), POOL, HV, V, K), intermediate_ssm=None)
+    pool_flags = dict(enable_linear_replayssm_spec=True, replayssm_cache_base=torch.zeros(POOL, dtype=torch.int32),
+                      replayssm_spec_write_pos=torch.zeros(POOL, dtype=torch.int32), replayssm_is_kda=False)
+    pool_flags.update(flags)
+    allocated = []
+
+    def alloc(reqs):
+        for req in reqs:
+            if not req.kv.holds_mamba:
+                req.kv.mamba_pool_idx = torch.tensor(allocated.pop(0))
+        return list(range(len(reqs)))
+
+    req_pool = SimpleNamespace(enable_mamba_extra_buffer=extra_buffer, mamba_pool=mamba_pool(cache, **pool_flags),
+                               alloc=alloc)
+    backend = SimpleNamespace(kernel_dispatcher=FakeDispatcher(), _replayssm_target_verify=Unreachable())
+    runner = SimpleNamespace(model=model, dtype=torch.bfloat16, req_to_token_pool=req_pool,
+                             attn_backend=SimpleNamespace(linear_attn_backend=backend),
+                             server_args=SimpleNamespace(speculative_num_draft_tokens=STEPS,
+                                                         disable_radix_cache=disable_radix_cache))
+    runner.allocated = allocated
+    return runner
+
+
+def replay_kernel(tmp_path, runner):
+    kern = cg.CuteGDNKernel.from_model_runner(runner, cache_dir=tmp_path, warmup=False, spec_mode="replay",
+                                              ring_len=RING, device="cpu")
+    kern.kernels.warm = True
+    return kern
+
+
+@pytest.fixture
+def spec_decode_module(monkeypatch):
+    """SGLang's spec-ring commit module (Triton kernels in SGLang) with recording originals."""
+    seen = []
+    module = SimpleNamespace(commit_gdn_replayssm_spec=lambda **kw: seen.append(("spec", kw)),
+                             commit_gdn_replayssm_circular=lambda **kw: seen.append(("circular", kw)))
+    monkeypatch.setitem(sys.modules, cg.REPLAY_COMMIT_MODULE, module)
+    monkeypatch.setattr(cg, "_REPLAY_POOLS", {})
+    module.seen = seen
+    return module
+
+
+def test_from_model_runner_builds_replay_rings_per_gdn_layer(tmp_path):
+    runner = replay_runner()
+    kern = replay_kernel(tmp_path, runner)
+    assert kern.spec_mode == "replay" and kern.ring_len == RING and kern.cache_steps == STEPS
+    assert sorted(kern.rings) == [3, 7]
+    ring = kern.rings[3]
+    assert ring.k.shape == (POOL, H, RING, K) and ring.d.shape == (POOL, HV, RING, V) and ring.k.device.type == "cpu"
+    assert kern.rings[3].k.data_ptr() != kern.rings[7].k.data_ptr()
+    assert kern.cursors.pos.shape == (POOL, 2) and (kern.cursors.ring_len, kern.cursors.max_tokens) == (RING, STEPS)
+    assert not any(k.op in ("verify", "commit") for k in kern.kernels.keys)
+    assert {k.op for k in kern.kernels.keys} >= {"replay", "replay_cursor"}
+    assert f"spec_mode=replay, ring_len={RING}" in repr(kern)
+
+
+@pytest.mark.parametrize("flags,name", [
+    (dict(enable_linear_replayssm_spec=False, replayssm_cache_base=None, replayssm_spec_write_pos=None),
+     "enable_linear_replayssm_spec"),
+    (dict(enable_linear_replayssm=True), "enable_linear_replayssm"),
+    (dict(replayssm_spec_fold=True), "replayssm_spec_fold"),
+    (dict(replayssm_is_kda=True), "replayssm_is_kda"),
+])
+def test_replay_needs_sglangs_gdn_spec_ring_and_nothing_else(tmp_path, flags, name):
+    with pytest.raises(NotImplementedError, match=name):
+        replay_kernel(tmp_path, replay_runner(**flags))
+
+
+def test_cached_mode_still_refuses_the_spec_ring(tmp_path):
+    with pytest.raises(NotImplementedError, match="enable_linear_replayssm_spec"):
+        cg.CuteGDNKernel.from_model_runner(replay_runner(), cache_dir=tmp_path, warmup=False)
+
+
+def test_install_into_runner_takes_over_verify_commit_and_slot_assignment(tmp_path, spec_decode_module, monkeypatch):
+    runner = replay_runner()
+    kern = replay_kernel(tmp_path, runner)
+    backend = runner.attn_backend.linear_attn_backend
+    commits = Recorder(kern.kernels.replay_commit)
+    monkeypatch.setattr(kern.kernels, "replay_commit", commits)
+    assert cg.install_into_runner(runner, kern) is kern
+    assert backend._replayssm_target_verify == kern.replay_target_verify
+    assert backend.kernel_dispatcher.decode_kernel is kern
+    # commit: SGLang's cursor advance does nothing for this pool, its circular commit is replay_commit
+    pool = runner.req_to_token_pool.mamba_pool
+    slots, accept = torch.tensor([2, -1, 0], dtype=torch.int32), torch.tensor([1, 2, 3], dtype=torch.int64)
+    spec_decode_module.commit_gdn_replayssm_spec(write_pos=pool.replayssm_spec_write_pos, num_accepted=accept)
+    spec_decode_module.commit_gdn_replayssm_circular(write_pos=pool.replayssm_spec_write_pos,
+                                                     state_batch_indices=slots, accept_lens=accept,
+                                                     mamba_track_indices=None)
+    assert not spec_decode_module.seen
+    (args, _), = commits.calls
+    assert args[0] is kern.cursors and args[1] is slots and args[2].dtype == torch.int32
+    assert args[2].tolist() == [1, 2, 3]
+    # another pool's commits go on to SGLang's kernels
+    other = torch.zeros(3, dtype=torch.int32)
+    spec_decode_module.commit_gdn_replayssm_spec(write_pos=other)
+    spec_decode_module.commit_gdn_replayssm_circular(write_pos=other, state_batch_indices=slots)
+    assert [s[0] for s in spec_decode_module.seen] == ["spec", "circular"] and len(commits.calls) == 1
+    with pytest.raises(NotImplementedError, match="mamba_track_indices"):
+        spec_decode_module.commit_gdn_replayssm_circular(write_pos=pool.replayssm_spec_write_pos,
+                                                         state_batch_indices=slots, accept_lens=accept,
+                                                         mamba_track_indices=torch.zeros(3))
+    # slot assignment: fresh mamba slots get empty rings, a held one (chunked prefill) keeps its cursor
+    kern.cursors.pos.copy_(torch.arange(2 * POOL, dtype=torch.int32).view(POOL, 2) % 3)
+    before = kern.cursors.pos.clone()
+    runner.allocated[:] = [4, 1]
+    reqs = [SimpleNamespace(kv=SimpleNamespace(holds_mamba=False, mamba_pool_idx=None)),
+            SimpleNamespace(kv=SimpleNamespace(holds_mamba=True, mamba_pool_idx=torch.tensor(2))),
+            SimpleNamespace(kv=SimpleNamespace(holds_mamba=False, mamba_pool_idx=None))]
+    assert runner.req_to_token_pool.alloc(reqs) == [0, 1, 2]
+    assert kern.cursors.pos[4].tolist() == [0, 0] and kern.cursors.pos[1].tolist() == [0, 0]
+    keep = [0, 2, 3]
+    torch.testing.assert_close(kern.cursors.pos[keep], before[keep], rtol=0, atol=0)
+    # installing again (another runner of the process, or twice) wraps alloc once
+    wrapped = runner.req_to_token_pool.alloc
+    assert wrapped._cute_gdn_kernel is kern
+    cg.install_into_runner(runner, kern)
+    assert runner.req_to_token_pool.alloc is wrapped
+
+
+def test_replay_target_verify_maps_sglangs_arguments(tmp_path):
+    runner = replay_runner()
+    kern = replay_kernel(tmp_path, runner)
+    rec = Recorder(kern.kernels.target_verify)
+    kern.kernels.target_verify = rec
+    N, T = 3, STEPS
+    _, q, k, v = packed(N * T)
+    a, b = gates(N * T)
+    layer = runner.model[1]
+    temporal = runner.req_to_token_pool.mamba_pool.mamba_cache.temporal[1]
+    o = kern.replay_target_verify(layer=layer, query=q, key=k, value=v, a=a, b=b,
+                                  mamba_pool=runner.req_to_token_pool.mamba_pool,
+                                  layer_cache=SimpleNamespace(temporal=temporal),
+                                  cache_indices=torch.tensor([3, 0, -1, 9], dtype=torch.int32),
+                                  replay_indices=torch.arange(N), query_start_loc=torch.arange(0, N * T + 1, T,
+                                                                                               dtype=torch.int32),
+                                  draft_token_num=T)
+    (args, kwargs), = rec.calls
+    assert [tuple(x.shape) for x in args] == [(N, T, H, K), (N, T, H, K), (N, T, HV, V), (N, T, HV), (N, T, HV)]
+    assert all(x.data_ptr() == y.data_ptr() for x, y in zip(args, (q, k, v, a, b)))  # views, no copies
+    assert kwargs["ring"] is kern.rings[7] and kwargs["cursors"] is kern.cursors and kwargs["state"] is temporal
+    assert kwargs["state_indices"].tolist() == [3, 0, -1] and "cache" not in kwargs
+    assert kwargs["A_log"] is layer.A_log and kwargs["dt_bias"] is layer.dt_bias
+    assert o.shape == v.shape and o.data_ptr() == kwargs["out"].data_ptr()
+    with pytest.raises(ValueError, match="layer_id=5"):
+        kern.replay_target_verify(layer=GDNLayer(5), query=q, key=k, value=v, a=a, b=b,
+                                  layer_cache=SimpleNamespace(temporal=temporal), cache_indices=torch.zeros(
+                                      N, dtype=torch.int32), query_start_loc=torch.arange(N + 1), draft_token_num=T)
+    with pytest.raises(NotImplementedError, match="draft_token_num"):
+        kern.replay_target_verify(layer=layer, query=q, key=k, value=v, a=a, b=b,
+                                  layer_cache=SimpleNamespace(temporal=temporal), cache_indices=torch.zeros(
+                                      N, dtype=torch.int32), query_start_loc=torch.arange(N + 1), draft_token_num=T + 1)
+    with pytest.raises(NotImplementedError, match="spec_mode='replay'"):
+        kern.target_verify(**verify_args())
+    assert len(rec.calls) == 1
+
+
+def test_replay_refusals_at_install(tmp_path, spec_decode_module):
+    kern = replay_kernel(tmp_path, replay_runner())
+    for runner, match in ((replay_runner(disable_radix_cache=False), "disable_radix_cache"),
+                          (replay_runner(extra_buffer=True), "enable_mamba_extra_buffer")):
+        with pytest.raises(NotImplementedError, match=match):
+            cg.install_into_runner(runner, kern)
+        assert runner.attn_backend.linear_attn_backend.kernel_dispatcher.decode_kernel is not kern
+    with pytest.raises(ValueError, match="install_into_runner"):
+        cg.install(FakeDispatcher(), kern)
+    cg.install(FakeDispatcher(), kern, modes=("decode", "extend"))  # no verify: a dispatcher is enough
+    runner = replay_runner()
+    runner.attn_backend.linear_attn_backend = SimpleNamespace(kernel_dispatcher=FakeDispatcher())
+    with pytest.raises(TypeError, match="_replayssm_target_verify"):
+        cg.install_into_runner(runner, kern)
+    assert runner.attn_backend.linear_attn_backend.kernel_dispatcher.verify_kernel is not kern
+
+
+def test_replay_hooks_match_sglangs_own_call_sites():
+    """replay_target_verify takes every keyword GDNAttnBackend passes to _replayssm_target_verify; the commit
+    kernels are imported from REPLAY_COMMIT_MODULE inside commit_mamba_states_after_verify (so the module
+    attributes are read at each call) and called with the keywords the patch reads."""
+    backend = _ast_class_methods(BACKEND_PY, "GDNAttnBackend")
+    theirs = [a.arg for a in backend["_replayssm_target_verify"].args.kwonlyargs]
+    ours = [p for p, x in inspect.signature(cg.CuteGDNKernel.replay_target_verify).parameters.items()
+            if x.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert ours == theirs
+    tree = ast.parse(SPEC_UTILS_PY.read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "commit_mamba_states_after_verify")
+    imports = {a.name for n in ast.walk(fn) if isinstance(n, ast.ImportFrom) and n.module == cg.REPLAY_COMMIT_MODULE
+               for a in n.names}
+    assert {"commit_gdn_replayssm_spec", "commit_gdn_replayssm_circular"} <= imports
+    calls = {n.func.id: {k.arg for k in n.keywords} for n in ast.walk(fn)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert {"write_pos"} <= calls["commit_gdn_replayssm_spec"]
+    assert {"write_pos", "state_batch_indices", "accept_lens", "mamba_track_indices"} <= \
+        calls["commit_gdn_replayssm_circular"]
+    source = SPEC_DECODE_PY.read_text()
+    assert "def commit_gdn_replayssm_spec(" in source and "def commit_gdn_replayssm_circular(" in source
+    pool_py = (SGLANG / "srt" / "mem_cache" / "memory_pool.py").read_text()
+    assert "req.kv.holds_mamba" in pool_py and "req.kv.mamba_pool_idx = mid[0]" in pool_py
+
+
+def test_spec_env_reaches_the_kernel_kwargs(hook_registry, monkeypatch):
+    monkeypatch.setenv("CUTE_GDN_SGLANG_MODES", "decode,extend,target_verify")
+    monkeypatch.setenv("CUTE_GDN_SGLANG_SPEC", "replay")
+    built = []
+    monkeypatch.setattr(cg, "install_into_runner", lambda runner, **kw: built.append(kw))
+    cg.plugin()
+    (_, hook, _), = hook_registry
+    hook(None, _runner(_hybrid(FakeDispatcher())))
+    assert built == [dict(modes=cg.ALL_MODES, spec_mode="replay")]

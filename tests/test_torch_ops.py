@@ -629,3 +629,220 @@ def test_compile_commit_layers_and_out_variants(stand_ins):
     torch.testing.assert_close(pool, eager_pool, rtol=0, atol=0)
     for s, e in zip(states, eager_states):
         torch.testing.assert_close(s, e, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------- replay
+
+from cute_gdn import replay  # noqa: E402
+
+RING_LEN, MAX_T = 4, STEPS
+GB = replay.make_replay_ring(1, H, HV, K, V, ring_len=RING_LEN, device="meta").gb.shape[-1]  # per-record scalars
+REPLAY_MUTATED = {"replay_verify": {"state", "ring_k", "ring_v", "ring_d", "ring_gb"},
+                  "replay_verify_out": {"state", "ring_k", "ring_v", "ring_d", "ring_gb", "out"},
+                  "replay_commit": {"cursors_pos"}, "replay_flush": {"states", "cursors_pos"}}
+
+
+def _install_replay_stand_ins(monkeypatch) -> Calls:
+    """Plain-torch stand-ins with replay's public signatures that write what the kernels write: the T
+    candidate records at ring positions start + count + t (mod L), a fold (here: the checkpoint halved,
+    a deterministic write) for a row past the threshold, cursor moves, and o from the checkpoint."""
+    calls = Calls()
+
+    def replay_verify(q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, state,
+                      state_indices, ring, cursors, scale=None, use_qk_l2norm=True, out=None):
+        calls.append(("replay_verify", state.data_ptr()))
+        if g is None:
+            g, beta = reference.compute_gates(a, b, A_log, dt_bias, dtype=torch.float32)
+        T, L = q.shape[1], cursors.ring_len
+        o = torch.zeros(v.shape, dtype=torch.float32)
+        for row, slot in enumerate(state_indices.tolist()):
+            if slot < 0:
+                continue
+            start, count = cursors.pos[slot].tolist()
+            if count > cursors.fold_threshold:
+                state[slot] *= 0.5
+                start, count = (start + count) % L, 0
+            for t in range(T):
+                p = (start + count + t) % L
+                ring.k[slot, :, p] = k[row, t]
+                ring.v[slot, :, p] = v[row, t]
+                ring.d[slot, :, p] = v[row, t].float() * beta[row, t, :, None]
+                ring.gb[slot, :, p, 0], ring.gb[slot, :, p, 1] = g[row, t], beta[row, t]
+            o[row] = torch.einsum("hvk,thk->thv", state[slot], q[row].float().repeat_interleave(HV // H, 1))
+        out = torch.empty_like(v) if out is None else out
+        return out.copy_(o)
+
+    def replay_commit(cursors, state_indices, num_accepted):
+        calls.append(("replay_commit", cursors.pos.data_ptr()))
+        for slot, n in zip(state_indices.tolist(), num_accepted.tolist()):
+            if slot >= 0:
+                cursors.pos[slot, 1] += n
+
+    def replay_flush(states, rings, cursors, state_indices, *, use_qk_l2norm=True):
+        calls.append(("replay_flush", cursors.pos.data_ptr()))
+        for state, ring in zip(states, rings):
+            for slot in state_indices.tolist():
+                if slot >= 0:
+                    state[slot] += ring.d[slot].sum(1)[..., None]  # [HV, V, 1]
+        for slot in state_indices.tolist():
+            if slot >= 0:
+                cursors.pos[slot] = 0
+
+    for name, fn in (("replay_verify", replay_verify), ("replay_commit", replay_commit),
+                     ("replay_flush", replay_flush)):
+        assert list(inspect.signature(fn).parameters) == list(inspect.signature(getattr(replay, name)).parameters)
+        monkeypatch.setattr(replay, name, fn)
+    return calls
+
+
+@pytest.fixture
+def replay_stand_ins(monkeypatch):
+    return _install_replay_stand_ins(monkeypatch)
+
+
+def _ring(device):
+    return replay.ReplayRing(torch.randn(POOL, H, RING_LEN, K, device=device).to(torch.bfloat16),
+                             torch.randn(POOL, HV, RING_LEN, V, device=device).to(torch.bfloat16),
+                             torch.randn(POOL, HV, RING_LEN, V, device=device),
+                             torch.randn(POOL, HV, RING_LEN, GB, device=device))
+
+
+def _replay_cursors(device):
+    # slot 3 past the fold threshold (L - 2T = 0), slot 0 empty
+    pos = torch.tensor([[0, 0]] * 3 + [[1, 1]] + [[0, 0]] * (POOL - 4), dtype=torch.int32, device=device)
+    return replay.ReplayCursors(pos, RING_LEN, MAX_T)
+
+
+def replay_op_args(name: str, device="cpu", raw=True) -> tuple:
+    gates = ("a", "b", "A_log", "dt_bias", "g", "beta")
+    if name.startswith("replay_verify"):
+        t = _tokens(B, MAX_T, device, raw)
+        ring, cursors = _ring(device), _replay_cursors(device)
+        args = (t["q"], t["k"], t["v"], *(t[x] for x in gates), _pool(device), _index([3, -1, 0], device), *ring,
+                cursors.pos, RING_LEN, MAX_T, None, True)
+        return args + ((torch.empty_like(t["v"]),) if name.endswith("_out") else ())
+    if name == "replay_commit":
+        return (_replay_cursors(device).pos, RING_LEN, MAX_T, _index([3, -1, 0], device), _index([2, 1, 1], device))
+    if name == "replay_flush":
+        rings = [_ring(device) for _ in range(2)]
+        return ([_pool(device) for _ in range(2)], *([r[i] for r in rings] for i in range(4)),
+                _replay_cursors(device).pos, RING_LEN, MAX_T, _index([3, -1, 0], device), True)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", sorted(REPLAY_MUTATED))
+def test_replay_op_is_registered_with_its_mutations(name):
+    schema = getattr(torch.ops.cute_gdn, name).default._schema
+    written = {arg.name for arg in schema.arguments if arg.alias_info is not None and arg.alias_info.is_write}
+    assert written == REPLAY_MUTATED[name]
+    assert all(ret.alias_info is None for ret in schema.returns)
+    assert len(schema.returns) == (1 if name == "replay_verify" else 0)
+
+
+def test_replay_verify_schema_takes_the_public_arguments_with_the_tuples_unpacked():
+    public = [p for p in inspect.signature(replay.replay_verify).parameters if p != "out"]
+    i = public.index("ring")
+    want = public[:i] + ["ring_k", "ring_v", "ring_d", "ring_gb", "cursors_pos", "ring_len", "max_tokens"] + public[i + 2:]
+    assert [a.name for a in torch.ops.cute_gdn.replay_verify.default._schema.arguments] == want
+    assert [a.name for a in torch.ops.cute_gdn.replay_verify_out.default._schema.arguments] == want + ["out"]
+    assert [a.name for a in torch.ops.cute_gdn.replay_commit.default._schema.arguments] == \
+        ["cursors_pos", "ring_len", "max_tokens", "state_indices", "num_accepted"]
+
+
+@pytest.mark.parametrize("raw", (True, False), ids=("raw", "precomputed"))
+@pytest.mark.parametrize("name", sorted(REPLAY_MUTATED))
+def test_replay_fake_impls_on_fake_cuda(name, raw):
+    with FakeTensorMode():
+        args = replay_op_args(name, "cuda", raw)
+        result = getattr(torch.ops.cute_gdn, name)(*args)
+        if name == "replay_verify":
+            assert result.shape == args[2].shape and result.dtype == torch.bfloat16 and result.device.type == "cuda"
+        else:
+            assert result is None
+
+
+@pytest.mark.parametrize("name", sorted(REPLAY_MUTATED))
+def test_replay_opcheck(name, replay_stand_ins):
+    args = replay_op_args(name, "cpu", raw=name != "replay_verify_out")
+    results = torch.library.opcheck(getattr(torch.ops.cute_gdn, name).default, args,
+                                    test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
+                                                "test_aot_dispatch_dynamic"))
+    assert set(results.values()) == {"SUCCESS"}, results
+    assert {c[0] for c in replay_stand_ins} == {name.removesuffix("_out")}
+
+
+def _replay_inputs():
+    t = _tokens(B, MAX_T, "cpu", raw=False)
+    return dict(q=t["q"], k=t["k"], v=t["v"], g=t["g"], beta=t["beta"], pools=[_pool("cpu"), _pool("cpu")],
+                rings=[_ring("cpu"), _ring("cpu")], cursors=_replay_cursors("cpu"), slots=_index([3, -1, 0], "cpu"),
+                accepted=_index([2, 0, 1], "cpu"))
+
+
+def replay_step(x):
+    """Two layers of replay verify, one commit for both, a flush of slot 0: torch math in between."""
+    outs = []
+    for pool, ring in zip(x["pools"], x["rings"]):
+        o = torch_ops.replay_verify(x["q"], x["k"], x["v"], g=x["g"], beta=x["beta"], state=pool,
+                                    state_indices=x["slots"], ring=ring, cursors=x["cursors"])
+        outs.append(o.float() * 2)
+    torch_ops.replay_commit(x["cursors"], x["slots"], x["accepted"].clamp(max=MAX_T))
+    torch_ops.replay_flush(x["pools"], x["rings"], x["cursors"], x["slots"][2:])
+    return outs
+
+
+def _clone_replay(x):
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else
+                replay.ReplayCursors(v.pos.clone(), v.ring_len, v.max_tokens) if isinstance(v, replay.ReplayCursors)
+                else [type(r)(*(t.clone() for t in r)) if isinstance(r, tuple) else r.clone() for r in v])
+            for k, v in x.items()}
+
+
+def test_replay_compile_fullgraph_without_graph_breaks(replay_stand_ins):
+    x = _replay_inputs()
+    eager = _clone_replay(x)
+    want = replay_step(eager)
+    order = ["replay_verify", "replay_verify", "replay_commit", "replay_flush"]
+    assert [c[0] for c in replay_stand_ins] == order
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(replay_step)(_clone_replay(x))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    assert _cute_calls(explanation.graphs[0]) == order
+    backend = CaptureBackend()
+    torch._dynamo.reset()
+    got = torch.compile(replay_step, fullgraph=True, backend=backend)(x)
+    assert len(backend.graphs) == 1 and _cute_calls(backend.graphs[0]) == order
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_, w, rtol=0, atol=0)
+    assert float(want[0].abs().max()) > 0
+    torch.testing.assert_close(x["cursors"].pos, eager["cursors"].pos, rtol=0, atol=0)
+    assert x["cursors"].pos[0].tolist() == [0, 0] and x["cursors"].pos[3, 1].item() == 1 + 2  # the stand-in commit adds
+    for a, b in zip(x["pools"] + [t for r in x["rings"] for t in r], eager["pools"] + [t for r in eager["rings"] for t in r]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_replay_ops_route_through_use_kernels(replay_stand_ins, monkeypatch):
+    """Under use_kernels the replay ops call GDNKernels.target_verify (ring=, cursors=), replay_commit and
+    replay_flush, with the tuples rebuilt."""
+    kernels = GDNKernels(H, HV, K, V, pool_size=POOL, cache_steps=MAX_T, spec_mode="replay", ring_len=RING_LEN,
+                         device="cpu")
+    seen = []
+
+    def record(method):
+        def call(*args, **kwargs):
+            inspect.signature(getattr(GDNKernels, method)).bind(kernels, *args, **kwargs)
+            seen.append((method, args, kwargs))
+            return torch.empty_like(args[2]) if method == "target_verify" else None
+        return call
+
+    for method in ("target_verify", "replay_commit", "replay_flush"):
+        monkeypatch.setattr(kernels, method, record(method))
+    torch_ops.use_kernels(kernels)
+    try:
+        replay_step(_replay_inputs())
+    finally:
+        torch_ops.use_kernels(None)
+    assert [s[0] for s in seen] == ["target_verify", "target_verify", "replay_commit", "replay_flush"]
+    kwargs = seen[0][2]
+    assert isinstance(kwargs["ring"], replay.ReplayRing) and isinstance(kwargs["cursors"], replay.ReplayCursors)
+    assert (kwargs["cursors"].ring_len, kwargs["cursors"].max_tokens) == (RING_LEN, MAX_T)
+    assert "cache" not in kwargs and not replay_stand_ins

@@ -55,19 +55,28 @@ Semantics, against SGLang's Triton kernels (`fused_sigmoid_gating_delta_rule_upd
   outside the warmed set (at construction from a runner), unknown keyword arguments that request
   something (not None / False / 0).
 
+Replay (`spec_mode="replay"`, CUTE_GDN_SGLANG_SPEC=replay for the hook): cute_gdn's replay protocol in
+place of SGLang's GDN spec ring (--enable-linear-replayssm-spec, with --disable-radix-cache and no mamba
+extra buffer). SGLang reaches that ring through no kernel interface, so `install_replay` replaces the GDN
+backend's `_replayssm_target_verify` (instance attribute), routes the ring's two commit kernels of this
+pool to `replay_commit` and wraps `req_to_token_pool.alloc` to reset the cursors of fresh slots; see
+docs/sglang.md for the exact places.
+
 Logging: `install` logs (logger "cute_gdn.integrations.sglang", INFO) the kernels each dispatcher
 runs after a successful install.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from typing import Iterable, Optional
 
 import torch
 
-from ..serving import GDNKernels
+from .. import replay as replay_ops
+from ..serving import DEFAULT_RING_LEN, SPEC_MODES, GDNKernels
 
 try:
     from sglang.srt.layers.attention.linear.kernels.kernel_backend import LinearAttnKernelBase
@@ -130,20 +139,51 @@ def _check_modes(modes: Iterable[str]) -> tuple:
     return modes
 
 
-def _check_replayssm(mamba_pool) -> None:
-    """NotImplementedError naming the first ReplaySSM flag that is on in SGLang's mamba pool."""
+def _check_replayssm(mamba_pool, spec_mode: str = "cached") -> None:
+    """spec_mode "cached": NotImplementedError naming the first ReplaySSM flag that is on in SGLang's mamba
+    pool. spec_mode "replay": the pool must run SGLang's GDN spec ring (--enable-linear-replayssm-spec, the
+    path whose verify and commit CuteGDNKernel takes over, see install_replay); every other flag is refused."""
+    if spec_mode == "replay":
+        for flag in ("enable_linear_replayssm", "replayssm_spec_fold", "replayssm_is_kda"):
+            if getattr(mamba_pool, flag, False):
+                raise NotImplementedError(f"mamba_pool.{flag} with spec_mode='replay': CuteGDNKernel takes over "
+                                          "SGLang's GDN spec ring only (--enable-linear-replayssm-spec), not the "
+                                          "decode ring or the fold-every-commit (KDA) protocol")
+        if not getattr(mamba_pool, "enable_linear_replayssm_spec", False) \
+                or getattr(mamba_pool, "replayssm_cache_base", None) is None \
+                or getattr(mamba_pool, "replayssm_spec_write_pos", None) is None:
+            raise NotImplementedError("spec_mode='replay' (CUTE_GDN_SGLANG_SPEC=replay) without "
+                                      "mamba_pool.enable_linear_replayssm_spec: start SGLang with "
+                                      "--enable-linear-replayssm-spec, so that its GDN backend takes the replay "
+                                      "verify path (not dispatcher.target_verify) and allocates no per-draft "
+                                      "states")
+        return
     for flag, is_on in REPLAYSSM_FLAGS.items():
         if is_on(getattr(mamba_pool, flag, None)):
             raise NotImplementedError(f"mamba_pool.{flag} (SGLang's linear ReplaySSM, --enable-linear-replayssm"
                                       "[-spec]): its ring-writing decode and replay verify are Triton's own paths "
-                                      "that CuteGDNKernel does not take")
+                                      "that CuteGDNKernel does not take (CUTE_GDN_SGLANG_SPEC=replay runs "
+                                      "cute_gdn's replay protocol on --enable-linear-replayssm-spec)")
 
 
-def _check_runner(model_runner, modes: tuple) -> None:
+def _check_runner(model_runner, modes: tuple, spec_mode: str = "cached") -> None:
     """The refusals that need the runner's memory pools (where it has them)."""
     pool = getattr(model_runner, "req_to_token_pool", None)
     if pool is None:
+        if spec_mode == "replay":
+            raise ValueError("spec_mode='replay' needs model_runner.req_to_token_pool (its mamba pool's cursors "
+                             "and slot allocation)")
         return
+    if spec_mode == "replay":
+        if getattr(pool, "enable_mamba_extra_buffer", False):
+            raise NotImplementedError("spec_mode='replay' with SGLang's mamba extra buffer (req_to_token_pool."
+                                      "enable_mamba_extra_buffer): its prefix-cache tracking snapshots the state "
+                                      "at track points, which cute_gdn's rings do not provide")
+        server_args = getattr(model_runner, "server_args", None)
+        if not getattr(server_args, "disable_radix_cache", False):
+            raise NotImplementedError("spec_mode='replay' without server_args.disable_radix_cache "
+                                      "(--disable-radix-cache): a finished request's pool slot holds its replay "
+                                      "checkpoint, not its state, so it cannot be prefix-cached")
     if "extend" in modes and getattr(pool, "enable_mamba_extra_buffer", False):
         raise NotImplementedError("extend with SGLang's mamba extra buffer (req_to_token_pool."
                                   "enable_mamba_extra_buffer, --mamba-scheduler-strategy extra_buffer): its "
@@ -151,7 +191,9 @@ def _check_runner(model_runner, modes: tuple) -> None:
                                   "does not return")
     mamba_pool = getattr(pool, "mamba_pool", None)
     if mamba_pool is not None:
-        _check_replayssm(mamba_pool)
+        _check_replayssm(mamba_pool, spec_mode)
+    elif spec_mode == "replay":
+        raise ValueError("spec_mode='replay' needs model_runner.req_to_token_pool.mamba_pool")
 
 
 def _check_ragged_verify(modes: tuple) -> None:
@@ -176,8 +218,14 @@ class CuteGDNKernel(LinearAttnKernelBase):
 
     num_heads / num_v_heads / head_k_dim / head_v_dim: per rank (after tensor parallelism).
     pool_size: `ssm_states.shape[0]` as SGLang allocates it (mamba pool size + 1), compile-time.
-    cache_steps: the speculative draft tokens per request (`intermediate_states_buffer.shape[1]`);
-    0 = no speculative decoding (target_verify then raises NotImplementedError).
+    cache_steps: the speculative draft tokens per request (`intermediate_states_buffer.shape[1]`, or
+    `--speculative-num-draft-tokens`); 0 = no speculative decoding (target_verify then raises
+    NotImplementedError).
+    spec_mode: "cached" (SGLang's per-draft states, dispatcher.target_verify) or "replay" (cute_gdn's
+    replay protocol in place of SGLang's GDN spec ring, --enable-linear-replayssm-spec: the kernel owns
+    one ReplayRing per GDN layer and one ReplayCursors for all of them, `allocate_replay`; its
+    `replay_target_verify` replaces GDNAttnBackend._replayssm_target_verify and its `replay_commit`
+    SGLang's cursor commit, see install_replay). ring_len: records per slot (replay only).
     """
 
     # The dispatcher's packed fast path (mixed_qkv straight into one Triton kernel) is Triton's own.
@@ -193,10 +241,16 @@ class CuteGDNKernel(LinearAttnKernelBase):
     def __init__(self, num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, *, pool_size: int,
                  cache_steps: int = 0, state_dtype: torch.dtype = torch.float32,
                  io_dtype: torch.dtype = torch.bfloat16, device="cuda",
-                 cache_dir: Optional[str | os.PathLike] = None, warmup: bool = True, jobs: Optional[int] = None):
+                 cache_dir: Optional[str | os.PathLike] = None, warmup: bool = True, jobs: Optional[int] = None,
+                 spec_mode: str = "cached", ring_len: int = DEFAULT_RING_LEN):
         self.kernels = GDNKernels(num_heads, num_v_heads, head_k_dim, head_v_dim, pool_size=pool_size,
                                   cache_steps=cache_steps, state_dtype=state_dtype, io_dtype=io_dtype,
-                                  use_qk_l2norm=True, device=device, cache_dir=cache_dir)
+                                  use_qk_l2norm=True, device=device, cache_dir=cache_dir, spec_mode=spec_mode,
+                                  ring_len=ring_len)
+        self.spec_mode, self.ring_len = spec_mode, self.kernels.ring_len
+        # Replay: layer_id -> that layer's ReplayRing, and the cursors every layer shares (allocate_replay).
+        self.rings: dict[int, replay_ops.ReplayRing] = {}
+        self.cursors: Optional[replay_ops.ReplayCursors] = None
         self.num_heads, self.num_v_heads = num_heads, num_v_heads
         self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
         self.pool_size, self.cache_steps = pool_size, cache_steps
@@ -211,7 +265,13 @@ class CuteGDNKernel(LinearAttnKernelBase):
     def from_model_runner(cls, model_runner, **kwargs) -> "CuteGDNKernel":
         """The config of a built SGLang ModelRunner: heads and head dims from its GDN layers
         (RadixLinearAttention), pool size, state dtype and draft tokens from its mamba pool, io dtype
-        from the model. kwargs go to the constructor (device, cache_dir, warmup, jobs)."""
+        from the model. kwargs go to the constructor (device, cache_dir, warmup, jobs, spec_mode, ring_len).
+        With spec_mode="replay" the draft tokens come from server_args.speculative_num_draft_tokens
+        (SGLang's spec ring allocates no per-draft states) and the rings and cursors are allocated on the
+        pool's device, one ring per GDN layer (by layer_id)."""
+        spec_mode = kwargs.get("spec_mode", "cached")
+        if spec_mode not in SPEC_MODES:
+            raise ValueError(f"spec_mode must be one of {list(SPEC_MODES)}, got {spec_mode!r}")
         # Found by class name (through the MRO): importing sglang.srt.layers.radix_linear_attention
         # would import the model executor, which a running server has anyway and a test does not.
         layers = [m for m in model_runner.model.modules()
@@ -236,7 +296,7 @@ class CuteGDNKernel(LinearAttnKernelBase):
                                           f"raw-gate kernels take {name} in "
                                           f"{' or '.join(str(d) for d in allowed)}")
         mamba_pool = model_runner.req_to_token_pool.mamba_pool
-        _check_replayssm(mamba_pool)
+        _check_replayssm(mamba_pool, spec_mode)
         cache = mamba_pool.mamba_cache
         temporal = cache.temporal  # [layers, pool_size, HV, V, K]
         if tuple(temporal.shape[2:]) != (HV, V, K):
@@ -245,10 +305,25 @@ class CuteGDNKernel(LinearAttnKernelBase):
         if not temporal[0].is_contiguous():
             raise NotImplementedError("ssm_states: a non-contiguous (envelope-strided, page-major or unified "
                                       "memory) mamba pool")
-        intermediate = getattr(cache, "intermediate_ssm", None)  # [layers, slots, draft tokens, HV, V, K]
-        cache_steps = int(intermediate.shape[2]) if intermediate is not None else 0
-        return cls(H, HV, K, V, pool_size=int(temporal.shape[1]), cache_steps=cache_steps,
-                   state_dtype=temporal.dtype, io_dtype=model_runner.dtype, **kwargs)
+        if spec_mode == "replay":
+            cache_steps = int(getattr(getattr(model_runner, "server_args", None), "speculative_num_draft_tokens",
+                                      None) or 0)
+        else:
+            intermediate = getattr(cache, "intermediate_ssm", None)  # [layers, slots, draft tokens, HV, V, K]
+            cache_steps = int(intermediate.shape[2]) if intermediate is not None else 0
+        kernel = cls(H, HV, K, V, pool_size=int(temporal.shape[1]), cache_steps=cache_steps,
+                     state_dtype=temporal.dtype, io_dtype=model_runner.dtype, **kwargs)
+        if spec_mode == "replay":
+            kernel.allocate_replay(sorted(int(m.layer_id) for m in layers), device=temporal.device)
+        return kernel
+
+    def allocate_replay(self, layer_ids: Iterable[int], device=None) -> None:
+        """Zeroed rings for these GDN layers (by SGLang's layer_id; GDNKernels.ring_bytes per slot and
+        layer) and one set of cursors for all of them (replay only)."""
+        if self.spec_mode != "replay":
+            raise ValueError("allocate_replay: this CuteGDNKernel was built with spec_mode='cached'")
+        self.rings = {int(i): self.kernels.make_ring(device) for i in layer_ids}
+        self.cursors = self.kernels.make_cursors(device)
 
     def warmup(self, jobs: Optional[int] = None) -> "CuteGDNKernel":
         """Load (compiling what the disk cache lacks) every kernel of the config; idempotent."""
@@ -259,6 +334,7 @@ class CuteGDNKernel(LinearAttnKernelBase):
     def __repr__(self) -> str:
         return (f"CuteGDNKernel(H={self.num_heads}, HV={self.num_v_heads}, K={self.head_k_dim}, "
                 f"V={self.head_v_dim}, pool_size={self.pool_size}, cache_steps={self.cache_steps}, "
+                + (f"spec_mode=replay, ring_len={self.ring_len}, " if self.spec_mode == "replay" else "") +
                 f"state={self.state_dtype}, io={self.io_dtype}, warm={self.kernels.warm})")
 
     # ---- checks shared by the modes (attribute reads only: they run on every eager call) ----
@@ -398,6 +474,11 @@ class CuteGDNKernel(LinearAttnKernelBase):
             raise NotImplementedError("retrieve_parent_token (EAGLE tree verify): cute_gdn verifies linear draft "
                                       "chains only; SGLang routes trees to its tree_verify_kernel")
         _reject_unknown("target_verify", kwargs)
+        if self.spec_mode == "replay":
+            raise NotImplementedError("target_verify with intermediate_states_buffer on a spec_mode='replay' "
+                                      "CuteGDNKernel: SGLang reaches dispatcher.target_verify only without "
+                                      "--enable-linear-replayssm-spec; replay verify runs through "
+                                      "replay_target_verify (install_replay)")
         if not self.supports_target_verify:
             raise NotImplementedError("target_verify: this CuteGDNKernel was built with cache_steps=0 "
                                       "(no speculative decoding)")
@@ -432,6 +513,68 @@ class CuteGDNKernel(LinearAttnKernelBase):
                                    cache_indices=rows, out=_split_tokens(out[0], N, T))
         return out
 
+    # ---- the replay protocol (spec_mode="replay"), in place of SGLang's GDN spec ring ----
+
+    def replay_target_verify(
+        self,
+        *,
+        layer,                          # SGLang's RadixLinearAttention (layer_id, A_log, dt_bias)
+        query: torch.Tensor,            # [1, N*T, H, K] or [N*T, H, K] (views of the split mixed_qkv)
+        key: torch.Tensor,              # like query
+        value: torch.Tensor,            # [1, N*T, HV, V] or [N*T, HV, V]
+        a: torch.Tensor,                # [N*T, HV] raw gate
+        b: torch.Tensor,                # [N*T, HV] raw beta logit
+        mamba_pool=None,                # SGLang's MambaPool (its own cursors are not used)
+        layer_cache,                    # this layer's MambaPool.SpeculativeState (.temporal = the pool)
+        cache_indices: torch.Tensor,    # [>= N] int32 mamba slots, < 0 = padding
+        replay_indices: Optional[torch.Tensor] = None,  # req_pool_indices: SGLang's cursor keys, not read
+        query_start_loc: torch.Tensor,  # [N + 1] int32, dense N x T
+        draft_token_num: int,           # T
+    ) -> torch.Tensor:                  # value's shape, io dtype
+        """GDNAttnBackend._replayssm_target_verify's signature (SGLang 0.5.23), running cute_gdn's
+        replay_verify on this kernel's ring for layer.layer_id and its cursors (keyed by mamba slot)."""
+        ring = self.rings.get(int(layer.layer_id))
+        if ring is None or self.cursors is None:
+            raise ValueError(f"no replay ring for GDN layer_id={layer.layer_id}: allocate_replay(layer_ids) "
+                             f"holds {sorted(self.rings)}")
+        T = int(draft_token_num)
+        if not 1 <= T <= self.cache_steps:
+            raise NotImplementedError(f"draft_token_num={T}: this CuteGDNKernel verifies 1 to {self.cache_steps} "
+                                      "draft tokens")
+        N = query_start_loc.shape[0] - 1
+        tokens = query.numel() // (self.num_heads * self.head_k_dim)
+        if tokens != N * T:
+            raise NotImplementedError(f"query with {tokens} tokens for N={N} sequences of draft_token_num={T}: "
+                                      "replay verify takes N sequences of T tokens (ragged verify is not supported)")
+        q = query.reshape(N, T, self.num_heads, self.head_k_dim)  # views of SGLang's split (no copy)
+        k = key.reshape(N, T, self.num_heads, self.head_k_dim)
+        v = value.reshape(N, T, self.num_v_heads, self.head_v_dim)
+        state = layer_cache.temporal
+        self._check_pool(state)
+        slots = self._check_indices("cache_indices", cache_indices, N)
+        self._require_warm()
+        out = v.new_empty(N, T, self.num_v_heads, self.head_v_dim)
+        self.kernels.target_verify(q, k, v, _split_tokens(a, N, T), _split_tokens(b, N, T), A_log=layer.A_log,
+                                   dt_bias=layer.dt_bias, state=state, state_indices=slots, ring=ring,
+                                   cursors=self.cursors, out=out)
+        return out.view(value.shape)
+
+    def replay_commit(self, state_batch_indices: torch.Tensor,  # [B] int32 mamba slots, < 0 = padding
+                      accept_lens: torch.Tensor) -> None:        # [B] tokens kept per row (bonus included)
+        """After the verify of every layer: one cursor move for all layers. SGLang's accept_lens (the
+        accepted drafts plus the bonus token) is the number of verified tokens whose state is kept, which
+        is replay_commit's num_accepted."""
+        self._require_warm()
+        if accept_lens.dtype != torch.int32:
+            accept_lens = accept_lens.to(torch.int32)
+        B = accept_lens.shape[0]
+        slots = self._check_indices("state_batch_indices", state_batch_indices, B)
+        self.kernels.replay_commit(self.cursors, slots, accept_lens)
+
+    def reset_slots(self, slots: torch.Tensor) -> None:  # [n] mamba slots handed to new requests
+        """Empty the rings of slots SGLang just assigned (every layer: the cursors are shared)."""
+        replay_ops.reset_cursors(self.cursors, slots)
+
 
 def _check_kernel(kernel, modes: tuple) -> None:
     if not isinstance(kernel, CuteGDNKernel):
@@ -442,6 +585,8 @@ def _check_kernel(kernel, modes: tuple) -> None:
         raise ValueError(f"{kernel!r} cannot take target_verify: build it with cache_steps = the draft tokens")
     if not kernel.kernels.warm:
         raise ValueError(f"{kernel!r} is not warmed up: call warmup() before installing it")
+    if kernel.spec_mode == "replay" and "target_verify" in modes and kernel.cursors is None:
+        raise ValueError(f"{kernel!r} has no rings: call allocate_replay(layer_ids) (from_model_runner does)")
 
 
 def _kernel_name(obj) -> str:
@@ -486,18 +631,19 @@ def install(dispatcher, kernel: CuteGDNKernel, modes: Iterable[str] = ALL_MODES,
     """
     modes = _check_modes(modes)
     _check_kernel(kernel, modes)
+    if kernel.spec_mode == "replay" and "target_verify" in modes:
+        raise ValueError("a spec_mode='replay' CuteGDNKernel's verify and commit replace methods of SGLang's GDN "
+                         "backend and mamba pool, which a dispatcher does not reach: use "
+                         "install_into_runner(model_runner, kernel)")
     _check_dispatcher(dispatcher)
     _check_ragged_verify(modes)
     if model_runner is not None:
-        _check_runner(model_runner, modes)
+        _check_runner(model_runner, modes, kernel.spec_mode)
     return _apply(dispatcher, kernel, modes)
 
 
-def gdn_dispatchers(model_runner) -> list:
-    """Every GDNKernelDispatcher (an object with all of DISPATCHER_ATTRS) a ModelRunner's attention
-    backends hold: `attn_backend` (a HybridLinearAttnBackend whose `linear_attn_backend` is the
-    GDNAttnBackend, or a TboAttnBackend's primary and children), `decode_attn_backend` and
-    `decode_attn_backend_group` (PD multiplexing)."""
+def _gdn_backends(model_runner) -> list:
+    """(backend, dispatcher) of every GDN attention backend of a runner, each dispatcher once."""
     found, seen = [], set()
 
     def walk(backend):
@@ -506,8 +652,8 @@ def gdn_dispatchers(model_runner) -> list:
         seen.add(id(backend))
         dispatcher = getattr(backend, "kernel_dispatcher", None)
         if dispatcher is not None and all(hasattr(dispatcher, attr) for attr in DISPATCHER_ATTRS):
-            if all(d is not dispatcher for d in found):
-                found.append(dispatcher)
+            if all(d is not dispatcher for _, d in found):
+                found.append((backend, dispatcher))
         walk(getattr(backend, "linear_attn_backend", None))
         walk(getattr(backend, "primary", None))
         children = getattr(backend, "children", None)
@@ -520,6 +666,103 @@ def gdn_dispatchers(model_runner) -> list:
     for backend in getattr(model_runner, "decode_attn_backend_group", None) or ():
         walk(backend)
     return found
+
+
+def gdn_dispatchers(model_runner) -> list:
+    """Every GDNKernelDispatcher (an object with all of DISPATCHER_ATTRS) a ModelRunner's attention
+    backends hold: `attn_backend` (a HybridLinearAttnBackend whose `linear_attn_backend` is the
+    GDNAttnBackend, or a TboAttnBackend's primary and children), `decode_attn_backend` and
+    `decode_attn_backend_group` (PD multiplexing)."""
+    return [dispatcher for _, dispatcher in _gdn_backends(model_runner)]
+
+
+# ---- replay: SGLang's GDN spec-ring hooks, taken over by a spec_mode="replay" CuteGDNKernel ----
+
+# SGLang 0.5.23's spec-ring commit kernels. commit_mamba_states_after_verify (speculative/spec_utils.py)
+# imports them from this module inside the function, at every call, so the module attributes are what
+# it calls.
+REPLAY_COMMIT_MODULE = "sglang.kernels.ops.attention.linear.gdn_replayssm_spec_decode"
+# id(mamba_pool.replayssm_spec_write_pos) -> (that tensor, the CuteGDNKernel serving its pool). The
+# commit kernels receive the pool's write_pos, which tells a pool cute_gdn serves from any other
+# (the tensor is held so that its id is not reused).
+_REPLAY_POOLS: dict = {}
+
+
+def _patch_replay_commit() -> None:
+    """Route SGLang's two spec-ring commit kernels to the CuteGDNKernel of their pool (others go on to
+    SGLang's own kernels): commit_gdn_replayssm_spec (SGLang's cursor advance) does nothing for a pool
+    cute_gdn serves, commit_gdn_replayssm_circular (SGLang's capacity fold and track snapshot) becomes
+    the kernel's replay_commit. The conv-window rollback that follows them in SGLang stays SGLang's."""
+    module = importlib.import_module(REPLAY_COMMIT_MODULE)
+    if getattr(module, "_cute_gdn_patched", False):
+        return
+    spec_commit, circular_commit = module.commit_gdn_replayssm_spec, module.commit_gdn_replayssm_circular
+
+    def commit_gdn_replayssm_spec(*args, **kwargs):
+        if id(kwargs.get("write_pos")) in _REPLAY_POOLS:
+            return None  # cute_gdn's cursors move once, in commit_gdn_replayssm_circular below
+        return spec_commit(*args, **kwargs)
+
+    def commit_gdn_replayssm_circular(*args, **kwargs):
+        entry = _REPLAY_POOLS.get(id(kwargs.get("write_pos")))
+        if entry is None:
+            return circular_commit(*args, **kwargs)
+        if kwargs.get("mamba_track_indices") is not None:
+            raise NotImplementedError("mamba_track_indices (SGLang's prefix-cache track snapshot) with "
+                                      "spec_mode='replay'")
+        entry[1].replay_commit(kwargs["state_batch_indices"], kwargs["accept_lens"])
+        return None
+
+    module.commit_gdn_replayssm_spec = commit_gdn_replayssm_spec
+    module.commit_gdn_replayssm_circular = commit_gdn_replayssm_circular
+    module._cute_gdn_patched = True
+
+
+def _wrap_alloc(req_to_token_pool, kernel: CuteGDNKernel) -> None:
+    """After SGLang's HybridReqToTokenPool.alloc: empty the rings of the mamba slots it just assigned
+    (a request whose req.kv did not hold a mamba slot before), where SGLang zeroes its own spec cursors."""
+    alloc = req_to_token_pool.alloc
+    if getattr(alloc, "_cute_gdn_kernel", None) is kernel:
+        return
+    device = kernel.cursors.pos.device
+
+    def alloc_and_reset_cursors(reqs, *args, **kwargs):
+        held = [bool(getattr(req.kv, "holds_mamba", False)) for req in reqs]
+        result = alloc(reqs, *args, **kwargs)
+        if result is not None:
+            fresh = [torch.as_tensor(req.kv.mamba_pool_idx) for req, h in zip(reqs, held) if not h]
+            if fresh:
+                kernel.reset_slots(torch.stack(fresh).to(device=device, dtype=torch.int32, non_blocking=True))
+        return result
+
+    alloc_and_reset_cursors._cute_gdn_kernel = kernel
+    req_to_token_pool.alloc = alloc_and_reset_cursors
+
+
+def install_replay(model_runner, kernel: CuteGDNKernel) -> None:
+    """Make a runner's GDN backends and its mamba pool run cute_gdn's replay protocol in place of SGLang's
+    GDN spec ring (--enable-linear-replayssm-spec); install_into_runner calls it for a spec_mode="replay"
+    kernel. Three places, all in SGLang 0.5.23's own flow:
+    - verify: each GDNAttnBackend's `_replayssm_target_verify` (which forward_extend calls for
+      target_verify when the spec ring is on) becomes kernel.replay_target_verify (instance attribute);
+    - commit: SGLang's spec-ring commit kernels, called by commit_mamba_states_after_verify after the
+      accept, become kernel.replay_commit for this pool (_patch_replay_commit);
+    - slot assignment: req_to_token_pool.alloc resets the cursors of the mamba slots it hands out.
+    SGLang's own spec-ring buffers stay allocated and unused."""
+    backends = [backend for backend, _ in _gdn_backends(model_runner)]
+    for backend in backends:
+        if not callable(getattr(backend, "_replayssm_target_verify", None)):
+            raise TypeError(f"{type(backend).__name__} has no _replayssm_target_verify: spec_mode='replay' "
+                            "needs SGLang 0.5.23's GDNAttnBackend")
+    pool = model_runner.req_to_token_pool
+    write_pos = pool.mamba_pool.replayssm_spec_write_pos
+    _patch_replay_commit()
+    _REPLAY_POOLS[id(write_pos)] = (write_pos, kernel)
+    for backend in backends:
+        backend._replayssm_target_verify = kernel.replay_target_verify
+    _wrap_alloc(pool, kernel)
+    logger.info("cute_gdn: replay verify and commit (%d GDN layers, ring_len=%d, %d bytes per slot and layer) in "
+                "place of SGLang's spec ring", len(kernel.rings), kernel.ring_len, kernel.kernels.ring_bytes())
 
 
 def install_into_runner(model_runner, kernel: Optional[CuteGDNKernel] = None, modes: Iterable[str] = ALL_MODES,
@@ -535,17 +778,28 @@ def install_into_runner(model_runner, kernel: Optional[CuteGDNKernel] = None, mo
     for dispatcher in dispatchers:
         _check_dispatcher(dispatcher)
     _check_ragged_verify(modes)
-    _check_runner(model_runner, modes)  # before from_model_runner warms up (which may compile)
+    spec_mode = kernel.spec_mode if kernel is not None else kernel_kwargs.get("spec_mode", "cached")
+    _check_runner(model_runner, modes, spec_mode)  # before from_model_runner warms up (which may compile)
     if kernel is None:
         kernel = CuteGDNKernel.from_model_runner(model_runner, **kernel_kwargs)
     _check_kernel(kernel, modes)
+    replay = kernel.spec_mode == "replay" and "target_verify" in modes
+    if replay:
+        for backend, _ in _gdn_backends(model_runner):
+            if not callable(getattr(backend, "_replayssm_target_verify", None)):
+                raise TypeError(f"{type(backend).__name__} has no _replayssm_target_verify: spec_mode='replay' "
+                                "needs SGLang 0.5.23's GDNAttnBackend")
     for dispatcher in dispatchers:
         _apply(dispatcher, kernel, modes)
+    if replay:
+        install_replay(model_runner, kernel)
     return kernel
 
 
 HOOK_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.init_attention_backends"
 MODES_ENV = "CUTE_GDN_SGLANG_MODES"
+# "cached" (default) or "replay": the speculative protocol of the kernels the hook builds.
+SPEC_ENV = "CUTE_GDN_SGLANG_SPEC"
 
 
 def register_sglang_hook(modes: Optional[Iterable[str]] = None, **kernel_kwargs) -> None:
@@ -553,7 +807,8 @@ def register_sglang_hook(modes: Optional[Iterable[str]] = None, **kernel_kwargs)
     that runs install_into_runner on every runner holding GDN layers (draft runners without GDN layers
     are left alone). Call it from an SGLang general plugin (entry point group "sglang.srt.plugins"), which
     SGLang loads in every scheduler process before the model runners exist. `modes` defaults to
-    $CUTE_GDN_SGLANG_MODES (comma-separated) or, where it is unset or blank, all three.
+    $CUTE_GDN_SGLANG_MODES (comma-separated) or, where it is unset or blank, all three; the kernels'
+    spec_mode defaults to $CUTE_GDN_SGLANG_SPEC ("cached" where unset, or "replay": see install_replay).
 
     Nothing is validated here: SGLang's load_plugins catches and only logs a plugin's exception, which
     would leave the server silently on Triton. The hook validates the modes (and install_into_runner
@@ -567,6 +822,9 @@ def register_sglang_hook(modes: Optional[Iterable[str]] = None, **kernel_kwargs)
         modes = tuple(m.strip() for m in env.split(",") if m.strip()) if env.strip() else ALL_MODES
     elif not isinstance(modes, str):
         modes = tuple(modes)  # a generator would be spent by the first runner
+    if "spec_mode" not in kernel_kwargs and os.environ.get(SPEC_ENV, "").strip():
+        # Validated by the kernel (GDNKernels: ValueError naming spec_mode) inside the hook, as the modes are.
+        kernel_kwargs["spec_mode"] = os.environ[SPEC_ENV].strip()
 
     def after_init_attention_backends(result, model_runner, *args, **kwargs):
         checked = _check_modes(modes)

@@ -31,10 +31,11 @@ import cutlass.cute as cute
 from cutlass import Float32, Int32
 
 from .common.dtypes import cutlass_dtype
+from .common.exact import delta_u, fma_rn, update_row
 from .common.fake import fake_token_inputs
 from .common.gates import gate_decay_beta
 from .common.problem import check_problem, check_rowmap, state_vec
-from .common.rows import RowMap, columns_to_f32, load_columns, make_state_fragment, state_tile_view
+from .common.rows import RowMap, columns_to_f32, load_columns, make_state_fragment, row_sum, state_tile_view
 from .decode import GdnDecodeSm90
 
 MAX_TOKENS = 16
@@ -115,7 +116,8 @@ def can_implement(
 
 
 class GdnVerifySm90(GdnDecodeSm90):
-    """Reuses decode's per-row update (`decay_and_update_row`) and gate loads."""
+    """Reuses decode's gate loads and tile; the row update is decode's with fixed roundings
+    (common/exact.py), so that the replay fold (kernels/replay.py) reproduces it bit for bit."""
 
     def __init__(self, *, num_tokens: int, cache_steps: int, config: VerifyConfig, **problem):
         super().__init__(config=config, **problem)
@@ -230,6 +232,24 @@ class GdnVerifySm90(GdnDecodeSm90):
                 self.store_zero_output(mO[b, t, hv, None], row0, row_group, lane)
 
     @cute.jit
+    def decay_and_update_row(self, rRow: cute.Tensor, rK, rQ, kq, decay, beta, v, gO: cute.Tensor, row, lane):
+        """One state row of this thread: S @ k and S @ q, the delta-rule update in place, and o[row]."""
+        rm = self.rowmap
+        sk = Float32(0.0)
+        sq = Float32(0.0)
+        for j in cutlass.range_constexpr(rm.vecs_per_thread):
+            for e in cutlass.range_constexpr(rm.vec):
+                s = rRow[j, e].to(Float32)
+                sk = fma_rn(s, rK[j * rm.vec + e], sk)
+                sq += s * rQ[j * rm.vec + e]
+        sk = row_sum(rm, sk)
+        sq = row_sum(rm, sq)
+        u = delta_u(decay, beta, v.to(Float32), sk)
+        update_row(rm, rRow, rK, decay, u)
+        if lane == 0:
+            gO[row] = (decay * sq + u * kq).to(gO.element_type)
+
+    @cute.jit
     def stage_qk(self, mQ: cute.Tensor, mK: cute.Tensor, sRaw: cute.Tensor, b, hk, tidx):
         """cp.async of q[b, :, hk] and k[b, :, hk] (T x K each, 16-byte vectors) into sRaw."""
         rm = self.rowmap
@@ -265,9 +285,11 @@ class GdnVerifySm90(GdnDecodeSm90):
                 sV[t, r] = mV[b, t, hv, row0 + r].to(Float32)
 
     @cute.jit
-    def normalize_tokens(self, sRaw: cute.Tensor, sQK: cute.Tensor, sTok: cute.Tensor, scale: Float32, tidx):
+    def normalize_tokens(self, sRaw: cute.Tensor, sQK: cute.Tensor, sTok: cute.Tensor, scale: Float32, tidx,
+                         sKScale: Optional[cute.Tensor] = None):
         """One warp per token: q_t (L2-normalized, scaled) and k_t (L2-normalized) in fp32 into sQK,
-        and k_t . q_t into sTok[2, t]."""
+        and k_t . q_t into sTok[2, t]; the factor that normalizes k_t into sKScale[t] where given (the
+        replay ring keeps raw k and this factor, so its fold rebuilds exactly the k verify used)."""
         warps = self.rowmap.threads // 32
         warp = tidx // 32
         lane = tidx % 32
@@ -299,6 +321,8 @@ class GdnVerifySm90(GdnDecodeSm90):
                         sQK[1, t, c] = sRaw[1, t, c].to(Float32) * k_scale
                 if lane == 0:
                     sTok[2, t] = kq
+                    if cutlass.const_expr(sKScale is not None):
+                        sKScale[t] = k_scale
 
 
 def compile_verify(

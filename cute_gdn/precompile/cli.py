@@ -13,9 +13,12 @@ import os
 import sys
 import time
 
+import torch
+
 from ..cache import check_cache_dir, compile_many, default_cache_dir, fingerprint
 from ..ops import can_implement_key
-from ..serving import MAX_CACHE_STEPS, config_keys
+from ..replay import DEFAULT_RING_LEN, check_ring_config, ring_bytes
+from ..serving import MAX_CACHE_STEPS, SPEC_MODES, config_keys
 from .presets import DEFAULT_MODEL, DEFAULT_POOL_SIZE, MODELS
 
 
@@ -44,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-steps", type=int, default=0,
                    help=f"MTP verify steps = the engine's draft tokens per sequence, 0..{MAX_CACHE_STEPS} "
                         "(compile-time); > 0 also builds verify for T = 1..N and commit (default 0: no verify)")
+    p.add_argument("--spec-mode", choices=SPEC_MODES, default="cached",
+                   help="speculative protocol: cached (verify + commit, a cache of cache_steps states per request) "
+                        "or replay (replay verify + cursor commit, a ring of --ring-len records per request); "
+                        "default cached")
+    p.add_argument("--ring-len", type=int, default=DEFAULT_RING_LEN,
+                   help=f"replay ring records per request, 2 * cache_steps .. 64 (compile-time; default "
+                        f"{DEFAULT_RING_LEN}; replay only)")
     p.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--io-dtype", choices=("bfloat16", "float16"), default="bfloat16")
     p.add_argument("--no-qk-l2norm", action="store_true", help="the model does not L2-normalize q and k")
@@ -82,12 +92,18 @@ def check_args(args, parser) -> tuple[int, int, int, list, str, int]:
         parser.error(f"--pool-size must be >= 1, got {args.pool_size}")
     if not 0 <= args.cache_steps <= MAX_CACHE_STEPS:
         parser.error(f"--cache-steps must be in 0..{MAX_CACHE_STEPS}, got {args.cache_steps}")
+    if args.spec_mode == "replay":
+        if args.cache_steps < 1:
+            parser.error(f"--spec-mode replay needs --cache-steps >= 1 (the draft tokens), got {args.cache_steps}")
+        reason = check_ring_config(args.ring_len, args.cache_steps)
+        if reason is not None:
+            parser.error(f"--ring-len {args.ring_len} with --cache-steps {args.cache_steps}: {reason}")
     if args.jobs is not None and args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     try:
         keys = config_keys(heads, v_heads, dim, dim, pool_size=args.pool_size, cache_steps=args.cache_steps,
                            state_dtype=args.state_dtype, io_dtype=args.io_dtype,
-                           use_qk_l2norm=not args.no_qk_l2norm)
+                           use_qk_l2norm=not args.no_qk_l2norm, spec_mode=args.spec_mode, ring_len=args.ring_len)
         for key in keys:
             can_implement_key(key)
     except ValueError as e:
@@ -101,13 +117,34 @@ def check_args(args, parser) -> tuple[int, int, int, list, str, int]:
     return heads, v_heads, dim, keys, cache_dir, jobs
 
 
+def spec_memory(heads: int, v_heads: int, dim: int, cache_steps: int, ring_len: int, state_dtype: str,
+                io_dtype: str) -> tuple[int, int]:
+    """Speculative memory per request (pool slot) per layer, in bytes: (cached, replay). cached is the verify
+    cache's cache_steps states in the state dtype, replay the ring of ring_len records (replay.ring_bytes;
+    the 8-byte cursor per slot is shared by the layers)."""
+    state = torch.empty((), dtype=getattr(torch, state_dtype)).element_size()
+    cached = cache_steps * v_heads * dim * dim * state
+    return cached, ring_bytes(heads, v_heads, dim, dim, ring_len, getattr(torch, io_dtype))
+
+
+def _kib(n: int) -> str:
+    return f"{n / 1024:.1f} KiB"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     heads, v_heads, dim, keys, cache_dir, jobs = check_args(args, parser)
     print(f"cute-gdn-precompile: H={heads} HV={v_heads} K=V={dim} pool_size={args.pool_size} "
-          f"cache_steps={args.cache_steps} "
-          f"state={args.state_dtype} io={args.io_dtype} qk_l2norm={not args.no_qk_l2norm} (per rank, tp={args.tp})")
+          f"cache_steps={args.cache_steps} spec_mode={args.spec_mode}"
+          + (f" ring_len={args.ring_len}" if args.spec_mode == "replay" else "") +
+          f" state={args.state_dtype} io={args.io_dtype} qk_l2norm={not args.no_qk_l2norm} (per rank, tp={args.tp})")
+    if args.cache_steps > 0:
+        cached, ring = spec_memory(heads, v_heads, dim, args.cache_steps, args.ring_len, args.state_dtype,
+                                   args.io_dtype)
+        print(f"speculative memory per request per layer: cached {_kib(cached)} ({args.cache_steps} "
+              f"{args.state_dtype} states), replay {_kib(ring)} (ring of {args.ring_len} records), "
+              f"replay/cached = {ring / cached:.2f}")
     print(f"cache: {cache_dir}/{fingerprint()}  ({len(keys)} kernels, {jobs} processes)")
     t0 = time.perf_counter()
     done = [0]
