@@ -207,3 +207,57 @@ compile_prefill(io_dtype="bfloat16", state_dtype="float32", num_heads=2, num_v_h
 def test_prefill_rejects_other_head_dims_with_the_reason(K, V):
     reason = can_implement_prefill("bfloat16", "float32", 2, 4, K, V, "raw", "float32")
     assert reason is not None and "head_k_dim = head_v_dim = 128" in reason
+
+
+# ---- replay ----
+
+from cute_gdn.kernels import replay as replay_kernel  # noqa: E402
+
+
+@pytest.mark.parametrize("state,io,gates,l2norm", VARIANTS)
+def test_replay_variant_compiles_for_sm90a(state, io, gates, l2norm):
+    """Replay verify at T = 4 (ring 16) in both replay tiles, and the flush kernel, of every variant."""
+    gate_mode, bias = gates
+    tiles = {replay_kernel.replay_tile(128, 128, state, large) for large in (False, True)}
+    for tile in tiles:
+        common = dict(io_dtype=io, state_dtype=state, num_heads=16, num_v_heads=32, head_k_dim=128, head_v_dim=128,
+                      pool_size=64, max_tokens=4, ring_len=16, use_qk_l2norm=l2norm, config=tile)
+        assert callable(replay_kernel.compile_replay(num_tokens=4, gate_mode=gate_mode, dt_bias_dtype=bias, **common))
+        if gates == ("precomputed", None):
+            assert callable(replay_kernel.compile_replay(num_tokens=0, gate_mode=gate_mode, dt_bias_dtype=bias,
+                                                         **common))
+
+
+@pytest.mark.parametrize("T,max_tokens,ring_len", [(1, 8, 16), (2, 4, 8), (8, 8, 16), (3, 4, 64)])
+def test_replay_token_counts_and_ring_lengths_compile(T, max_tokens, ring_len):
+    assert callable(replay_kernel.compile_replay(
+        io_dtype="bfloat16", state_dtype="float32", num_heads=2, num_v_heads=8, head_k_dim=128, head_v_dim=128,
+        pool_size=9, num_tokens=T, max_tokens=max_tokens, ring_len=ring_len, gate_mode="raw", dt_bias_dtype="float32",
+        use_qk_l2norm=True, config=replay_kernel.replay_tile(128, 128, "float32")))
+
+
+@pytest.mark.parametrize("H,HV,K,V,state", [(2, 8, 64, 32, "float32"), (3, 3, 96, 48, "bfloat16"),
+                                            (2, 2, 16, 16, "bfloat16")])
+def test_replay_awkward_shapes_compile(H, HV, K, V, state):
+    tile = replay_kernel.replay_tile(K, V, state)
+    assert replay_kernel.can_implement("bfloat16", state, H, HV, K, V, "raw", "float32", 4, 4, 16, tile) is None
+    assert callable(replay_kernel.compile_replay(
+        io_dtype="bfloat16", state_dtype=state, num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=5,
+        num_tokens=4, max_tokens=4, ring_len=16, gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True,
+        config=tile))
+
+
+@pytest.mark.parametrize("mode", replay_kernel.CURSOR_MODES)
+def test_replay_cursor_kernels_compile(mode):
+    assert callable(replay_kernel.compile_cursor(pool_size=33, ring_len=16, max_tokens=4, mode=mode))
+
+
+def test_replay_can_implement_names_the_reason():
+    tile = replay_kernel.replay_tile(128, 128, "float32")
+    assert "ring_len" in replay_kernel.can_implement("bfloat16", "float32", 16, 32, 128, 128, "raw", "float32", 4, 4,
+                                                     7, tile)
+    assert "T must be" in replay_kernel.can_implement("bfloat16", "float32", 16, 32, 128, 128, "raw", "float32", 5, 4,
+                                                      16, tile)
+    assert "mode" in replay_kernel.can_implement_cursor(8, 16, 4, "rewind")
+    with pytest.raises(ValueError, match="ring_len"):
+        replay_kernel.compile_cursor(pool_size=8, ring_len=70, max_tokens=4, mode="commit")
