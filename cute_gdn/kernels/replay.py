@@ -51,7 +51,7 @@ def fold_threshold(ring_len: int, max_tokens: int) -> int:
 
 
 # Tiles, measured on an H200 (one spec step = replay verify + cursor commit with random accepts 1..T and
-# the folds they trigger; HV = 32, T = 4, L = 16, cold L2, graph replay; scratch sweep of 14 tiles):
+# the folds they trigger; HV = 32, T = 4, L = 16, cold L2, graph replay; bench/sweep_replay.py, 14 tiles):
 # the step is bound by instruction issue (the exact fold costs ~3 instructions per state element per
 # folded token, in dependent chains), so narrow rows (few lanes, few shuffle levels) and one row per
 # thread win over verify's tiles. fp32, 4 lanes x 32 rows x 1: 545 / 144 / 38.6 / 8.3 us at B = 256 / 64 /
