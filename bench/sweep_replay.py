@@ -115,15 +115,6 @@ def timing(pool, B, H, HV, T, L, sd):
                     cute_gdn.commit(s["state"], s["slots"], s["cache"], None, n)
             calls.append(f)
         return calls
-    def verify_only():
-        calls = []
-        for s in sets:
-            def f(s=s):
-                q, k, v, a, b = s["inp"]
-                for n in s["ns"]:
-                    rp.replay_verify(q, k, v, a, b, A_log=s["A_log"], dt_bias=s["dt_bias"], state=s["state"], state_indices=s["slots"], ring=s["ring"], cursors=s["cur"], out=s["out"])
-            calls.append(f)
-        return calls
     from cute_gdn.kernels.verify import VerifyConfig
     sdn = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[sd]
     def cfg_calls(cfg):
@@ -141,7 +132,7 @@ def timing(pool, B, H, HV, T, L, sd):
                 calls.append(f)
             return calls
         return mk
-    variants = [("cached", cached_calls)]
+    variants = [("replay", replay_calls), ("cached", cached_calls)]  # the ops' own tiles
     from cute_gdn.kernels.replay import can_implement as ci
     for cfg in SWEEP:
         if ci("bfloat16", sdn, H, HV, K, V, "raw", "float32", T, T, L, cfg): continue

@@ -39,7 +39,7 @@ from . import _checks as chk
 from . import ops
 from .cache import KernelCache, KernelKey, default_cache
 from .kernels import replay as replay_kernel
-from .kernels.replay import LARGE_BATCH_HEADS, MAX_RING_LEN, replay_tile
+from .kernels.replay import LARGE_BATCH_HEADS, MAX_RING_LEN, check_ring, fold_threshold, replay_tile
 from .kernels.verify import MAX_TOKENS, VerifyConfig
 
 DEFAULT_RING_LEN = 16
@@ -68,19 +68,8 @@ class ReplayCursors(NamedTuple):
         return fold_threshold(self.ring_len, self.max_tokens)
 
 
-def fold_threshold(ring_len: int, max_tokens: int) -> int:
-    """A row folds at the verify where its committed count exceeds this: then the candidates of this step
-    and of the next still fit in the ring, so a fold never reads a position that the same launch writes."""
-    return ring_len - 2 * max_tokens
-
-
-def check_ring_config(ring_len: int, max_tokens: int) -> Optional[str]:
-    """None if (ring_len, max_tokens) is supported, else the reason."""
-    if not 1 <= max_tokens <= MAX_TOKENS:
-        return f"max_tokens must be in [1, {MAX_TOKENS}], got {max_tokens}"
-    if not 2 * max_tokens <= ring_len <= MAX_RING_LEN:
-        return f"ring_len must be in [2 * max_tokens = {2 * max_tokens}, {MAX_RING_LEN}], got {ring_len}"
-    return None
+# fold_threshold(ring_len, max_tokens) is the kernels' own rule (kernels/replay.py), re-exported here.
+check_ring_config = check_ring  # None if (ring_len, max_tokens) is supported, else the reason
 
 
 def ring_bytes(num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, ring_len: int,

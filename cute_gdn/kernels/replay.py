@@ -47,7 +47,18 @@ CURSOR_THREADS = 128
 
 
 def fold_threshold(ring_len: int, max_tokens: int) -> int:
+    """A row folds at the verify where its committed count exceeds this: then the candidates of this step
+    and of the next still fit in the ring, so a fold never reads a position that the same launch writes."""
     return ring_len - 2 * max_tokens
+
+
+def check_ring(ring_len: int, max_tokens: int) -> Optional[str]:
+    """None if (ring_len, max_tokens) is supported, else the reason (shared by every replay check)."""
+    if not 1 <= max_tokens <= MAX_TOKENS:
+        return f"max_tokens must be in [1, {MAX_TOKENS}], got {max_tokens}"
+    if not 2 * max_tokens <= ring_len <= MAX_RING_LEN:
+        return f"ring_len must be in [2 * max_tokens = {2 * max_tokens}, {MAX_RING_LEN}], got {ring_len}"
+    return None
 
 
 # Tiles, measured on an H200 (one spec step = replay verify + cursor commit with random accepts 1..T and
@@ -89,10 +100,9 @@ def can_implement(
                            dt_bias_dtype)
     if reason is not None:
         return reason
-    if not 1 <= max_tokens <= MAX_TOKENS:
-        return f"max_tokens must be in [1, {MAX_TOKENS}], got {max_tokens}"
-    if not 2 * max_tokens <= ring_len <= MAX_RING_LEN:
-        return f"ring_len must be in [2 * max_tokens = {2 * max_tokens}, {MAX_RING_LEN}], got {ring_len}"
+    reason = check_ring(ring_len, max_tokens)
+    if reason is not None:
+        return reason
     if not 0 <= num_tokens <= max_tokens:
         return f"the number of tokens T must be in [0, max_tokens={max_tokens}], got {num_tokens}"
     rm = config.rowmap(head_k_dim, state_dtype)
@@ -107,11 +117,7 @@ def can_implement_cursor(pool_size: int, ring_len: int, max_tokens: int, mode: s
         return f"cursor mode must be one of {CURSOR_MODES}, got {mode}"
     if pool_size < 1:
         return f"pool_size must be >= 1, got {pool_size}"
-    if not 1 <= max_tokens <= MAX_TOKENS:
-        return f"max_tokens must be in [1, {MAX_TOKENS}], got {max_tokens}"
-    if not 2 * max_tokens <= ring_len <= MAX_RING_LEN:
-        return f"ring_len must be in [2 * max_tokens = {2 * max_tokens}, {MAX_RING_LEN}], got {ring_len}"
-    return None
+    return check_ring(ring_len, max_tokens)
 
 
 class GdnReplaySm90(GdnVerifySm90):
