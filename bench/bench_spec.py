@@ -9,7 +9,8 @@ A *spec step* is one verify of T draft tokens per row, the commit of a seeded ra
 1..T per row, and whatever folds that accept pattern triggers. The implementations:
 
 - cute_gdn_replay: `replay_verify` + `replay_commit` (ring of --ring-len records, a fold inside the verify
-  of a row whose count exceeds L - 2T).
+  of a row whose count exceeds L - 2T), exact fold (cursors fold="exact": bit-identical to verify + commit).
+- cute_gdn_replay_compact: the same with fold="compact" (the fold adds the records' rank-one terms from u).
 - cute_gdn_cached: `cute_gdn.verify` (cache [B, T, HV, V, K]) + `cute_gdn.commit` of step n.
 - sglang_replayssm: SGLang 0.5.23's Triton ReplaySSM with its own exact fold, the protocol of ours:
   `gdn_replayssm_spec_decode(launch_mode="both")` (exact fold of the flush rows from raw k / raw v / g /
@@ -102,7 +103,7 @@ ROUNDS = 2
 REPLAYS = 10
 GUARD_TOL = 2e-2
 SEED = 0
-IMPLS = ("cute_gdn_replay", "cute_gdn_cached", "sglang_replayssm", "sglang_replayssm_fp32ring",
+IMPLS = ("cute_gdn_replay", "cute_gdn_replay_compact", "cute_gdn_cached", "sglang_replayssm", "sglang_replayssm_fp32ring",
          "sglang_replayssm_backend", "sglang_cached", "flashinfer_mtp")
 CACHED_IMPLS = ("cute_gdn_cached", "sglang_cached", "flashinfer_mtp")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -125,7 +126,7 @@ def fold_mode(impl: str, state: str) -> Optional[str]:
     L - 2T: ours and SGLang's launch_mode="both"), "commit" (at the commit, once the count after it exceeds
     L - 2T: SGLang's backend), "commit_every" (every commit: SGLang's backend with a 16-bit checkpoint,
     fold_every_commit), None (no ring)."""
-    if impl in ("cute_gdn_replay", "sglang_replayssm", "sglang_replayssm_fp32ring"):
+    if impl in ("cute_gdn_replay", "cute_gdn_replay_compact", "sglang_replayssm", "sglang_replayssm_fp32ring"):
         return "verify"
     if impl == "sglang_replayssm_backend":
         return "commit" if state == "float32" else "commit_every"
@@ -194,7 +195,7 @@ def sglang_record(H: int, HV: int, K: int, V: int, layout: str, ring_elem: int =
 
 
 def ring_layout(impl: str, H: int, HV: int) -> Optional[dict]:
-    if impl == "cute_gdn_replay":
+    if impl in ("cute_gdn_replay", "cute_gdn_replay_compact"):
         return ours_record(H, HV, K, V)
     if impl == "sglang_replayssm":
         return sglang_record(H, HV, K, V, "exact", 2)
@@ -222,6 +223,9 @@ def step_bytes(impl: str, T: int, H: int, HV: int, state: str, ring_len: int, si
         st = S * (1 + f)
         ring = keep * (rec["k"] + rec["d"] + rec["gb"]) + fold * (rec["k"] + rec["v"] + rec["gb"]) \
             + T * sum(rec.values())
+    elif impl == "cute_gdn_replay_compact":  # a fold reads u (d) like the output path, not raw v
+        st = S * (1 + f)
+        ring = (keep + fold) * (rec["k"] + rec["d"] + rec["gb"]) + T * sum(rec.values())
     elif impl in ("sglang_replayssm", "sglang_replayssm_fp32ring"):
         st = S * (1 + 2 * f)
         ring = keep * (rec["d"] + rec["k"] + rec["g"]) + fold * (rec["rawk"] + rec["rawv"] + rec["g"] + rec["beta"]) \
@@ -271,8 +275,11 @@ def compile_keys(batches, tokens, heads, states, ring_len: int, impls) -> list:
                     problem = dict(io_dtype="bfloat16", state_dtype=st, num_heads=H, num_v_heads=HV, head_k_dim=K,
                                    head_v_dim=V, pool_size=B, num_tokens=T, gate_mode="raw",
                                    dt_bias_dtype="float32", use_qk_l2norm=True)
-                    if "cute_gdn_replay" in impls:
-                        keys += replay.replay_verify_keys(max_tokens=T, ring_len=ring_len, **problem)
+                    for impl, fold in (("cute_gdn_replay", "exact"), ("cute_gdn_replay_compact", "compact")):
+                        if impl in impls:
+                            keys += replay.replay_verify_keys(max_tokens=T, ring_len=ring_len, fold_mode=fold,
+                                                              **problem)
+                    if "cute_gdn_replay" in impls or "cute_gdn_replay_compact" in impls:
                         keys.append(replay.replay_cursor_key(pool_size=B, ring_len=ring_len, max_tokens=T,
                                                              mode="commit"))
                     # The guard compares every implementation with cute_gdn_cached: always compiled.
@@ -351,7 +358,7 @@ class Impl:
 
 
 class CuteReplay(Impl):
-    def __init__(self, sets, ring_len):
+    def __init__(self, sets, ring_len, fold="exact"):
         super().__init__(sets)
         from cute_gdn import replay
 
@@ -360,7 +367,7 @@ class CuteReplay(Impl):
             B, T, H, _ = s["q"].shape
             HV = s["v"].shape[2]
             p["ring"] = replay.make_replay_ring(B, H, HV, K, V, ring_len=ring_len)
-            p["cursors"] = replay.make_replay_cursors(B, max_tokens=T, ring_len=ring_len)
+            p["cursors"] = replay.make_replay_cursors(B, max_tokens=T, ring_len=ring_len, fold=fold)
 
     def step(self, i, n, n_m1):
         s, p = self.sets[i], self.per[i]
@@ -485,6 +492,8 @@ class SGLangReplay(Impl):
 def build(impl: str, sets, ring_len: int) -> Impl:
     if impl == "cute_gdn_replay":
         return CuteReplay(sets, ring_len)
+    if impl == "cute_gdn_replay_compact":
+        return CuteReplay(sets, ring_len, "compact")
     if impl == "cute_gdn_cached":
         return CuteCached(sets)
     if impl == "flashinfer_mtp":
@@ -589,10 +598,11 @@ def run_shape(rows, args, impls, T, H, HV, B, state, bw, seed) -> None:
     extra = dict(sets=n_sets, l2_multiple=n_sets * per_set / torch.cuda.get_device_properties(0).L2_cache_size)
 
     checks = guard(impls, B, T, H, HV, state, L, seed) if not args.no_guard else {}
-    bad = checks.get("cute_gdn_replay")
-    if isinstance(bad, str) or (bad is not None and bad > GUARD_TOL):
-        raise AssertionError(f"cute_gdn_replay disagrees with cute_gdn_cached at T={T} H={H} HV={HV} B={B} "
-                             f"{state}: {bad}")
+    for ours in ("cute_gdn_replay", "cute_gdn_replay_compact"):
+        bad = checks.get(ours)
+        if isinstance(bad, str) or (bad is not None and bad > GUARD_TOL):
+            raise AssertionError(f"{ours} disagrees with cute_gdn_cached at T={T} H={H} HV={HV} B={B} "
+                                 f"{state}: {bad}")
 
     gen = torch.Generator(device="cuda")
     gen.manual_seed(seed)

@@ -19,7 +19,7 @@ dev = "cuda"
 def keys_for(pool, H, HV, T, L, sd):
     sdn = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[sd]
     pr = dict(io_dtype="bfloat16", state_dtype=sdn, num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=pool)
-    ks = list(rp.replay_verify_keys(num_tokens=T, max_tokens=T, ring_len=L, gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True, **pr))
+    ks = [k for fold in rp.FOLD_MODES for k in rp.replay_verify_keys(num_tokens=T, max_tokens=T, ring_len=L, gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True, fold_mode=fold, **pr)]
     ks += list(rp.replay_flush_keys(max_tokens=T, ring_len=L, use_qk_l2norm=True, **pr))
     ks += [rp.replay_cursor_key(pool_size=pool, ring_len=L, max_tokens=T, mode=m) for m in ("commit", "flush")]
     ks += list(ops.verify_keys(num_tokens=T, cache_steps=T, gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True, **pr))
@@ -46,7 +46,7 @@ def inputs(B, T, H, HV, gen):
     b = torch.randn(B, T, HV, generator=gen, device=dev).to(torch.bfloat16)
     return q, k, v, a, b
 
-def run_check(pool, B, H, HV, T, L, sd, steps=14):
+def run_check(pool, B, H, HV, T, L, sd, steps=14, fold="exact"):
     gen = torch.Generator(device=dev); gen.manual_seed(pool * 7 + B + T)
     A_log = (torch.rand(HV, generator=gen, device=dev) - 0.5)
     dt_bias = torch.randn(HV, generator=gen, device=dev)
@@ -55,9 +55,9 @@ def run_check(pool, B, H, HV, T, L, sd, steps=14):
     slots[1] = -1
     st_r = state0.clone(); st_c = state0.clone()
     ring = rp.make_replay_ring(pool, H, HV, K, V, ring_len=L, device=dev)
-    cur = rp.make_replay_cursors(pool, max_tokens=T, ring_len=L, device=dev)
+    cur = rp.make_replay_cursors(pool, max_tokens=T, ring_len=L, fold=fold, device=dev)
     cache = torch.zeros(B, T, HV, V, K, dtype=sd, device=dev)
-    res = dict(cfg=[pool, B, H, HV, T, L, str(sd)], out_rel=[], state_bitexact=[], state_rel=[], folds=0)
+    res = dict(cfg=[pool, B, H, HV, T, L, str(sd), fold], out_rel=[], state_bitexact=[], state_rel=[], folds=0)
     for step in range(steps):
         q, k, v, a, b = inputs(B, T, H, HV, gen)
         n = torch.randint(0, T + 1, (B,), generator=gen, device=dev).to(torch.int32)
@@ -70,7 +70,7 @@ def run_check(pool, B, H, HV, T, L, sd, steps=14):
         res["out_rel"].append(rel(o_r[live], o_c[live]))
         res["folds"] += int((cnt_before[live] > L - 2 * T).sum())
         # flush a clone, compare with the cached pool
-        s2 = st_r.clone(); r2 = rp.ReplayRing(*(x.clone() for x in ring)); c2 = rp.ReplayCursors(cur.pos.clone(), L, T)
+        s2 = st_r.clone(); r2 = rp.ReplayRing(*(x.clone() for x in ring)); c2 = rp.ReplayCursors(cur.pos.clone(), L, T, fold)
         rp.replay_flush(s2, r2, c2, slots)
         ls = slots[live].long()
         res["state_bitexact"].append(bool(torch.equal(s2[ls], st_c[ls])))
@@ -119,7 +119,8 @@ def timing(pool, B, H, HV, T, L, sd):
     sdn = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[sd]
     def cfg_calls(cfg):
         key = rp.replay_verify_key(io_dtype="bfloat16", state_dtype=sdn, num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=pool,
-                                   num_tokens=T, max_tokens=T, ring_len=L, gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True, config=cfg)
+                                   num_tokens=T, max_tokens=T, ring_len=L, gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True, config=cfg,
+                                   fold_mode=SWEEP_FOLD)
         fn = default_cache().get(key)
         def mk():
             calls = []
@@ -132,7 +133,18 @@ def timing(pool, B, H, HV, T, L, sd):
                 calls.append(f)
             return calls
         return mk
-    variants = [("replay", replay_calls), ("cached", cached_calls)]  # the ops' own tiles
+    def compact_calls():
+        calls = []
+        for s in sets:
+            cur = rp.ReplayCursors(s["cur"].pos, L, T, "compact")
+            def f(s=s, cur=cur):
+                q, k, v, a, b = s["inp"]
+                for n in s["ns"]:
+                    rp.replay_verify(q, k, v, a, b, A_log=s["A_log"], dt_bias=s["dt_bias"], state=s["state"], state_indices=s["slots"], ring=s["ring"], cursors=cur, out=s["out"])
+                    rp.replay_commit(cur, s["slots"], n)
+            calls.append(f)
+        return calls
+    variants = [("replay", replay_calls), ("replay_compact", compact_calls), ("cached", cached_calls)]  # the ops' own tiles
     from cute_gdn.kernels.replay import can_implement as ci
     for cfg in SWEEP:
         if ci("bfloat16", sdn, H, HV, K, V, "raw", "float32", T, T, L, cfg): continue
@@ -150,7 +162,8 @@ def timing(pool, B, H, HV, T, L, sd):
     return dict(cfg=[pool, B, H, HV, T, L, str(sd)], **out)
 
 from cute_gdn.kernels.verify import VerifyConfig
-SWEEP = [VerifyConfig(8, 16, 2), VerifyConfig(4, 32, 1), VerifyConfig(4, 64, 1), VerifyConfig(4, 128, 1), VerifyConfig(2, 64, 1), VerifyConfig(2, 128, 1), VerifyConfig(8, 8, 8), VerifyConfig(8, 16, 1), VerifyConfig(4, 16, 2)]
+SWEEP_FOLD = os.environ.get("SWEEP_FOLD", "compact")  # the fold mode of the swept tiles
+SWEEP = [VerifyConfig(4, 32, 1), VerifyConfig(4, 64, 1), VerifyConfig(2, 64, 1), VerifyConfig(8, 16, 2), VerifyConfig(4, 16, 2), VerifyConfig(2, 32, 2)]
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"
@@ -164,14 +177,15 @@ if __name__ == "__main__":
                 from cute_gdn.kernels.replay import can_implement as ci
                 if ci("bfloat16", sdn, c[2], c[3], K, V, "raw", "float32", c[4], c[4], c[5], cfg): continue
                 ks.append(rp.replay_verify_key(io_dtype="bfloat16", state_dtype=sdn, num_heads=c[2], num_v_heads=c[3], head_k_dim=K, head_v_dim=V,
-                    pool_size=c[0], num_tokens=c[4], max_tokens=c[4], ring_len=c[5], gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True, config=cfg))
+                    pool_size=c[0], num_tokens=c[4], max_tokens=c[4], ring_len=c[5], gate_mode="raw", dt_bias_dtype="float32", use_qk_l2norm=True, config=cfg,
+                    fold_mode=SWEEP_FOLD))
     ks = list(dict.fromkeys(ks))
     t0 = time.time(); default_cache().compile(ks, jobs=16); print(f"compiled {len(ks)} keys in {time.time()-t0:.1f}s", flush=True)
     results = []
     if what in ("all", "check"):
-        for c in CONFIGS:
+        for c in [c + (f,) for c in CONFIGS for f in rp.FOLD_MODES]:
             try:
-                r = run_check(*c)
+                r = run_check(*c[:7], fold=c[7])
             except Exception as e:
                 import traceback; traceback.print_exc(); r = dict(cfg=str(c), error=repr(e))
             print(json.dumps({k: v for k, v in r.items() if k not in ("out_rel", "state_rel", "state_bitexact")}), flush=True)

@@ -39,7 +39,7 @@ from . import _checks as chk
 from . import ops
 from .cache import KernelCache, KernelKey, default_cache
 from .kernels import replay as replay_kernel
-from .kernels.replay import LARGE_BATCH_HEADS, MAX_RING_LEN, check_ring, fold_threshold, replay_tile
+from .kernels.replay import FOLD_MODES, LARGE_BATCH_HEADS, MAX_RING_LEN, check_ring, fold_threshold, replay_tile
 from .kernels.verify import MAX_TOKENS, VerifyConfig
 
 DEFAULT_RING_LEN = 16
@@ -62,6 +62,7 @@ class ReplayCursors(NamedTuple):
     pos: torch.Tensor  # [pool_size, 2] int32
     ring_len: int
     max_tokens: int    # the largest T a verify on these rings may take (sets the fold threshold)
+    fold: str = "exact"  # how replay_verify folds a full ring: "exact" or "compact" (see make_replay_cursors)
 
     @property
     def fold_threshold(self) -> int:
@@ -97,13 +98,21 @@ def make_replay_ring(pool_size: int, num_heads: int, num_v_heads: int, head_k_di
     )
 
 
-def make_replay_cursors(pool_size: int, *, max_tokens: int, ring_len: int = DEFAULT_RING_LEN,
+def make_replay_cursors(pool_size: int, *, max_tokens: int, ring_len: int = DEFAULT_RING_LEN, fold: str = "exact",
                         device="cuda") -> ReplayCursors:
-    """Zeroed cursors (every ring empty) for a pool of pool_size slots."""
+    """Zeroed cursors (every ring empty) for a pool of pool_size slots.
+
+    fold picks how replay_verify folds a full ring into the checkpoint (the protocol, cursors and ring are
+    the same for both): "exact" replays the recurrence from the raw records, bit-identical to verify +
+    commit in the same tile; "compact" adds the records' rank-one terms exp(G_c - G_j) u_j k_j^T (the same
+    state, rounded differently; its error stays flat, tests/test_replay_gpu.py) at a fraction of the cost.
+    replay_flush always folds exactly."""
     reason = check_ring_config(ring_len, max_tokens)
     if reason is not None:
         raise ValueError(reason)
-    return ReplayCursors(torch.zeros(pool_size, 2, dtype=torch.int32, device=device), ring_len, max_tokens)
+    if fold not in FOLD_MODES:
+        raise ValueError(f"fold must be one of {FOLD_MODES}, got {fold!r}")
+    return ReplayCursors(torch.zeros(pool_size, 2, dtype=torch.int32, device=device), ring_len, max_tokens, fold)
 
 
 def reset_cursors(cursors: ReplayCursors, state_indices: torch.Tensor) -> None:
@@ -125,13 +134,14 @@ def reset_cursors(cursors: ReplayCursors, state_indices: torch.Tensor) -> None:
 def replay_verify_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
                       head_v_dim: int, pool_size: int, num_tokens: int, max_tokens: int, ring_len: int,
                       gate_mode: str, dt_bias_dtype: Optional[str], use_qk_l2norm: bool,
-                      config: Optional[VerifyConfig] = None, large_batch: bool = False) -> KernelKey:
-    """The key of one replay verify kernel (T = num_tokens; num_tokens = 0 is the flush kernel)."""
+                      config: Optional[VerifyConfig] = None, large_batch: bool = False,
+                      fold_mode: str = "exact") -> KernelKey:
+    """The key of one replay verify kernel (T = num_tokens; num_tokens = 0 is the flush kernel, always exact)."""
     return KernelKey.make(
         "replay", io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads, num_v_heads=num_v_heads,
         head_k_dim=head_k_dim, head_v_dim=head_v_dim, pool_size=pool_size, num_tokens=num_tokens,
         max_tokens=max_tokens, ring_len=ring_len, gate_mode=gate_mode, dt_bias_dtype=dt_bias_dtype,
-        use_qk_l2norm=bool(use_qk_l2norm),
+        use_qk_l2norm=bool(use_qk_l2norm), fold_mode=fold_mode if num_tokens else "exact",
         config=config or replay_tile(head_k_dim, head_v_dim, state_dtype, large_batch))
 
 
@@ -164,7 +174,7 @@ def replay_cursor_key(*, pool_size: int, ring_len: int, max_tokens: int, mode: s
 
 def config_keys(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
                 head_v_dim: int, pool_size: int, max_tokens: int, ring_len: int, use_qk_l2norm: bool,
-                gate_variants: Sequence[tuple[str, Optional[str]]]) -> list[KernelKey]:
+                gate_variants: Sequence[tuple[str, Optional[str]]], fold_mode: str = "exact") -> list[KernelKey]:
     """Every kernel the replay mode of a serving config needs: verify for T = 1..max_tokens in both tiles
     and every gate variant, the flush kernel in both tiles and both cursor kernels."""
     problem = dict(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads, num_v_heads=num_v_heads,
@@ -173,7 +183,8 @@ def config_keys(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads:
     keys = []
     for num_tokens in range(1, max_tokens + 1):
         for gate_mode, bias in gate_variants:
-            keys += replay_verify_keys(num_tokens=num_tokens, gate_mode=gate_mode, dt_bias_dtype=bias, **problem)
+            keys += replay_verify_keys(num_tokens=num_tokens, gate_mode=gate_mode, dt_bias_dtype=bias,
+                                       fold_mode=fold_mode, **problem)
     keys += replay_flush_keys(**problem)
     for mode in ("commit", "flush"):
         keys.append(replay_cursor_key(pool_size=pool_size, ring_len=ring_len, max_tokens=max_tokens, mode=mode))
@@ -210,6 +221,8 @@ def validate_cursors(cursors, pool_size: int, device, ring_len: Optional[int] = 
     reason = check_ring_config(cursors.ring_len, cursors.max_tokens)
     if reason is not None:
         raise ValueError(f"cursors: {reason}")
+    if cursors.fold not in FOLD_MODES:
+        raise ValueError(f"cursors.fold must be one of {FOLD_MODES}, got {cursors.fold!r}")
     if ring_len is not None and ring_len != cursors.ring_len:
         raise ValueError(f"ring has ring_len={ring_len} records but cursors were made for "
                          f"ring_len={cursors.ring_len}")
@@ -249,6 +262,7 @@ def _replay_verify(kcache: KernelCache, allow_compile: bool, check_config, q, k,
         B, T, H, K = q.shape
         _, _, HV, V = v.shape
         sig = ("replay", q.dtype, state.dtype, H, K, T, HV, V, state.shape[0], cursors.ring_len, cursors.max_tokens,
+               cursors.fold,
                dt_bias.dtype if raw else None, bool(use_qk_l2norm), q.get_device() == state.get_device())
     except (AttributeError, ValueError, TypeError):
         validate_replay_verify(*args)
@@ -265,7 +279,8 @@ def _replay_verify(kcache: KernelCache, allow_compile: bool, check_config, q, k,
         keys = replay_verify_keys(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype],
                                   num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0],
                                   num_tokens=T, max_tokens=cursors.max_tokens, ring_len=cursors.ring_len,
-                                  gate_mode=mode, dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm)
+                                  gate_mode=mode, dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm,
+                                  fold_mode=cursors.fold)
         small, large = ops._load(kcache, keys, allow_compile)
         entry = (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
         kcache.by_signature[sig] = entry

@@ -189,9 +189,11 @@ def test_compile_keys(bench):
     keys = bench.compile_keys([4, 64], [4], [(16, 32)], ["float32", "bfloat16"], 16, list(bench.IMPLS))
     names = [str(k) for k in keys]
     assert len(keys) == len(set(keys))
-    # per (B, state): 2 replay verify tiles, 2 verify tiles, 1 commit; per B: 1 cursor kernel (state-free)
+    # per (B, state): 2 replay verify tiles per fold mode, 2 verify tiles, 1 commit; per B: 1 cursor kernel
     assert sum("replay_cursor" in n for n in names) == 2
-    assert len(keys) <= 2 * 2 * (2 + 2 + 1) + 2
+    compact = sum("'fold_mode', 'compact'" in n for n in names)
+    assert compact >= 1 and compact == sum("'fold_mode', 'exact'" in n and "'num_tokens', 0" not in n for n in names)
+    assert len(keys) <= 2 * 2 * (2 * 2 + 2 + 1) + 2
     without = bench.compile_keys([4], [4], [(16, 32)], ["float32"], 16, ["cute_gdn_cached"])
     assert not any("replay" in str(k) for k in without) and len(without) <= 3
 

@@ -201,7 +201,7 @@ def test_debug_cursor_check_reports_an_invalid_cursor():
 
 def _verify_sig(x, state, cursors, raw=True, l2=True):
     return ("replay", x["q"].dtype, state.dtype, H, K, x["q"].shape[1], HV, V, POOL, cursors.ring_len,
-            cursors.max_tokens, x["dt_bias"].dtype if raw else None, l2, True)
+            cursors.max_tokens, cursors.fold, x["dt_bias"].dtype if raw else None, l2, True)
 
 
 def _fake_cache(sig, calls, threshold):

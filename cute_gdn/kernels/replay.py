@@ -43,6 +43,10 @@ from .verify import MAX_TOKENS, GdnVerifySm90, VerifyConfig
 
 MAX_RING_LEN = 64
 CURSOR_MODES = ("commit", "flush")
+# How a verify folds a full ring into the checkpoint: "exact" replays the recurrence (bit-identical to
+# verify + commit in the same tile), "compact" adds the records' rank-one terms (one multiply-add per element
+# per record; same state, other rounding). replay_flush always folds exactly.
+FOLD_MODES = ("exact", "compact")
 CURSOR_THREADS = 128
 
 
@@ -94,8 +98,11 @@ def can_implement(
     max_tokens: int,
     ring_len: int,
     config: VerifyConfig,
+    fold_mode: str = "exact",
 ) -> Optional[str]:
     """None if the replay kernel supports this shape and dtype set, else the reason."""
+    if fold_mode not in FOLD_MODES:
+        return f"fold_mode must be one of {FOLD_MODES}, got {fold_mode!r}"
     reason = check_problem(io_dtype, state_dtype, num_heads, num_v_heads, head_k_dim, head_v_dim, gate_mode,
                            dt_bias_dtype)
     if reason is not None:
@@ -124,8 +131,10 @@ class GdnReplaySm90(GdnVerifySm90):
     """Replay verify (num_tokens >= 1) or flush (num_tokens = 0). Reuses verify's staging of q/k/v and
     its token normalization, so the fold sees exactly the k, exp(g) and beta that verify computes."""
 
-    def __init__(self, *, num_tokens: int, max_tokens: int, ring_len: int, config: VerifyConfig, **problem):
+    def __init__(self, *, num_tokens: int, max_tokens: int, ring_len: int, config: VerifyConfig,
+                 fold_mode: str = "exact", **problem):
         super().__init__(num_tokens=max(num_tokens, 1), cache_steps=max_tokens, config=config, **problem)
+        self.fold_mode = fold_mode
         self.num_tokens = num_tokens
         self.max_tokens = max_tokens
         self.ring_len = ring_len
@@ -209,21 +218,34 @@ class GdnReplaySm90(GdnVerifySm90):
             # Per candidate: exp(g), beta, k . q, g; and the factor that normalizes its k.
             sTok = smem.allocate_tensor(Float32, cute.make_layout((4, T), stride=(T, 1)), byte_alignment=16)
             sKScale = smem.allocate_tensor(Float32, cute.make_layout(T), byte_alignment=16)
-            sRecRaw, sRecK, sRecG, sRecX = self.allocate_records(smem, io_dtype)
-            # The output path: G_j, per-warp partial dot products, the coefficients [k.k | k.q, t, j], exp(G_m).
+            sRecRaw, sRecK, sRecG, sRecX, sRecV = self.allocate_records(smem, io_dtype)
+            # The output path: G_j, per-warp partial dot products, the coefficients [k.k | k.q, t, j], exp(G_m);
+            # the compact fold's weights.
             warps = rm.threads // 32
             sGam = smem.allocate_tensor(Float32, cute.make_layout(L), byte_alignment=16)
             sPart = smem.allocate_tensor(Float32, cute.make_layout((2 * warps, 2 * T, L), stride=(2 * T * L, L, 1)),
                                          byte_alignment=16)
             sC = smem.allocate_tensor(Float32, cute.make_layout((2, T, L), stride=(T * L, L, 1)), byte_alignment=16)
             sE = smem.allocate_tensor(Float32, cute.make_layout(T), byte_alignment=16)
+            sW = smem.allocate_tensor(Float32, cute.make_layout(L + 1), byte_alignment=16)
 
+            compact = self.fold_mode == "compact"
             fold = count > self.fold_at
+            # Every global read is in flight before the first wait: the state (above), q/k and the records
+            # (one cp.async group), v and the gates (register loads, issued before their stores).
             self.stage_qk(mQ, mK, sRaw, b, hk, tidx)
-            self.stage_record_keys(mRingK, sRecRaw, s64, hk, start, count, tidx)
-            self.stage_v(mV, sV, b, hv, row0, tidx)
-            self.stage_record_rows(mRingV, mRingD, sRecX, s64, hv, row0, start, count, fold, tidx)
-            self.stage_record_gates(mRingGB, sRecG, s64, hv, start, count, tidx)
+            if cutlass.const_expr(compact):
+                self.stage_records(mRingK, mRingD, mRingGB, sRecRaw, sRecX, sRecG, s64, hk, hv, row0, start, count,
+                                   tidx)
+            else:
+                if fold:
+                    self.stage_records(mRingK, mRingV, mRingGB, sRecRaw, sRecV, sRecG, s64, hk, hv, row0, start,
+                                       count, tidx)
+                else:
+                    self.stage_records(mRingK, mRingD, mRingGB, sRecRaw, sRecX, sRecG, s64, hk, hv, row0, start,
+                                       count, tidx)
+            cute.arch.cp_async_commit_group()
+            self.stage_v_regs(mV, sV, b, hv, row0, tidx)
             if tidx < T:
                 gate_a, gate_b, a_log, dt_bias = self.load_gates(mGateA, mGateB, mALog, mDtBias, b, tidx, hv)
                 g, beta = gate_log_decay_beta(self.gate_mode, gate_a, gate_b, a_log, dt_bias)
@@ -239,23 +261,34 @@ class GdnReplaySm90(GdnVerifySm90):
             # The candidates join the record list at positions count .. count + T - 1 (after the committed
             # ones, which a fold still reads), and go to the ring.
             self.append_candidates(sQK, sTok, sRecK, sRecG, count, tidx)
-            self.write_candidates(mV, sRaw, sTok, sKScale, mRingK, mRingV, mRingGB, s64, b, hv, row0, tile, start,
+            self.write_candidates(mV, sRaw, sV, sTok, sKScale, mRingK, mRingV, mRingGB, s64, b, hv, row0, tile, start,
                                   count, tidx)
             cute.arch.sync_threads()
 
             rS = make_state_fragment(rm, Float32)
             rS.store(rS_in.load().to(Float32))
-            first = Int32(0)  # the first record of the output path
-            n_hist = count
-            if fold:
-                self.fold_records(rS, sRecK, sRecG, sRecX, count, row_group, lane)
-                self.store_state(rS, tSgS)
-                first = count
-                n_hist = Int32(0)
-            self.output_coefficients(sQK, sRecK, sRecG, sGam, sPart, sC, sE, first, n_hist, tidx)
-            cute.arch.sync_threads()
-            self.candidate_rows(rS, sQK, sTok, sV, sRecX, sC, sE, n_hist, mO, mRingD, s64, b, hv, row0, row_group,
-                                lane, start, count)
+            if cutlass.const_expr(compact):
+                # Outputs from the checkpoint and every committed record; a folding row then rewrites the
+                # checkpoint from the records' u (compact_fold), after its outputs.
+                self.output_coefficients(sQK, sRecK, sRecG, sGam, sPart, sC, sE, sW, Int32(0), count, tidx)
+                cute.arch.sync_threads()
+                self.candidate_rows(rS, sQK, sTok, sV, sRecX, sC, sE, count, mO, mRingD, s64, b, hv, row0,
+                                    row_group, lane, start, count)
+                if fold:
+                    self.compact_fold(rS, sRecK, sRecX, sW, count, row_group, lane)
+                    self.store_state(rS, tSgS)
+            else:
+                first = Int32(0)  # the first record of the output path
+                n_hist = count
+                if fold:
+                    self.fold_records(rS, sRecK, sRecG, sRecV, count, row_group, lane)
+                    self.store_state(rS, tSgS)
+                    first = count
+                    n_hist = Int32(0)
+                self.output_coefficients(sQK, sRecK, sRecG, sGam, sPart, sC, sE, sW, first, n_hist, tidx)
+                cute.arch.sync_threads()
+                self.candidate_rows(rS, sQK, sTok, sV, sRecX, sC, sE, n_hist, mO, mRingD, s64, b, hv, row0,
+                                    row_group, lane, start, count)
         else:
             for t in cutlass.range_constexpr(T):
                 self.store_zero_output(mO[b, t, hv, None], row0, row_group, lane)
@@ -298,17 +331,17 @@ class GdnReplaySm90(GdnVerifySm90):
                 rS_in = make_state_fragment(rm, tSgS.element_type)
                 cute.autovec_copy(tSgS, rS_in)
                 smem = cutlass.memory.SmemAllocator()
-                sRecRaw, sRecK, sRecG, sRecX = self.allocate_records(smem, mRingK.element_type)
-                self.stage_record_keys(mRingK, sRecRaw, s64, hk, start, count, tidx)
-                self.stage_record_rows(mRingV, mRingV, sRecX, s64, hv, row0, start, count, True, tidx)
-                self.stage_record_gates(mRingGB, sRecG, s64, hv, start, count, tidx)
+                sRecRaw, sRecK, sRecG, sRecX, sRecV = self.allocate_records(smem, mRingK.element_type)
+                self.stage_records(mRingK, mRingV, mRingGB, sRecRaw, sRecV, sRecG, s64, hk, hv, row0, start, count,
+                                   tidx)
+                cute.arch.cp_async_commit_group()
                 cute.arch.cp_async_wait_group(0)
                 cute.arch.sync_threads()
                 self.scale_record_keys(sRecRaw, sRecK, sRecG, count, tidx)
                 cute.arch.sync_threads()
                 rS = make_state_fragment(rm, Float32)
                 rS.store(rS_in.load().to(Float32))
-                self.fold_records(rS, sRecK, sRecG, sRecX, count, row_group, lane)
+                self.fold_records(rS, sRecK, sRecG, sRecV, count, row_group, lane)
                 self.store_state(rS, tSgS)
 
     # ------------------------------------------------------------------------------------------ pieces
@@ -317,67 +350,68 @@ class GdnReplaySm90(GdnVerifySm90):
     def allocate_records(self, smem, io_dtype):
         """Shared memory for up to L records: raw k (io), normalized k (fp32; rows padded by 4 floats so the
         lanes of a warp reading different records hit different banks), (g, beta, k scale), and per tile
-        row the fold's raw v or the output path's u."""
+        row the output path's u (fp32) and the exact fold's raw v (io)."""
         rm = self.rowmap
         L = self.ring_len
         K = self.head_k_dim
         sRecRaw = smem.allocate_tensor(io_dtype, cute.make_layout((L, K), stride=(K, 1)), byte_alignment=16)
         sRecK = smem.allocate_tensor(Float32, cute.make_layout((L, K), stride=(K + 4, 1)), byte_alignment=16)
-        sRecG = smem.allocate_tensor(Float32, cute.make_layout((3, L), stride=(L, 1)), byte_alignment=16)
+        # (g, beta, k scale, -) record-major: sRecG[f, rec] is float 4 * rec + f, one 16-byte vector a record.
+        sRecG = smem.allocate_tensor(Float32, cute.make_layout((4, L), stride=(1, 4)), byte_alignment=16)
         sRecX = smem.allocate_tensor(Float32, cute.make_layout((L, rm.tile_rows), stride=(rm.tile_rows, 1)),
                                      byte_alignment=16)
-        return sRecRaw, sRecK, sRecG, sRecX
+        sRecV = smem.allocate_tensor(io_dtype, cute.make_layout((L, rm.tile_rows), stride=(rm.tile_rows, 1)),
+                                     byte_alignment=16)
+        return sRecRaw, sRecK, sRecG, sRecX, sRecV
 
     @cute.jit
-    def stage_record_keys(self, mRingK: cute.Tensor, sRecRaw: cute.Tensor, s64, hk, start, count, tidx):
-        """cp.async of the raw k of the `count` committed records into sRecRaw[0 : count]."""
-        rm = self.rowmap
-        L = self.ring_len
-        vec = 16 // (mRingK.element_type.width // 8)
-        vecs_per_rec = self.head_k_dim // vec
-        total = count * vecs_per_rec
-        atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
-                                   mRingK.element_type, num_bits_per_copy=128)
-        for i in cutlass.range_constexpr((L * vecs_per_rec + rm.threads - 1) // rm.threads):
-            vid = tidx + i * rm.threads
-            if vid < total:
-                rec = vid // vecs_per_rec
-                col = (vid % vecs_per_rec) * vec
-                gX = mRingK[s64, hk, (start + rec) % L, None]
-                gVec = cute.make_tensor((gX.iterator + col).align(16), cute.make_layout(vec))
-                sVec = cute.make_tensor((sRecRaw[rec, None].iterator + col).align(16), cute.make_layout(vec))
-                cute.copy(atom, gVec, sVec)
-        cute.arch.cp_async_commit_group()
-
-    @cute.jit
-    def stage_record_rows(self, mRingV: cute.Tensor, mRingD: cute.Tensor, sRecX: cute.Tensor, s64, hv, row0,
-                          start, count, fold, tidx):
-        """Per committed record, at this tile's rows: raw v in fp32 (a fold) or u (the output path)."""
-        rm = self.rowmap
-        L = self.ring_len
-        total = count * rm.tile_rows
-        for i in cutlass.range_constexpr((L * rm.tile_rows + rm.threads - 1) // rm.threads):
-            e = tidx + i * rm.threads
-            if e < total:
-                rec = e // rm.tile_rows
-                r = e % rm.tile_rows
-                pos = (start + rec) % L
-                if fold:
-                    sRecX[rec, r] = mRingV[s64, hv, pos, row0 + r].to(Float32)
-                else:
-                    sRecX[rec, r] = mRingD[s64, hv, pos, row0 + r].to(Float32)
-
-    @cute.jit
-    def stage_record_gates(self, mRingGB: cute.Tensor, sRecG: cute.Tensor, s64, hv, start, count, tidx):
-        """(g, beta, k scale) of the committed records."""
+    def stage_ring(self, gRing: cute.Tensor, sDst: cute.Tensor, col0, width: cutlass.Constexpr, start, count, tidx):
+        """cp.async of columns [col0, col0 + width) of the `count` committed records of one ring row gRing
+        [L, W] (record rec at position start + rec mod L) into sDst[rec, 0 : width]. 16-byte vectors: the
+        ring is contiguous and 16-byte aligned (make_replay_ring), col0 and width are multiples of a vector."""
         L = self.ring_len
         threads = self.rowmap.threads
-        for i in cutlass.range_constexpr((3 * L + threads - 1) // threads):
-            e = tidx + i * threads
-            if e < 3 * count:
-                rec = e // 3
-                f = e - rec * 3
-                sRecG[f, rec] = mRingGB[s64, hv, (start + rec) % L, f]
+        vec = 16 // (gRing.element_type.width // 8)
+        vecs = width // vec
+        total = count * vecs
+        atom = cute.make_copy_atom(cute.nvgpu.cpasync.CopyG2SOp(cute.nvgpu.cpasync.LoadCacheMode.GLOBAL),
+                                   gRing.element_type, num_bits_per_copy=128)
+        for i in cutlass.range_constexpr((L * vecs + threads - 1) // threads):
+            vid = tidx + i * threads
+            if vid < total:
+                rec = vid // vecs
+                col = (vid % vecs) * vec
+                gVec = cute.make_tensor((gRing[(start + rec) % L, None].iterator + col0 + col).align(16),
+                                        cute.make_layout(vec))
+                sVec = cute.make_tensor((sDst[rec, None].iterator + col).align(16), cute.make_layout(vec))
+                cute.copy(atom, gVec, sVec)
+
+    @cute.jit
+    def stage_records(self, mRingK: cute.Tensor, mRingRows: cute.Tensor, mRingGB: cute.Tensor, sRecRaw: cute.Tensor,
+                      sRows: cute.Tensor, sRecG: cute.Tensor, s64, hk, hv, row0, start, count, tidx):
+        """Every read of the committed records in one cp.async group: raw k, this tile's rows of u or raw v
+        (mRingRows), and (g, beta, k scale, -). The caller waits once, with its other staging."""
+        self.stage_ring(mRingK[s64, hk, None, None], sRecRaw, 0, self.head_k_dim, start, count, tidx)
+        self.stage_ring(mRingRows[s64, hv, None, None], sRows, row0, self.rowmap.tile_rows, start, count, tidx)
+        self.stage_ring(mRingGB[s64, hv, None, None], cute.make_tensor(sRecG.iterator, cute.make_layout(
+            (self.ring_len, 4), stride=(4, 1))), 0, 4, start, count, tidx)
+
+    @cute.jit
+    def stage_v_regs(self, mV: cute.Tensor, sV: cute.Tensor, b, hv, row0, tidx):
+        """v[b, :, hv, tile rows] in fp32 into sV [T, tile_rows]: every load issued before the first store
+        (v need not be 16-byte aligned, so no cp.async), so the CTA waits for one round trip, not one each."""
+        rm = self.rowmap
+        total = self.num_tokens * rm.tile_rows
+        n = (total + rm.threads - 1) // rm.threads
+        rVal = cute.make_rmem_tensor((n,), mV.element_type)
+        for i in cutlass.range_constexpr(n):
+            e = tidx + i * rm.threads
+            if e < total:
+                rVal[i] = mV[b, e // rm.tile_rows, hv, row0 + e % rm.tile_rows]
+        for i in cutlass.range_constexpr(n):
+            e = tidx + i * rm.threads
+            if e < total:
+                sV[e // rm.tile_rows, e % rm.tile_rows] = rVal[i].to(Float32)
 
     @cute.jit
     def scale_record_keys(self, sRecRaw: cute.Tensor, sRecK: cute.Tensor, sRecG: cute.Tensor, count, tidx):
@@ -409,11 +443,13 @@ class GdnReplaySm90(GdnVerifySm90):
             sRecG[0, count + tidx] = sTok[3, tidx]
 
     @cute.jit
-    def write_candidates(self, mV: cute.Tensor, sRaw: cute.Tensor, sTok: cute.Tensor, sKScale: cute.Tensor,
+    def write_candidates(self, mV: cute.Tensor, sRaw: cute.Tensor, sV: cute.Tensor, sTok: cute.Tensor,
+                         sKScale: cute.Tensor,
                          mRingK: cute.Tensor, mRingV: cute.Tensor, mRingGB: cute.Tensor, s64, b, hv, row0, tile,
                          start, count, tidx):
-        """The candidates' raw k (one CTA per q/k head), raw v (each CTA its rows) and (g, beta, k scale)
-        (one CTA per value head) to ring positions start + count + t. The fold reads only committed ones."""
+        """The candidates' raw k (one CTA per q/k head), raw v (each CTA its rows, from sV: io -> fp32 -> io
+        is exact) and (g, beta, k scale) (one CTA per value head) to ring positions start + count + t. The
+        fold reads only committed ones."""
         rm = self.rowmap
         T = self.num_tokens
         K = self.head_k_dim
@@ -438,7 +474,7 @@ class GdnReplaySm90(GdnVerifySm90):
             if e < T * rm.tile_rows:
                 t = e // rm.tile_rows
                 r = e % rm.tile_rows
-                mRingV[s64, hv, (start + count + t) % L, row0 + r] = mV[b, t, hv, row0 + r]
+                mRingV[s64, hv, (start + count + t) % L, row0 + r] = sV[t, r].to(mRingV.element_type)
 
     @cute.jit
     def fold_row(self, rRow: cute.Tensor, rK, decay, beta, v):
@@ -454,7 +490,7 @@ class GdnReplaySm90(GdnVerifySm90):
         update_row(rm, rRow, rK, decay, u)
 
     @cute.jit
-    def fold_records(self, rS: cute.Tensor, sRecK: cute.Tensor, sRecG: cute.Tensor, sRecX: cute.Tensor, count,
+    def fold_records(self, rS: cute.Tensor, sRecK: cute.Tensor, sRecG: cute.Tensor, sRecV: cute.Tensor, count,
                      row_group, lane):
         """The committed records, in order, into the fp32 state tile rS."""
         rm = self.rowmap
@@ -464,7 +500,29 @@ class GdnReplaySm90(GdnVerifySm90):
             beta = sRecG[1, rec]
             for r in cutlass.range_constexpr(rm.rows_per_thread):
                 row = r * rm.rows_per_pass + row_group
-                self.fold_row(rS[r, None, None], rK, decay, beta, sRecX[rec, row])
+                self.fold_row(rS[r, None, None], rK, decay, beta, sRecV[rec, row])
+
+    @cute.jit
+    def compact_fold(self, rS: cute.Tensor, sRecK: cute.Tensor, sRecX: cute.Tensor, sW: cute.Tensor, count, row_group,
+                     lane):
+        """fold="compact": S0 -> exp(G_c) S0 + sum_j exp(G_c - G_j) u_j k_j^T over the c = count committed
+        records (sW[j] = exp(G_c - G_j), sW[L] = exp(G_c); u_j in sRecX): one multiply-add per element per
+        record, no row reduction, every element independent. Mathematically the state the recurrence gives;
+        rounded differently (not bit-equal to verify + commit)."""
+        rm = self.rowmap
+        L = self.ring_len
+        e_c = sW[L]
+        for r in cutlass.range_constexpr(rm.rows_per_thread):
+            for j in cutlass.range_constexpr(rm.vecs_per_thread):
+                for e in cutlass.range_constexpr(rm.vec):
+                    rS[r, j, e] = rS[r, j, e] * e_c
+        for rec in cutlass.range(count):
+            rK = load_columns(rm, sRecK[rec, None], lane)
+            for r in cutlass.range_constexpr(rm.rows_per_thread):
+                w = sW[rec] * sRecX[rec, r * rm.rows_per_pass + row_group]
+                for j in cutlass.range_constexpr(rm.vecs_per_thread):
+                    for e in cutlass.range_constexpr(rm.vec):
+                        rS[r, j, e] = fma_rn(w, rK[j, e], rS[r, j, e])
 
     @cute.jit
     def store_state(self, rS: cute.Tensor, tSgS: cute.Tensor):
@@ -477,10 +535,12 @@ class GdnReplaySm90(GdnVerifySm90):
 
     @cute.jit
     def output_coefficients(self, sQK: cute.Tensor, sRecK: cute.Tensor, sRecG: cute.Tensor, sGam: cute.Tensor,
-                            sPart: cute.Tensor, sC: cute.Tensor, sE: cute.Tensor, first, n_hist, tidx):
+                            sPart: cute.Tensor, sC: cute.Tensor, sE: cute.Tensor, sW: cute.Tensor, first, n_hist,
+                            tidx):
         """G_j over the output path's records (first + j, j < n_hist + T), then
         sC[0, t, j] = exp(G_m - G_j) (k_j . k_m) for j < m and sC[1, t, j] = exp(G_m - G_j) (k_j . q_m) for
-        j <= m (m = n_hist + t), and sE[t] = exp(G_m). The dot products are a small GEMM
+        j <= m (m = n_hist + t), sE[t] = exp(G_m), and for fold="compact" the fold's weights
+        sW[j] = exp(G_c - G_j) (j < c = n_hist), sW[L] = exp(G_c). The dot products are a small GEMM
         [records, K] x [K, 2T]: warp w takes a slice of K, lane j a record (the 2T candidate vectors are
         broadcast reads), and the per-warp partials are summed through shared memory."""
         rm = self.rowmap
@@ -495,9 +555,11 @@ class GdnReplaySm90(GdnVerifySm90):
         for i in cutlass.range_constexpr((L + rm.threads - 1) // rm.threads):
             j = tidx + i * rm.threads
             if j < n_rec:
+                # Unrolled, so the loads are in flight together (a loop of dependent loads is L round trips).
                 acc = Float32(0.0)
-                for jj in cutlass.range(j + 1):
-                    acc += sRecG[0, first + jj]
+                for jj in cutlass.range_constexpr(L):
+                    if jj <= j:
+                        acc += sRecG[0, first + jj]
                 sGam[j] = acc
         # Lane j % 16 takes record j, the two half-warps split the warp's columns; 4 columns per
         # shared-memory vector load where the slice allows it.
@@ -542,6 +604,14 @@ class GdnReplaySm90(GdnVerifySm90):
                 sC[which, t, j] = coef
         if tidx < T:
             sE[tidx] = cute.math.exp(sGam[n_hist + tidx])
+        if cutlass.const_expr(self.fold_mode == "compact"):
+            for i in cutlass.range_constexpr((L + 1 + rm.threads - 1) // rm.threads):
+                j = tidx + i * rm.threads
+                if n_hist > 0:
+                    if j < n_hist:
+                        sW[j] = cute.math.exp(sGam[n_hist - 1] - sGam[j])
+                    if j == L:
+                        sW[L] = cute.math.exp(sGam[n_hist - 1])
 
     @cute.jit
     def candidate_rows(self, rS: cute.Tensor, sQK: cute.Tensor, sTok: cute.Tensor, sV: cute.Tensor,
@@ -679,6 +749,7 @@ def compile_replay(
     dt_bias_dtype: Optional[str],
     use_qk_l2norm: bool,
     config: VerifyConfig,
+    fold_mode: str = "exact",
 ):
     """Compile the replay verify kernel (num_tokens >= 1) or the flush kernel (num_tokens = 0) for one key.
 
@@ -687,7 +758,7 @@ def compile_replay(
     launch on the caller's current torch stream. Tensor-free: never touches a GPU.
     """
     reason = can_implement(io_dtype, state_dtype, num_heads, num_v_heads, head_k_dim, head_v_dim, gate_mode,
-                           dt_bias_dtype, num_tokens, max_tokens, ring_len, config)
+                           dt_bias_dtype, num_tokens, max_tokens, ring_len, config, fold_mode)
     if reason is not None:
         raise ValueError(reason)
     H, HV, K, V, T = num_heads, num_v_heads, head_k_dim, head_v_dim, num_tokens
@@ -699,7 +770,7 @@ def compile_replay(
     cls = GdnReplayFlushSm90 if T == 0 else GdnReplaySm90
     op = cls(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V,
              gate_mode=gate_mode, use_qk_l2norm=use_qk_l2norm, num_tokens=T, max_tokens=max_tokens,
-             ring_len=ring_len, config=config)
+             ring_len=ring_len, config=config, fold_mode=fold_mode)
     stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
     if T == 0:
         return cute.compile(op, state, indices, ring_k, ring_v, ring_gb, cursor, stream,
