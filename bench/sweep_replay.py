@@ -32,7 +32,9 @@ CONFIGS = [  # pool, B, H, HV, T, L, state dtype
     (9, 5, 2, 4, 4, 16, torch.bfloat16),
     (9, 5, 1, 4, 2, 8, torch.float32),
 ]
-TIMING = [(256, 256, 16, 32, 4, 16, torch.float32), (256, 256, 16, 32, 4, 16, torch.bfloat16), (64, 64, 16, 32, 4, 16, torch.float32), (16, 16, 16, 32, 4, 16, torch.float32), (16, 16, 16, 32, 4, 16, torch.bfloat16), (1, 1, 16, 32, 4, 16, torch.float32), (1, 1, 16, 32, 4, 16, torch.bfloat16)]
+TIMING = [(256, 256, 16, 32, 4, 16, torch.float32), (256, 256, 16, 32, 4, 16, torch.bfloat16), (64, 64, 16, 32, 4, 16, torch.float32), (64, 64, 16, 32, 4, 16, torch.bfloat16), (16, 16, 16, 32, 4, 16, torch.float32), (1, 1, 16, 32, 4, 16, torch.float32), (1, 1, 16, 32, 4, 16, torch.bfloat16)]
+if os.environ.get("SWEEP_TIMING"):  # a subset of TIMING by index, e.g. "0,1"
+    TIMING = [TIMING[int(i)] for i in os.environ["SWEEP_TIMING"].split(",")]
 
 def rel(a, b):
     a = a.double(); b = b.double()
@@ -163,7 +165,7 @@ def timing(pool, B, H, HV, T, L, sd):
 
 from cute_gdn.kernels.verify import VerifyConfig
 SWEEP_FOLD = os.environ.get("SWEEP_FOLD", "compact")  # the fold mode of the swept tiles
-SWEEP = [VerifyConfig(4, 32, 1), VerifyConfig(4, 64, 1), VerifyConfig(2, 64, 1), VerifyConfig(8, 16, 2), VerifyConfig(4, 16, 2), VerifyConfig(2, 32, 2)]
+SWEEP = [VerifyConfig(4, 32, 1), VerifyConfig(4, 64, 1), VerifyConfig(2, 64, 1), VerifyConfig(2, 128, 1), VerifyConfig(4, 128, 1)]
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"

@@ -142,7 +142,8 @@ def replay_verify_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_
         head_k_dim=head_k_dim, head_v_dim=head_v_dim, pool_size=pool_size, num_tokens=num_tokens,
         max_tokens=max_tokens, ring_len=ring_len, gate_mode=gate_mode, dt_bias_dtype=dt_bias_dtype,
         use_qk_l2norm=bool(use_qk_l2norm), fold_mode=fold_mode if num_tokens else "exact",
-        config=config or replay_tile(head_k_dim, head_v_dim, state_dtype, large_batch))
+        config=config or replay_tile(head_k_dim, head_v_dim, state_dtype, large_batch,
+                                     fold_mode if num_tokens else "exact"))
 
 
 def replay_verify_keys(**kwargs) -> tuple[KernelKey, KernelKey]:

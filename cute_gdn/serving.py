@@ -33,13 +33,20 @@ MAX_CACHE_STEPS = ops.MAX_TOKENS
 # Speculative-decoding protocols: "cached" (verify + commit) or "replay" (replay_verify + replay_commit).
 SPEC_MODES = ("cached", "replay")
 DEFAULT_RING_LEN = replay.DEFAULT_RING_LEN
+# How replay verify folds a full ring (replay.make_replay_cursors): "exact" or "compact".
+REPLAY_FOLDS = replay.FOLD_MODES
 
 
-def check_spec_config(spec_mode: str, cache_steps: int, ring_len: int) -> None:
-    """ValueError naming the argument for an unknown spec_mode or a replay ring that cannot hold
-    cache_steps draft tokens (replay.check_ring_config)."""
+def check_spec_config(spec_mode: str, cache_steps: int, ring_len: int, replay_fold: str = "exact") -> None:
+    """ValueError naming the argument for an unknown spec_mode, a replay ring that cannot hold
+    cache_steps draft tokens (replay.check_ring_config), an unknown replay_fold, or a replay_fold other
+    than "exact" outside spec_mode="replay"."""
     if spec_mode not in SPEC_MODES:
         raise ValueError(f"spec_mode must be one of {list(SPEC_MODES)}, got {spec_mode!r}")
+    if replay_fold not in REPLAY_FOLDS:
+        raise ValueError(f"replay_fold must be one of {list(REPLAY_FOLDS)}, got {replay_fold!r}")
+    if replay_fold != "exact" and spec_mode != "replay":
+        raise ValueError(f"replay_fold={replay_fold!r} belongs to spec_mode='replay', got spec_mode={spec_mode!r}")
     if spec_mode == "replay":
         if cache_steps < 1:
             raise ValueError(f"spec_mode='replay' needs cache_steps = the largest number of draft tokens per "
@@ -52,13 +59,14 @@ def check_spec_config(spec_mode: str, cache_steps: int, ring_len: int) -> None:
 def config_keys(num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, *, pool_size: int,
                 cache_steps: int = 0, state_dtype: str = "float32", io_dtype: str = "bfloat16",
                 use_qk_l2norm: bool = True, spec_mode: str = "cached",
-                ring_len: int = DEFAULT_RING_LEN) -> list[KernelKey]:
+                ring_len: int = DEFAULT_RING_LEN, replay_fold: str = "exact") -> list[KernelKey]:
     """Every kernel a serving config can need: prefill for every gate variant (where the head dims
     allow it), decode and verify in both tiles (small and large batch) for every gate variant, verify
     for every T in 1..cache_steps (when cache_steps > 0), and commit (one layer and a LayerTable).
     spec_mode="replay" replaces verify and commit by the replay kernels (replay.config_keys: replay
-    verify for T = 1..cache_steps, the flush kernel, the two cursor kernels) for rings of ring_len."""
-    check_spec_config(spec_mode, cache_steps, ring_len)
+    verify for T = 1..cache_steps, the flush kernel, the two cursor kernels) for rings of ring_len, with
+    replay verify in the replay_fold fold (the flush kernel always folds exactly)."""
+    check_spec_config(spec_mode, cache_steps, ring_len, replay_fold)
     keys = []
     problem = dict(io_dtype=io_dtype, state_dtype=state_dtype, num_heads=num_heads, num_v_heads=num_v_heads,
                    head_k_dim=head_k_dim, head_v_dim=head_v_dim, pool_size=pool_size, use_qk_l2norm=use_qk_l2norm)
@@ -70,7 +78,7 @@ def config_keys(num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: i
         keys += ops.decode_keys(gate_mode=gate_mode, dt_bias_dtype=bias, **problem)
     if cache_steps > 0 and spec_mode == "replay":
         keys += replay.config_keys(max_tokens=cache_steps, ring_len=ring_len, gate_variants=GATE_VARIANTS,
-                                   **problem)
+                                   fold_mode=replay_fold, **problem)
     elif cache_steps > 0:
         for num_tokens in range(1, cache_steps + 1):
             for gate_mode, bias in GATE_VARIANTS:
@@ -104,19 +112,23 @@ class GDNKernels:
     spec_mode="replay": target_verify takes a ring and cursors (make_ring per layer, make_cursors
     once, shared by the layers) instead of a cache; replay_commit moves the cursors after the accept,
     replay_flush folds the rings into the pools. ring_len (replay only) is the records per slot,
-    2 * cache_steps .. replay.MAX_RING_LEN; a longer ring folds less often.
+    2 * cache_steps .. replay.MAX_RING_LEN; a longer ring folds less often. replay_fold (replay only) is
+    how target_verify folds a full ring into the checkpoint: "exact" (bit-identical to verify + commit)
+    or "compact" (the records' rank-one terms: the same state, rounded differently, faster); see
+    replay.make_replay_cursors. The warmed set holds that fold's verify kernels only, and make_cursors
+    makes cursors of that fold; cursors of the other fold are refused.
     """
 
     def __init__(self, num_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int, *,
                  pool_size: int, cache_steps: int = 0, state_dtype: torch.dtype = torch.float32,
                  io_dtype: torch.dtype = torch.bfloat16, use_qk_l2norm: bool = True, device="cuda",
                  cache_dir: Optional[str | os.PathLike] = None, spec_mode: str = "cached",
-                 ring_len: int = DEFAULT_RING_LEN):
+                 ring_len: int = DEFAULT_RING_LEN, replay_fold: str = "exact"):
         if state_dtype not in chk.STATE_DTYPES:
             raise TypeError(f"state_dtype must be one of {list(chk.STATE_DTYPES)}, got {state_dtype}")
         if io_dtype not in chk.IO_DTYPES:
             raise TypeError(f"io_dtype must be one of {list(chk.IO_DTYPES)}, got {io_dtype}")
-        check_spec_config(spec_mode, cache_steps, ring_len)
+        check_spec_config(spec_mode, cache_steps, ring_len, replay_fold)
         self.num_heads, self.num_v_heads = num_heads, num_v_heads
         self.head_k_dim, self.head_v_dim = head_k_dim, head_v_dim
         self.pool_size, self.cache_steps = pool_size, cache_steps
@@ -126,12 +138,13 @@ class GDNKernels:
         self.replay = spec_mode == "replay"
         # Only the replay protocol has rings; the cached one keeps ring_len None so that nothing sizes one.
         self.ring_len = ring_len if self.replay else None
+        self.replay_fold = replay_fold if self.replay else None
         self.device = torch.device(device)
         self.cache = KernelCache(cache_dir)
         self.keys = config_keys(num_heads, num_v_heads, head_k_dim, head_v_dim, pool_size=pool_size,
                                 cache_steps=cache_steps, state_dtype=chk.STATE_DTYPES[state_dtype],
                                 io_dtype=chk.IO_DTYPES[io_dtype], use_qk_l2norm=use_qk_l2norm,
-                                spec_mode=spec_mode, ring_len=ring_len)
+                                spec_mode=spec_mode, ring_len=ring_len, replay_fold=replay_fold)
         for key in self.keys:
             ops.can_implement_key(key)
         self.warm = False
@@ -159,10 +172,11 @@ class GDNKernels:
                                        device=self.device if device is None else device)
 
     def make_cursors(self, device=None) -> replay.ReplayCursors:
-        """Zeroed cursors (every ring empty) for this config's pool, shared by every layer (replay only)."""
+        """Zeroed cursors (every ring empty) for this config's pool, shared by every layer (replay only),
+        with this config's fold (replay_fold)."""
         self._require_replay("make_cursors")
         return replay.make_replay_cursors(self.pool_size, max_tokens=self.cache_steps, ring_len=self.ring_len,
-                                          device=self.device if device is None else device)
+                                          fold=self.replay_fold, device=self.device if device is None else device)
 
     def ring_bytes(self) -> int:
         """Ring memory per request (pool slot) per layer in bytes (replay only)."""
@@ -221,11 +235,11 @@ class GDNKernels:
             raise TypeError(f"cursors must be a cute_gdn.ReplayCursors (GDNKernels.make_cursors), "
                             f"got {type(cursors).__name__}")
         if cursors.ring_len != self.ring_len or cursors.max_tokens != self.cache_steps \
-                or tuple(cursors.pos.shape) != (self.pool_size, 2):
+                or cursors.fold != self.replay_fold or tuple(cursors.pos.shape) != (self.pool_size, 2):
             raise ValueError(f"cursors were made for ring_len={cursors.ring_len}, max_tokens={cursors.max_tokens}, "
-                             f"{cursors.pos.shape[0]} slots; this config has ring_len={self.ring_len}, "
-                             f"max_tokens = cache_steps = {self.cache_steps}, pool_size={self.pool_size} "
-                             f"(GDNKernels.make_cursors)")
+                             f"fold={cursors.fold!r}, {cursors.pos.shape[0]} slots; this config has "
+                             f"ring_len={self.ring_len}, max_tokens = cache_steps = {self.cache_steps}, "
+                             f"replay_fold={self.replay_fold!r}, pool_size={self.pool_size} (GDNKernels.make_cursors)")
 
     def _check_cache_steps(self, cache_steps: int) -> None:
         if cache_steps != self.cache_steps:

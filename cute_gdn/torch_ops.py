@@ -40,8 +40,9 @@ graph will be replayed.
 
 Replay. `cute_gdn.ReplayRing` and `cute_gdn.ReplayCursors` are NamedTuples, which a schema cannot take:
 the ops take a ring as its four tensors (ring_k, ring_v, ring_d, ring_gb; lists of them, one per layer, for
-replay_flush) and the cursors as `cursors_pos` plus the two ints ring_len and max_tokens, and rebuild the
-tuples. The Python functions take the tuples. replay_verify declares the pool written: a row that folds
+replay_flush) and the cursors as `cursors_pos` plus the two ints ring_len and max_tokens and, last (a
+default, so that calls without it keep their positions), the string `fold` ("exact" or "compact",
+ReplayCursors.fold), and rebuild the tuples. The Python functions take the tuples. replay_verify declares the pool written: a row that folds
 rewrites its checkpoint (the choice is made on the device, so every call may write it).
 
 This module does not use `from __future__ import annotations`: custom_op infers each schema from the
@@ -491,14 +492,14 @@ def _ring(k: Tensor, v: Tensor, d: Tensor, gb: Tensor) -> "replay.ReplayRing":
     return replay.ReplayRing(k, v, d, gb)
 
 
-def _cursors(pos: Tensor, ring_len: int, max_tokens: int) -> "replay.ReplayCursors":
-    return replay.ReplayCursors(pos, int(ring_len), int(max_tokens))
+def _cursors(pos: Tensor, ring_len: int, max_tokens: int, fold: str) -> "replay.ReplayCursors":
+    return replay.ReplayCursors(pos, int(ring_len), int(max_tokens), fold)
 
 
 def _replay_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring_k, ring_v, ring_d, ring_gb,
-                   cursors_pos, ring_len, max_tokens, scale, use_qk_l2norm, out):
+                   cursors_pos, ring_len, max_tokens, scale, use_qk_l2norm, out, fold):
     surface = _surface_for(use_qk_l2norm)
-    ring, cursors = _ring(ring_k, ring_v, ring_d, ring_gb), _cursors(cursors_pos, ring_len, max_tokens)
+    ring, cursors = _ring(ring_k, ring_v, ring_d, ring_gb), _cursors(cursors_pos, ring_len, max_tokens, fold)
     if surface is None:
         return replay.replay_verify(q, k, v, a, b, A_log=A_log, dt_bias=dt_bias, g=g, beta=beta, state=state,
                                     state_indices=state_indices, ring=ring, cursors=cursors, scale=scale,
@@ -529,14 +530,15 @@ def _replay_verify_op(
     max_tokens: int,            # ReplayCursors.max_tokens
     scale: Optional[float] = None,
     use_qk_l2norm: bool = True,
+    fold: str = "exact",        # ReplayCursors.fold: "exact" or "compact"
 ) -> Tensor:  # o [B, T, HV, V] io dtype
     return _replay_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring_k, ring_v, ring_d,
-                          ring_gb, cursors_pos, ring_len, max_tokens, scale, use_qk_l2norm, None)
+                          ring_gb, cursors_pos, ring_len, max_tokens, scale, use_qk_l2norm, None, fold)
 
 
 @_replay_verify_op.register_fake
 def _(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring_k, ring_v, ring_d, ring_gb, cursors_pos,
-      ring_len, max_tokens, scale=None, use_qk_l2norm=True):
+      ring_len, max_tokens, scale=None, use_qk_l2norm=True, fold="exact"):
     return torch.empty_like(v)  # as replay.replay_verify allocates o
 
 
@@ -550,15 +552,17 @@ def _replay_verify_out_op(
     ring_k: Tensor, ring_v: Tensor, ring_d: Tensor, ring_gb: Tensor,  # the ring, candidates written
     cursors_pos: Tensor, ring_len: int, max_tokens: int, scale: Optional[float], use_qk_l2norm: bool,
     out: Tensor,  # [B, T, HV, V] io dtype, written
+    fold: str = "exact",  # ReplayCursors.fold
 ) -> None:
-    """cute_gdn::replay_verify writing o into `out` (arguments as cute_gdn::replay_verify, all given)."""
+    """cute_gdn::replay_verify writing o into `out` (arguments as cute_gdn::replay_verify, all given, with fold
+    after out: the last place, where an argument with a default leaves the other positions as they were)."""
     _replay_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring_k, ring_v, ring_d, ring_gb,
-                   cursors_pos, ring_len, max_tokens, scale, use_qk_l2norm, out)
+                   cursors_pos, ring_len, max_tokens, scale, use_qk_l2norm, out, fold)
 
 
 @_replay_verify_out_op.register_fake
 def _(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring_k, ring_v, ring_d, ring_gb, cursors_pos,
-      ring_len, max_tokens, scale, use_qk_l2norm, out):
+      ring_len, max_tokens, scale, use_qk_l2norm, out, fold="exact"):
     return None
 
 
@@ -582,9 +586,12 @@ def replay_verify(
     out: Optional[Tensor] = None,  # [B, T, HV, V]
 ) -> Tensor:
     """`cute_gdn.replay_verify` through the registered ops (same arguments); returns o (`out` if given)."""
-    return _call(torch.ops.cute_gdn.replay_verify, torch.ops.cute_gdn.replay_verify_out,
-                 (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring.k, ring.v, ring.d, ring.gb,
-                  cursors.pos, cursors.ring_len, cursors.max_tokens, scale, use_qk_l2norm), out)
+    args = (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring.k, ring.v, ring.d, ring.gb,
+            cursors.pos, cursors.ring_len, cursors.max_tokens, scale, use_qk_l2norm)
+    if out is None:
+        return torch.ops.cute_gdn.replay_verify(*args, cursors.fold)
+    torch.ops.cute_gdn.replay_verify_out(*args, out, cursors.fold)
+    return out
 
 
 @torch.library.custom_op("cute_gdn::replay_commit", mutates_args=("cursors_pos",))
@@ -594,8 +601,9 @@ def _replay_commit_op(
     max_tokens: int,        # ReplayCursors.max_tokens
     state_indices: Tensor,  # [B] int32; < 0 = padding
     num_accepted: Tensor,   # [B] int32 in [0, T]
+    fold: str = "exact",    # ReplayCursors.fold (the commit does not depend on it; the config check does)
 ) -> None:
-    cursors = _cursors(cursors_pos, ring_len, max_tokens)
+    cursors = _cursors(cursors_pos, ring_len, max_tokens, fold)
     surface = _surface
     if surface is None:
         replay.replay_commit(cursors, state_indices, num_accepted)
@@ -604,7 +612,7 @@ def _replay_commit_op(
 
 
 @_replay_commit_op.register_fake
-def _(cursors_pos, ring_len, max_tokens, state_indices, num_accepted):
+def _(cursors_pos, ring_len, max_tokens, state_indices, num_accepted, fold="exact"):
     return None
 
 
@@ -614,7 +622,8 @@ def replay_commit(
     num_accepted: Tensor,   # [B] int32
 ) -> None:
     """`cute_gdn.replay_commit` through the registered op (same arguments)."""
-    torch.ops.cute_gdn.replay_commit(cursors.pos, cursors.ring_len, cursors.max_tokens, state_indices, num_accepted)
+    torch.ops.cute_gdn.replay_commit(cursors.pos, cursors.ring_len, cursors.max_tokens, state_indices, num_accepted,
+                                     cursors.fold)
 
 
 @torch.library.custom_op("cute_gdn::replay_flush", mutates_args=("states", "cursors_pos"))
@@ -629,10 +638,11 @@ def _replay_flush_op(
     max_tokens: int,
     state_indices: Tensor,  # [B] int32; < 0 = padding
     use_qk_l2norm: bool = True,
+    fold: str = "exact",    # ReplayCursors.fold (a flush always folds exactly; the config check reads it)
 ) -> None:
     surface = _surface_for(use_qk_l2norm)
     rings = [_ring(*t) for t in zip(ring_k, ring_v, ring_d, ring_gb)]
-    cursors = _cursors(cursors_pos, ring_len, max_tokens)
+    cursors = _cursors(cursors_pos, ring_len, max_tokens, fold)
     if surface is None:
         replay.replay_flush(states, rings, cursors, state_indices, use_qk_l2norm=use_qk_l2norm)
     else:
@@ -640,7 +650,8 @@ def _replay_flush_op(
 
 
 @_replay_flush_op.register_fake
-def _(states, ring_k, ring_v, ring_d, ring_gb, cursors_pos, ring_len, max_tokens, state_indices, use_qk_l2norm=True):
+def _(states, ring_k, ring_v, ring_d, ring_gb, cursors_pos, ring_len, max_tokens, state_indices, use_qk_l2norm=True,
+      fold="exact"):
     return None
 
 
@@ -657,7 +668,7 @@ def replay_flush(
     rings = [rings] if isinstance(rings, replay.ReplayRing) else list(rings)
     torch.ops.cute_gdn.replay_flush(states, [r.k for r in rings], [r.v for r in rings], [r.d for r in rings],
                                     [r.gb for r in rings], cursors.pos, cursors.ring_len, cursors.max_tokens,
-                                    state_indices, use_qk_l2norm)
+                                    state_indices, use_qk_l2norm, cursors.fold)
 
 
 __all__ = ["prefill", "decode", "verify", "commit", "commit_layers", "layer_table", "clear_layer_tables",

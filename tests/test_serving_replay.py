@@ -92,6 +92,68 @@ def test_cached_mode_ignores_ring_len():
     assert make(spec_mode="cached", ring_len=3).ring_len is None
 
 
+# ---- the fold (replay_fold) ----
+
+def _fold_modes(keys):
+    return {k.kwargs["fold_mode"] for k in keys if k.op == "replay" and k.kwargs["num_tokens"] > 0}
+
+
+def test_replay_fold_selects_the_verify_kernels_and_the_cursors():
+    exact, compact = make(), make(replay_fold="compact")
+    assert exact.replay_fold == "exact" and compact.replay_fold == "compact"
+    assert _fold_modes(exact.keys) == {"exact"} and _fold_modes(compact.keys) == {"compact"}
+    problem = dict(io_dtype="bfloat16", state_dtype="float32", num_heads=H, num_v_heads=HV, head_k_dim=K,
+                   head_v_dim=V, pool_size=POOL, use_qk_l2norm=True)
+    want = replay.config_keys(max_tokens=STEPS, ring_len=L, gate_variants=serving.GATE_VARIANTS,
+                              fold_mode="compact", **problem)
+    assert [k for k in compact.keys if k.op in ("replay", "replay_cursor")] == want
+    # the same kernels but replay verify's: the flush and cursor kernels (always exact) are shared
+    shared = [k for k in exact.keys if not (k.op == "replay" and k.kwargs["num_tokens"] > 0)]
+    assert shared == [k for k in compact.keys if not (k.op == "replay" and k.kwargs["num_tokens"] > 0)]
+    assert len(compact.keys) == len(exact.keys) and not set(compact.keys) & {
+        k for k in exact.keys if k.op == "replay" and k.kwargs["num_tokens"] > 0}
+    flush = [k for k in compact.keys if k.op == "replay" and k.kwargs["num_tokens"] == 0]
+    assert flush and {k.kwargs["fold_mode"] for k in flush} == {"exact"}
+    assert compact.make_cursors().fold == "compact" and exact.make_cursors().fold == "exact"
+    assert serving.config_keys(H, HV, K, V, pool_size=POOL, cache_steps=STEPS, spec_mode="replay", ring_len=L,
+                               replay_fold="compact") == compact.keys
+    assert _fold_modes(serving.config_keys(H, HV, K, V, pool_size=POOL, cache_steps=STEPS, spec_mode="replay",
+                                           ring_len=L)) == {"exact"}
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(replay_fold="fast"), "replay_fold must be one of \\['exact', 'compact'\\], got 'fast'"),
+    (dict(replay_fold=None), "replay_fold must be one of"),
+    (dict(replay_fold="compact", spec_mode="cached"), "replay_fold='compact' belongs to spec_mode='replay'"),
+])
+def test_bad_replay_fold_raises_naming_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        make(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        serving.config_keys(H, HV, K, V, pool_size=POOL, **{**dict(cache_steps=STEPS, spec_mode="replay",
+                                                                   ring_len=L), **kwargs})
+
+
+def test_cached_mode_has_no_fold():
+    assert make(spec_mode="cached").replay_fold is None
+    assert make(spec_mode="cached", replay_fold="exact").replay_fold is None
+
+
+def test_cursors_of_the_other_fold_are_refused(recorded):
+    exact, compact = make(), make(replay_fold="compact")
+    idx = torch.zeros(1, dtype=torch.int32)
+    for kern, other in ((exact, compact), (compact, exact)):
+        ring, theirs = kern.make_ring(), other.make_cursors()
+        with pytest.raises(ValueError, match=f"fold='{theirs.fold}'.*replay_fold='{kern.replay_fold}'"):
+            kern.replay_commit(theirs, idx, idx)
+        with pytest.raises(ValueError, match="cursors were made for"):
+            kern._check_config(tokens()[0], state(), ring, theirs)
+        with pytest.raises(ValueError, match="cursors were made for"):
+            kern._check_config(None, state(), ring, theirs)  # replay_flush's call
+        kern._check_config(tokens()[0], state(), ring, kern.make_cursors())
+    assert not recorded["_replay_commit"].calls
+
+
 # ---- buffers ----
 
 def test_make_ring_and_cursors_are_sized_from_the_config():

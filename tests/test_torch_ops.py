@@ -650,7 +650,7 @@ def _install_replay_stand_ins(monkeypatch) -> Calls:
 
     def replay_verify(q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, state,
                       state_indices, ring, cursors, scale=None, use_qk_l2norm=True, out=None):
-        calls.append(("replay_verify", state.data_ptr()))
+        calls.append(("replay_verify", state.data_ptr(), cursors.fold))
         if g is None:
             g, beta = reference.compute_gates(a, b, A_log, dt_bias, dtype=torch.float32)
         T, L = q.shape[1], cursors.ring_len
@@ -673,13 +673,13 @@ def _install_replay_stand_ins(monkeypatch) -> Calls:
         return out.copy_(o)
 
     def replay_commit(cursors, state_indices, num_accepted):
-        calls.append(("replay_commit", cursors.pos.data_ptr()))
+        calls.append(("replay_commit", cursors.pos.data_ptr(), cursors.fold))
         for slot, n in zip(state_indices.tolist(), num_accepted.tolist()):
             if slot >= 0:
                 cursors.pos[slot, 1] += n
 
     def replay_flush(states, rings, cursors, state_indices, *, use_qk_l2norm=True):
-        calls.append(("replay_flush", cursors.pos.data_ptr()))
+        calls.append(("replay_flush", cursors.pos.data_ptr(), cursors.fold))
         for state, ring in zip(states, rings):
             for slot in state_indices.tolist():
                 if slot >= 0:
@@ -707,26 +707,29 @@ def _ring(device):
                              torch.randn(POOL, HV, RING_LEN, GB, device=device))
 
 
-def _replay_cursors(device):
+def _replay_cursors(device, fold="exact"):
     # slot 3 past the fold threshold (L - 2T = 0), slot 0 empty
     pos = torch.tensor([[0, 0]] * 3 + [[1, 1]] + [[0, 0]] * (POOL - 4), dtype=torch.int32, device=device)
-    return replay.ReplayCursors(pos, RING_LEN, MAX_T)
+    return replay.ReplayCursors(pos, RING_LEN, MAX_T, fold)
 
 
-def replay_op_args(name: str, device="cpu", raw=True) -> tuple:
+def replay_op_args(name: str, device="cpu", raw=True, fold=None) -> tuple:
+    """The op's positional arguments; fold None leaves the last one (fold) to its default."""
     gates = ("a", "b", "A_log", "dt_bias", "g", "beta")
+    tail = () if fold is None else (fold,)
     if name.startswith("replay_verify"):
         t = _tokens(B, MAX_T, device, raw)
         ring, cursors = _ring(device), _replay_cursors(device)
         args = (t["q"], t["k"], t["v"], *(t[x] for x in gates), _pool(device), _index([3, -1, 0], device), *ring,
                 cursors.pos, RING_LEN, MAX_T, None, True)
-        return args + ((torch.empty_like(t["v"]),) if name.endswith("_out") else ())
+        return args + ((torch.empty_like(t["v"]),) if name.endswith("_out") else ()) + tail
     if name == "replay_commit":
-        return (_replay_cursors(device).pos, RING_LEN, MAX_T, _index([3, -1, 0], device), _index([2, 1, 1], device))
+        return (_replay_cursors(device).pos, RING_LEN, MAX_T, _index([3, -1, 0], device),
+                _index([2, 1, 1], device)) + tail
     if name == "replay_flush":
         rings = [_ring(device) for _ in range(2)]
         return ([_pool(device) for _ in range(2)], *([r[i] for r in rings] for i in range(4)),
-                _replay_cursors(device).pos, RING_LEN, MAX_T, _index([3, -1, 0], device), True)
+                _replay_cursors(device).pos, RING_LEN, MAX_T, _index([3, -1, 0], device), True) + tail
     raise KeyError(name)
 
 
@@ -743,17 +746,24 @@ def test_replay_verify_schema_takes_the_public_arguments_with_the_tuples_unpacke
     public = [p for p in inspect.signature(replay.replay_verify).parameters if p != "out"]
     i = public.index("ring")
     want = public[:i] + ["ring_k", "ring_v", "ring_d", "ring_gb", "cursors_pos", "ring_len", "max_tokens"] + public[i + 2:]
-    assert [a.name for a in torch.ops.cute_gdn.replay_verify.default._schema.arguments] == want
-    assert [a.name for a in torch.ops.cute_gdn.replay_verify_out.default._schema.arguments] == want + ["out"]
+    # ReplayCursors.fold comes last, with its default, so that calls without it keep their positions
+    assert [a.name for a in torch.ops.cute_gdn.replay_verify.default._schema.arguments] == want + ["fold"]
+    assert [a.name for a in torch.ops.cute_gdn.replay_verify_out.default._schema.arguments] == want + ["out", "fold"]
     assert [a.name for a in torch.ops.cute_gdn.replay_commit.default._schema.arguments] == \
-        ["cursors_pos", "ring_len", "max_tokens", "state_indices", "num_accepted"]
+        ["cursors_pos", "ring_len", "max_tokens", "state_indices", "num_accepted", "fold"]
+    assert [a.name for a in torch.ops.cute_gdn.replay_flush.default._schema.arguments][-3:] == \
+        ["state_indices", "use_qk_l2norm", "fold"]
+    for name in REPLAY_MUTATED:
+        fold = getattr(torch.ops.cute_gdn, name).default._schema.arguments[-1]
+        assert fold.name == "fold" and str(fold.type) == "str" and fold.default_value == "exact"
 
 
+@pytest.mark.parametrize("fold", (None, "compact"), ids=("default-fold", "compact"))
 @pytest.mark.parametrize("raw", (True, False), ids=("raw", "precomputed"))
 @pytest.mark.parametrize("name", sorted(REPLAY_MUTATED))
-def test_replay_fake_impls_on_fake_cuda(name, raw):
+def test_replay_fake_impls_on_fake_cuda(name, raw, fold):
     with FakeTensorMode():
-        args = replay_op_args(name, "cuda", raw)
+        args = replay_op_args(name, "cuda", raw, fold)
         result = getattr(torch.ops.cute_gdn, name)(*args)
         if name == "replay_verify":
             assert result.shape == args[2].shape and result.dtype == torch.bfloat16 and result.device.type == "cuda"
@@ -761,21 +771,23 @@ def test_replay_fake_impls_on_fake_cuda(name, raw):
             assert result is None
 
 
+@pytest.mark.parametrize("fold", (None, "compact"), ids=("default-fold", "compact"))
 @pytest.mark.parametrize("name", sorted(REPLAY_MUTATED))
-def test_replay_opcheck(name, replay_stand_ins):
-    args = replay_op_args(name, "cpu", raw=name != "replay_verify_out")
+def test_replay_opcheck(name, fold, replay_stand_ins):
+    args = replay_op_args(name, "cpu", raw=name != "replay_verify_out", fold=fold)
     results = torch.library.opcheck(getattr(torch.ops.cute_gdn, name).default, args,
                                     test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                                 "test_aot_dispatch_dynamic"))
     assert set(results.values()) == {"SUCCESS"}, results
     assert {c[0] for c in replay_stand_ins} == {name.removesuffix("_out")}
+    assert {c[2] for c in replay_stand_ins} == {fold or "exact"}  # the rebuilt cursors carry the fold
 
 
-def _replay_inputs():
+def _replay_inputs(fold="exact"):
     t = _tokens(B, MAX_T, "cpu", raw=False)
     return dict(q=t["q"], k=t["k"], v=t["v"], g=t["g"], beta=t["beta"], pools=[_pool("cpu"), _pool("cpu")],
-                rings=[_ring("cpu"), _ring("cpu")], cursors=_replay_cursors("cpu"), slots=_index([3, -1, 0], "cpu"),
-                accepted=_index([2, 0, 1], "cpu"))
+                rings=[_ring("cpu"), _ring("cpu")], cursors=_replay_cursors("cpu", fold),
+                slots=_index([3, -1, 0], "cpu"), accepted=_index([2, 0, 1], "cpu"))
 
 
 def replay_step(x):
@@ -792,25 +804,46 @@ def replay_step(x):
 
 def _clone_replay(x):
     return {k: (v.clone() if isinstance(v, torch.Tensor) else
-                replay.ReplayCursors(v.pos.clone(), v.ring_len, v.max_tokens) if isinstance(v, replay.ReplayCursors)
+                v._replace(pos=v.pos.clone()) if isinstance(v, replay.ReplayCursors)
                 else [type(r)(*(t.clone() for t in r)) if isinstance(r, tuple) else r.clone() for r in v])
             for k, v in x.items()}
 
 
-def test_replay_compile_fullgraph_without_graph_breaks(replay_stand_ins):
-    x = _replay_inputs()
+def _graph_folds(gm) -> list:
+    """The fold argument of every cute_gdn replay call in a graph (a functionalized call passes it by name)."""
+    folds = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        functionalized = "auto_functionalized" in str(node.target)
+        target = node.args[0] if functionalized else node.target
+        if str(target).startswith("cute_gdn.replay"):
+            schema = target._schema
+            args = dict(zip([a.name for a in schema.arguments], [] if functionalized else node.args))
+            args.update(node.kwargs)
+            folds.append(args.get("fold", "exact"))
+    return folds
+
+
+@pytest.mark.parametrize("fold", replay.FOLD_MODES)
+def test_replay_compile_fullgraph_without_graph_breaks(fold, replay_stand_ins):
+    x = _replay_inputs(fold)
     eager = _clone_replay(x)
+    assert eager["cursors"].fold == fold
     want = replay_step(eager)
     order = ["replay_verify", "replay_verify", "replay_commit", "replay_flush"]
-    assert [c[0] for c in replay_stand_ins] == order
+    assert [c[0] for c in replay_stand_ins] == order and {c[2] for c in replay_stand_ins} == {fold}
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(replay_step)(_clone_replay(x))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     assert _cute_calls(explanation.graphs[0]) == order
+    assert _graph_folds(explanation.graphs[0]) == [fold] * 4
     backend = CaptureBackend()
     torch._dynamo.reset()
+    del replay_stand_ins[:]
     got = torch.compile(replay_step, fullgraph=True, backend=backend)(x)
     assert len(backend.graphs) == 1 and _cute_calls(backend.graphs[0]) == order
+    assert [c[0] for c in replay_stand_ins] == order and {c[2] for c in replay_stand_ins} == {fold}
     for g_, w in zip(got, want):
         torch.testing.assert_close(g_, w, rtol=0, atol=0)
     assert float(want[0].abs().max()) > 0

@@ -66,19 +66,25 @@ def check_ring(ring_len: int, max_tokens: int) -> Optional[str]:
 
 
 # Tiles, measured on an H200 (one spec step = replay verify + cursor commit with random accepts 1..T and
-# the folds they trigger; HV = 32, T = 4, L = 16, cold L2, graph replay; bench/sweep_replay.py, 14 tiles):
-# the step is bound by instruction issue (the exact fold costs ~3 instructions per state element per
-# folded token, in dependent chains), so narrow rows (few lanes, few shuffle levels) and one row per
-# thread win over verify's tiles. fp32, 4 lanes x 32 rows x 1: 545 / 144 / 38.6 / 8.3 us at B = 256 / 64 /
-# 16 / 1, against verify's small tile (8 lanes x 16 x 2) at 890 / 229 / 55.2 / 8.6. bf16, 2 lanes x 64 rows
-# x 1 from 512 states on: 398 us at B = 256 and 29.6 at B = 16 (4 x 32 x 1: 514 and 35.4); at B = 1 4 x 32 x 1
-# (8.1 us against 9.5).
+# the folds they trigger; HV = 32, T = 4, L = 16, cold L2, graph replay; bench/sweep_replay.py). The step is
+# bound by instruction latency and shared-memory traffic, not DRAM (ncu, fp32 compact fold, 2 x 64 x 1,
+# B = 256: DRAM 44%, L1/shared 71%, 25% occupancy, short-scoreboard stalls first), so narrow rows (few
+# lanes, few shuffle levels) and one row per thread win over verify's tiles.
+# Exact fold: fp32 4 lanes x 32 rows x 1 (545 / 144 / 38.6 / 8.3 us at B = 256 / 64 / 16 / 1 before the
+# ring reads went into one cp.async group, 479 / 127 / 35.5 / 7.5 after), against verify's small tile (8 x 16
+# x 2) at 890 / 229 / 55.2 / 8.6; bf16 2 x 64 x 1 from 512 states on (398 us at B = 256 against 514 for
+# 4 x 32 x 1), 4 x 32 x 1 below.
+# Compact fold, large batch, 2 x 64 x 1 (fp32 / bf16): B = 256 360 / 295 us, B = 64 99.5 / 81.5, B = 16 (fp32)
+# 30.0, against 4 x 32 x 1 at 414 / 394, 112 / 105, 33.5; 2 x 128 x 1 ties (353 / 294, 98.7 / 81.7, 30.1),
+# 4 x 64 x 1 and 4 x 128 x 1 lose. Small batch 4 x 32 x 1 (B = 1: 7.7 / 7.2 us; 2 x 64 x 1 9.6 / 8.9).
 LARGE_BATCH_HEADS = {"float32": 256, "bfloat16": 512}
 
 
-def replay_tile(head_k_dim: int, head_v_dim: int, state_dtype: str, large_batch: bool = False) -> VerifyConfig:
+def replay_tile(head_k_dim: int, head_v_dim: int, state_dtype: str, large_batch: bool = False,
+                fold_mode: str = "exact") -> VerifyConfig:
     """The measured tile (above) where the head dims allow it, else verify's heuristic tile."""
-    want = VerifyConfig(2, 64, 1) if large_batch and state_dtype == "bfloat16" else VerifyConfig(4, 32, 1)
+    wide = large_batch and (state_dtype == "bfloat16" or fold_mode == "compact")
+    want = VerifyConfig(2, 64, 1) if wide else VerifyConfig(4, 32, 1)
     rm = want.rowmap(head_k_dim, state_dtype)
     if check_rowmap(rm, head_v_dim) is None and head_k_dim % (2 * (rm.threads // 32)) == 0:
         return want
@@ -252,25 +258,31 @@ class GdnReplaySm90(GdnVerifySm90):
                 sTok[0, tidx] = cute.math.exp(g)
                 sTok[1, tidx] = beta
                 sTok[3, tidx] = g
+                sRecG[0, count + tidx] = g
             cute.arch.cp_async_wait_group(0)
             cute.arch.sync_threads()
-            self.normalize_tokens(sRaw, sQK, sTok, scale, tidx, sKScale)
-            self.scale_record_keys(sRecRaw, sRecK, sRecG, count, tidx)
-            cute.arch.sync_threads()
-
             # The candidates join the record list at positions count .. count + T - 1 (after the committed
-            # ones, which a fold still reads), and go to the ring.
-            self.append_candidates(sQK, sTok, sRecK, sRecG, count, tidx)
+            # ones, which a fold still reads): normalize_tokens writes their k there too, the gate threads
+            # wrote their g. G_j of the output path's records (from `first`) in the same phase.
+            first = Int32(0)  # the first record of the output path
+            n_hist = count
+            if cutlass.const_expr(not compact):
+                if fold:
+                    first = count
+                    n_hist = Int32(0)
+            self.normalize_tokens(sRaw, sQK, sTok, scale, tidx, sKScale, sRecK, count)
+            self.scale_record_keys(sRecRaw, sRecK, sRecG, count, tidx)
+            self.prefix_gates(sRecG, sGam, first, n_hist + T, tidx)
+            cute.arch.sync_threads()
             self.write_candidates(mV, sRaw, sV, sTok, sKScale, mRingK, mRingV, mRingGB, s64, b, hv, row0, tile, start,
                                   count, tidx)
-            cute.arch.sync_threads()
 
             rS = make_state_fragment(rm, Float32)
             rS.store(rS_in.load().to(Float32))
             if cutlass.const_expr(compact):
                 # Outputs from the checkpoint and every committed record; a folding row then rewrites the
                 # checkpoint from the records' u (compact_fold), after its outputs.
-                self.output_coefficients(sQK, sRecK, sRecG, sGam, sPart, sC, sE, sW, Int32(0), count, tidx)
+                self.output_coefficients(sQK, sRecK, sGam, sPart, sC, sE, sW, first, n_hist, tidx)
                 cute.arch.sync_threads()
                 self.candidate_rows(rS, sQK, sTok, sV, sRecX, sC, sE, count, mO, mRingD, s64, b, hv, row0,
                                     row_group, lane, start, count)
@@ -278,14 +290,10 @@ class GdnReplaySm90(GdnVerifySm90):
                     self.compact_fold(rS, sRecK, sRecX, sW, count, row_group, lane)
                     self.store_state(rS, tSgS)
             else:
-                first = Int32(0)  # the first record of the output path
-                n_hist = count
                 if fold:
                     self.fold_records(rS, sRecK, sRecG, sRecV, count, row_group, lane)
                     self.store_state(rS, tSgS)
-                    first = count
-                    n_hist = Int32(0)
-                self.output_coefficients(sQK, sRecK, sRecG, sGam, sPart, sC, sE, sW, first, n_hist, tidx)
+                self.output_coefficients(sQK, sRecK, sGam, sPart, sC, sE, sW, first, n_hist, tidx)
                 cute.arch.sync_threads()
                 self.candidate_rows(rS, sQK, sTok, sV, sRecX, sC, sE, n_hist, mO, mRingD, s64, b, hv, row0,
                                     row_group, lane, start, count)
@@ -427,22 +435,6 @@ class GdnReplaySm90(GdnVerifySm90):
                 sRecK[rec, c] = sRecRaw[rec, c].to(Float32) * sRecG[2, rec]
 
     @cute.jit
-    def append_candidates(self, sQK: cute.Tensor, sTok: cute.Tensor, sRecK: cute.Tensor, sRecG: cute.Tensor,
-                          count, tidx):
-        """Normalized k and g of the candidates into the record list at count + t."""
-        rm = self.rowmap
-        T = self.num_tokens
-        K = self.head_k_dim
-        for i in cutlass.range_constexpr((T * K + rm.threads - 1) // rm.threads):
-            e = tidx + i * rm.threads
-            if e < T * K:
-                t = e // K
-                c = e % K
-                sRecK[count + t, c] = sQK[1, t, c]
-        if tidx < T:
-            sRecG[0, count + tidx] = sTok[3, tidx]
-
-    @cute.jit
     def write_candidates(self, mV: cute.Tensor, sRaw: cute.Tensor, sV: cute.Tensor, sTok: cute.Tensor,
                          sKScale: cute.Tensor,
                          mRingK: cute.Tensor, mRingV: cute.Tensor, mRingGB: cute.Tensor, s64, b, hv, row0, tile,
@@ -534,11 +526,24 @@ class GdnReplaySm90(GdnVerifySm90):
             cute.autovec_copy(rC, tSgS)
 
     @cute.jit
-    def output_coefficients(self, sQK: cute.Tensor, sRecK: cute.Tensor, sRecG: cute.Tensor, sGam: cute.Tensor,
-                            sPart: cute.Tensor, sC: cute.Tensor, sE: cute.Tensor, sW: cute.Tensor, first, n_hist,
-                            tidx):
-        """G_j over the output path's records (first + j, j < n_hist + T), then
-        sC[0, t, j] = exp(G_m - G_j) (k_j . k_m) for j < m and sC[1, t, j] = exp(G_m - G_j) (k_j . q_m) for
+    def prefix_gates(self, sRecG: cute.Tensor, sGam: cute.Tensor, first, n_rec, tidx):
+        """sGam[j] = G_j = g_first + ... + g_(first + j) over the output path's n_rec records. Unrolled, so the
+        loads are in flight together (a loop of dependent loads would be L round trips)."""
+        L = self.ring_len
+        threads = self.rowmap.threads
+        for i in cutlass.range_constexpr((L + threads - 1) // threads):
+            j = tidx + i * threads
+            if j < n_rec:
+                acc = Float32(0.0)
+                for jj in cutlass.range_constexpr(L):
+                    if jj <= j:
+                        acc += sRecG[0, first + jj]
+                sGam[j] = acc
+
+    @cute.jit
+    def output_coefficients(self, sQK: cute.Tensor, sRecK: cute.Tensor, sGam: cute.Tensor, sPart: cute.Tensor,
+                            sC: cute.Tensor, sE: cute.Tensor, sW: cute.Tensor, first, n_hist, tidx):
+        """With G_j in sGam (prefix_gates): sC[0, t, j] = exp(G_m - G_j) (k_j . k_m) for j < m and sC[1, t, j] = exp(G_m - G_j) (k_j . q_m) for
         j <= m (m = n_hist + t), sE[t] = exp(G_m), and for fold="compact" the fold's weights
         sW[j] = exp(G_c - G_j) (j < c = n_hist), sW[L] = exp(G_c). The dot products are a small GEMM
         [records, K] x [K, 2T]: warp w takes a slice of K, lane j a record (the 2T candidate vectors are
@@ -552,15 +557,6 @@ class GdnReplaySm90(GdnVerifySm90):
         warp = tidx // 32
         lane = tidx % 32
         n_rec = n_hist + T
-        for i in cutlass.range_constexpr((L + rm.threads - 1) // rm.threads):
-            j = tidx + i * rm.threads
-            if j < n_rec:
-                # Unrolled, so the loads are in flight together (a loop of dependent loads is L round trips).
-                acc = Float32(0.0)
-                for jj in cutlass.range_constexpr(L):
-                    if jj <= j:
-                        acc += sRecG[0, first + jj]
-                sGam[j] = acc
         # Lane j % 16 takes record j, the two half-warps split the warp's columns; 4 columns per
         # shared-memory vector load where the slice allows it.
         half = lane // 16

@@ -286,10 +286,11 @@ class GdnVerifySm90(GdnDecodeSm90):
 
     @cute.jit
     def normalize_tokens(self, sRaw: cute.Tensor, sQK: cute.Tensor, sTok: cute.Tensor, scale: Float32, tidx,
-                         sKScale: Optional[cute.Tensor] = None):
+                         sKScale: Optional[cute.Tensor] = None, sKCopy: Optional[cute.Tensor] = None, copy_row0=0):
         """One warp per token: q_t (L2-normalized, scaled) and k_t (L2-normalized) in fp32 into sQK,
         and k_t . q_t into sTok[2, t]; the factor that normalizes k_t into sKScale[t] where given (the
-        replay ring keeps raw k and this factor, so its fold rebuilds exactly the k verify used)."""
+        replay ring keeps raw k and this factor, so its fold rebuilds exactly the k verify used); and the
+        normalized k_t also into sKCopy[copy_row0 + t] where given (replay's record list)."""
         warps = self.rowmap.threads // 32
         warp = tidx // 32
         lane = tidx % 32
@@ -319,6 +320,8 @@ class GdnVerifySm90(GdnDecodeSm90):
                     if c < K:
                         sQK[0, t, c] = sRaw[0, t, c].to(Float32) * q_scale
                         sQK[1, t, c] = sRaw[1, t, c].to(Float32) * k_scale
+                        if cutlass.const_expr(sKCopy is not None):
+                            sKCopy[copy_row0 + t, c] = sQK[1, t, c]
                 if lane == 0:
                     sTok[2, t] = kq
                     if cutlass.const_expr(sKScale is not None):
