@@ -25,7 +25,8 @@ from pathlib import Path
 # Display names for the JSON's impl and state strings, so that pasted tables need no hand-edited header.
 IMPL_NAMES = {"cute_gdn": "cute_gdn", "flashinfer": "FlashInfer", "fla": "FLA", "torch indexing": "torch indexing",
               "cute_gdn commit_layers L=8": "commit_layers, 8 layers", "cute_gdn commit x8": "8 × commit",
-              "cute_gdn_replay": "cute_gdn replay", "cute_gdn_cached": "cute_gdn cached",
+              "cute_gdn_replay": "cute_gdn replay (exact)", "cute_gdn_replay_compact": "cute_gdn replay (compact)",
+              "cute_gdn_cached": "cute_gdn cached",
               "sglang_replayssm": "SGLang ReplaySSM", "sglang_replayssm_fp32ring": "SGLang ReplaySSM fp32 ring",
               "sglang_replayssm_backend": "SGLang ReplaySSM backend", "sglang_cached": "SGLang cached",
               "flashinfer_mtp": "FlashInfer MTP"}
@@ -202,10 +203,14 @@ def plot_verify(path: Path) -> Path:
     return out
 
 
-# bench_spec.py's implementations, in table order; the ratios are those of ours over the two named bases.
-SPEC_IMPLS = ("cute_gdn_replay", "cute_gdn_cached", "sglang_replayssm", "sglang_replayssm_fp32ring",
-              "sglang_replayssm_backend", "sglang_cached", "flashinfer_mtp")
-SPEC_RATIOS = (("sglang_replayssm", "vs SGLang ReplaySSM"), ("cute_gdn_cached", "vs cute_gdn cached"))
+# bench_spec.py's implementations, in table order; the ratios are base time / ours, (ours, base, column).
+SPEC_IMPLS = ("cute_gdn_replay", "cute_gdn_replay_compact", "cute_gdn_cached", "sglang_replayssm",
+              "sglang_replayssm_fp32ring", "sglang_replayssm_backend", "sglang_cached", "flashinfer_mtp")
+SPEC_RATIOS = (("cute_gdn_replay", "sglang_replayssm", "exact vs SGLang ReplaySSM"),
+               ("cute_gdn_replay", "cute_gdn_cached", "exact vs cached"),
+               ("cute_gdn_replay_compact", "sglang_replayssm", "compact vs SGLang ReplaySSM"),
+               ("cute_gdn_replay_compact", "sglang_replayssm_backend", "compact vs SGLang backend"),
+               ("cute_gdn_replay_compact", "cute_gdn_cached", "compact vs cached"))
 
 
 def _spec_impls(rows: list[dict]) -> list[str]:
@@ -234,11 +239,13 @@ def spec_table(data: dict) -> str:
                         continue
                     cells = [str(B), STATE_NAMES.get(state, state)]
                     cells += [f"{got[i]['us']:.1f} ({got[i]['pct_model']:.0f}%)" if i in got else "" for i in impls]
-                    ours = got.get("cute_gdn_replay")
-                    for base, _ in SPEC_RATIOS:
-                        cells.append(f"{got[base]['us'] / ours['us']:.2f}x" if ours and base in got else "")
+                    ratios = [(o, b, n) for o, b, n in SPEC_RATIOS if o in impls and b in impls]
+                    for ours, base, _ in ratios:
+                        cells.append(f"{got[base]['us'] / got[ours]['us']:.2f}x" if ours in got and base in got
+                                     else "")
                     body.append(cells)
-            out += md_table(["B", "state"] + [IMPL_NAMES.get(i, i) for i in impls] + [n for _, n in SPEC_RATIOS],
+            ratios = [(o, b, n) for o, b, n in SPEC_RATIOS if o in impls and b in impls]
+            out += md_table(["B", "state"] + [IMPL_NAMES.get(i, i) for i in impls] + [n for _, _, n in ratios],
                             body)
     mem = {}
     for r in rows:

@@ -40,10 +40,11 @@ graph will be replayed.
 
 Replay. `cute_gdn.ReplayRing` and `cute_gdn.ReplayCursors` are NamedTuples, which a schema cannot take:
 the ops take a ring as its four tensors (ring_k, ring_v, ring_d, ring_gb; lists of them, one per layer, for
-replay_flush) and the cursors as `cursors_pos` plus the two ints ring_len and max_tokens and, last (a
+replay_flush) and the cursors as `cursors_pos` plus the two ints ring_len and max_tokens and, last (with a
 default, so that calls without it keep their positions), the string `fold` ("exact" or "compact",
-ReplayCursors.fold), and rebuild the tuples. The Python functions take the tuples. replay_verify declares the pool written: a row that folds
-rewrites its checkpoint (the choice is made on the device, so every call may write it).
+ReplayCursors.fold), and rebuild the tuples. The Python functions take the tuples. replay_verify declares
+the pool written: a row that folds rewrites its checkpoint (the choice is made on the device, so every
+call may write it).
 
 This module does not use `from __future__ import annotations`: custom_op infers each schema from the
 annotations, and real types are what it reads most reliably across torch versions.

@@ -105,6 +105,10 @@ BAD_ARGS = [
      "--ring-len 7 with --cache-steps 4: ring_len must be in [2 * max_tokens = 8, 64], got 7"),
     (["--spec-mode", "replay", "--cache-steps", "4", "--ring-len", "65"], "got 65"),
     (["--spec-mode", "tree"], "invalid choice: 'tree'"),
+    (["--replay-fold", "compact"], "--replay-fold compact needs --spec-mode replay, got --spec-mode cached"),
+    (["--spec-mode", "cached", "--cache-steps", "2", "--replay-fold", "exact"],
+     "--replay-fold exact needs --spec-mode replay, got --spec-mode cached"),
+    (["--spec-mode", "replay", "--cache-steps", "2", "--replay-fold", "fast"], "invalid choice: 'fast'"),
 ]
 
 
@@ -184,7 +188,7 @@ def test_spec_mode_replay_builds_the_replay_kernel_set(tmp_path, monkeypatch, ca
     flush = [k for k in seen if k.op == "replay" and k.kwargs["num_tokens"] == 0]
     assert ops.count("decode") == 6 and 6 <= len(verify) <= 12 and 1 <= len(flush) <= 2 and ops.count("replay_cursor") == 2
     assert "verify" not in ops and "commit" not in ops
-    assert "cache_steps=2 spec_mode=replay ring_len=8 state=float32" in out
+    assert "cache_steps=2 spec_mode=replay ring_len=8 replay_fold=exact state=float32" in out
     # cached: 2 fp32 states of 4 x 64 x 64 = 128 KiB; replay: replay.ring_bytes of 8 records
     from cute_gdn.replay import ring_bytes
     cached, ring = 2 * 4 * 64 * 64 * 4, ring_bytes(2, 4, 64, 64, 8)
@@ -192,6 +196,32 @@ def test_spec_mode_replay_builds_the_replay_kernel_set(tmp_path, monkeypatch, ca
     assert (f"speculative memory per request per layer: cached {cached / 1024:.1f} KiB (2 float32 states), "
             f"replay {ring / 1024:.1f} KiB (ring of 8 records), replay/cached = {ring / cached:.2f}") in out
     assert f"{len(want)} hit, 0 compiled, 0 failed" in out
+
+
+def test_replay_fold_selects_the_replay_verify_kernels(tmp_path, monkeypatch, capsys):
+    """--replay-fold compact builds the compact fold's replay verify kernels (the flush and cursor kernels are
+    the exact fold's own) and says so in the header."""
+    from cute_gdn import serving
+
+    cli_module, seen = _no_compile(monkeypatch)
+    args = ["--num-heads", "2", "--num-v-heads", "4", "--head-dim", "64", "--pool-size", "8", "--cache-steps", "2",
+            "--spec-mode", "replay", "--ring-len", "8", "--cache-dir", str(tmp_path)]
+    assert cli_module.main([*args, "--replay-fold", "compact"]) == 0
+    out = capsys.readouterr().out
+    assert seen == serving.config_keys(2, 4, 64, 64, pool_size=8, cache_steps=2, spec_mode="replay", ring_len=8,
+                                       replay_fold="compact")
+    verify = {k.kwargs["fold_mode"] for k in seen if k.op == "replay" and k.kwargs["num_tokens"] > 0}
+    flush = {k.kwargs["fold_mode"] for k in seen if k.op == "replay" and k.kwargs["num_tokens"] == 0}
+    assert verify == {"compact"} and flush == {"exact"}
+    assert "spec_mode=replay ring_len=8 replay_fold=compact state=" in out.split("\n")[0]
+    compact = list(seen)
+    seen.clear()
+    assert cli_module.main(args) == 0  # the default: exact
+    assert "ring_len=8 replay_fold=exact state=" in capsys.readouterr().out.split("\n")[0]
+    assert {k.kwargs["fold_mode"] for k in seen if k.op == "replay"} == {"exact"}
+    # only replay verify differs: decode, the flush and the cursor kernels are the same
+    assert [k for k in seen if k not in compact] == [k for k in seen if k.op == "replay" and k.kwargs["num_tokens"]]
+    assert [k for k in compact if k not in seen] == [k for k in compact if k.op == "replay" and k.kwargs["num_tokens"]]
 
 
 def test_spec_mode_defaults_to_cached(tmp_path, monkeypatch, capsys):

@@ -261,3 +261,50 @@ def test_replay_can_implement_names_the_reason():
     assert "mode" in replay_kernel.can_implement_cursor(8, 16, 4, "rewind")
     with pytest.raises(ValueError, match="ring_len"):
         replay_kernel.compile_cursor(pool_size=8, ring_len=70, max_tokens=4, mode="commit")
+
+
+# ---- replay, fold="compact" ----
+
+from cute_gdn import replay as replay_ops  # noqa: E402
+
+# (state, io, gates, l2norm, H, HV, K, V, T, max_tokens, ring_len, tile): the keys serving builds for the
+# compact fold (replay.replay_verify_key), compiled as the cache compiles them. Both compact tiles of both state
+# dtypes (the large-batch one, 2 x 64 x 1, is compact's own for fp32), raw gates with either dt_bias and
+# precomputed ones, T = 1 and T = max_tokens = 8, GVA ratios 2 and 4, fp16 io without the q/k l2norm.
+COMPACT_VARIANTS = [
+    ("float32", "bfloat16", ("raw", "float32"), True, 16, 32, 128, 128, 4, 4, 16, "small"),
+    ("float32", "bfloat16", ("raw", "float32"), True, 16, 32, 128, 128, 4, 4, 16, "large"),
+    ("float32", "bfloat16", ("precomputed", None), True, 16, 32, 128, 128, 1, 8, 16, "small"),
+    ("float32", "bfloat16", ("raw", "bfloat16"), True, 16, 32, 128, 128, 8, 8, 16, "large"),
+    ("bfloat16", "bfloat16", ("raw", "bfloat16"), True, 16, 32, 128, 128, 4, 4, 16, "small"),
+    ("bfloat16", "bfloat16", ("precomputed", None), True, 16, 32, 128, 128, 8, 8, 16, "large"),
+    ("bfloat16", "float16", ("raw", "float32"), False, 16, 32, 128, 128, 1, 4, 8, "large"),
+    ("float32", "bfloat16", ("raw", "float32"), True, 2, 8, 64, 32, 4, 4, 16, "small"),
+]
+
+
+@pytest.mark.parametrize("state,io,gates,l2norm,H,HV,K,V,T,max_tokens,ring_len,tile", COMPACT_VARIANTS)
+def test_replay_compact_fold_compiles_for_sm90a(state, io, gates, l2norm, H, HV, K, V, T, max_tokens, ring_len, tile):
+    gate_mode, bias = gates
+    small, large = replay_ops.replay_verify_keys(
+        io_dtype=io, state_dtype=state, num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=9,
+        num_tokens=T, max_tokens=max_tokens, ring_len=ring_len, gate_mode=gate_mode, dt_bias_dtype=bias,
+        use_qk_l2norm=l2norm, fold_mode="compact")
+    key = small if tile == "small" else large
+    assert key.kwargs["fold_mode"] == "compact"
+    assert key.kwargs["config"] == replay_kernel.replay_tile(K, V, state, tile == "large", "compact")
+    assert callable(replay_kernel.compile_replay(**key.kwargs))
+
+
+def test_replay_fold_mode_is_checked_and_the_flush_key_ignores_compact():
+    tile = replay_kernel.replay_tile(128, 128, "float32")
+    assert "fold_mode" in replay_kernel.can_implement("bfloat16", "float32", 16, 32, 128, 128, "raw", "float32", 4, 4,
+                                                      16, tile, "fast")
+    # the flush kernel (T = 0) has no fold mode of its own: its key is the exact one whatever is asked
+    key, _ = replay_ops.replay_verify_keys(
+        io_dtype="bfloat16", state_dtype="float32", num_heads=16, num_v_heads=32, head_k_dim=128, head_v_dim=128,
+        pool_size=9, num_tokens=0, max_tokens=4, ring_len=16, gate_mode="precomputed", dt_bias_dtype=None,
+        use_qk_l2norm=True, fold_mode="compact")
+    assert key == replay_ops.replay_flush_key(io_dtype="bfloat16", state_dtype="float32", num_heads=16,
+                                              num_v_heads=32, head_k_dim=128, head_v_dim=128, pool_size=9,
+                                              max_tokens=4, ring_len=16, use_qk_l2norm=True)

@@ -84,6 +84,29 @@ def test_fold_threshold_and_ring_config():
         replay.make_replay_cursors(POOL, max_tokens=8, ring_len=15, device="cpu")
 
 
+def test_cursors_carry_the_fold():
+    assert replay.FOLD_MODES == ("exact", "compact")
+    assert replay.make_replay_cursors(POOL, max_tokens=4, ring_len=16, device="cpu").fold == "exact"
+    assert replay.make_replay_cursors(POOL, max_tokens=4, ring_len=16, fold="compact", device="cpu").fold == "compact"
+    assert replay.ReplayCursors(torch.zeros(POOL, 2, dtype=torch.int32), 16, 4).fold == "exact"
+    with pytest.raises(ValueError, match="fold must be one of"):
+        replay.make_replay_cursors(POOL, max_tokens=4, ring_len=16, fold="fast", device="cpu")
+
+
+def test_config_keys_take_the_fold_of_replay_verify_only():
+    problem = dict(io_dtype="bfloat16", state_dtype="float32", num_heads=16, num_v_heads=32, head_k_dim=128,
+                   head_v_dim=128, pool_size=64, max_tokens=4, ring_len=16, use_qk_l2norm=True,
+                   gate_variants=[("raw", "float32"), ("precomputed", None)])
+    folds = {}
+    for fold in (None, "exact", "compact"):
+        keys = replay.config_keys(**problem) if fold is None else replay.config_keys(**problem, fold_mode=fold)
+        verify = {k.kwargs["fold_mode"] for k in keys if k.op == "replay" and k.kwargs["num_tokens"] > 0}
+        flush = {k.kwargs["fold_mode"] for k in keys if k.op == "replay" and k.kwargs["num_tokens"] == 0}
+        assert flush == {"exact"} and len(set(keys)) == len(keys)
+        folds[fold] = verify
+    assert folds == {None: {"exact"}, "exact": {"exact"}, "compact": {"compact"}}
+
+
 def _cursors_with(values):
     cursors = replay.make_replay_cursors(len(values), max_tokens=4, ring_len=16, device="cpu")
     cursors.pos.copy_(torch.tensor(values, dtype=torch.int32))
@@ -131,6 +154,7 @@ BAD_RING_CASES = {
     "cursors.pos dtype": (TypeError, "cursors.pos"),
     "cursors.pos pool": (ValueError, "cursors.pos"),
     "cursors config": (ValueError, "cursors"),
+    "cursors.fold": (ValueError, "cursors.fold must be one of"),
     "state noncontiguous": (ValueError, "state"),
 }
 
@@ -164,6 +188,8 @@ def test_validate_replay_verify_names_the_argument(case, no_token_checks):
         cursors = cursors._replace(pos=torch.zeros(POOL + 1, 2, dtype=torch.int32))
     elif case == "cursors config":
         cursors = cursors._replace(max_tokens=L)
+    elif case == "cursors.fold":
+        cursors = cursors._replace(fold="fast")
     else:
         state = torch.randn(POOL, HV, K, V).transpose(2, 3)
     error, name = BAD_RING_CASES[case]

@@ -108,10 +108,17 @@ def test_replay_fold_selects_the_verify_kernels_and_the_cursors():
                               fold_mode="compact", **problem)
     assert [k for k in compact.keys if k.op in ("replay", "replay_cursor")] == want
     # the same kernels but replay verify's: the flush and cursor kernels (always exact) are shared
-    shared = [k for k in exact.keys if not (k.op == "replay" and k.kwargs["num_tokens"] > 0)]
-    assert shared == [k for k in compact.keys if not (k.op == "replay" and k.kwargs["num_tokens"] > 0)]
-    assert len(compact.keys) == len(exact.keys) and not set(compact.keys) & {
-        k for k in exact.keys if k.op == "replay" and k.kwargs["num_tokens"] > 0}
+    def verify(keys):
+        return [k for k in keys if k.op == "replay" and k.kwargs["num_tokens"] > 0]
+
+    assert [k for k in exact.keys if k not in verify(exact.keys)] == \
+        [k for k in compact.keys if k not in verify(compact.keys)]
+    assert not set(verify(compact.keys)) & set(verify(exact.keys))
+    # one verify signature per (T, gate variant) in each fold; each fold picks its own tiles
+    def signatures(keys):
+        return {tuple((n, x) for n, x in k.params if n not in ("fold_mode", "config")) for k in verify(keys)}
+
+    assert signatures(compact.keys) == signatures(exact.keys) and len(signatures(exact.keys)) == STEPS * 3
     flush = [k for k in compact.keys if k.op == "replay" and k.kwargs["num_tokens"] == 0]
     assert flush and {k.kwargs["fold_mode"] for k in flush} == {"exact"}
     assert compact.make_cursors().fold == "compact" and exact.make_cursors().fold == "exact"

@@ -872,9 +872,9 @@ def replay_runner(layer_ids=(3, 7), disable_radix_cache=True, extra_buffer=False
     return runner
 
 
-def replay_kernel(tmp_path, runner):
+def replay_kernel(tmp_path, runner, **kwargs):
     kern = cg.CuteGDNKernel.from_model_runner(runner, cache_dir=tmp_path, warmup=False, spec_mode="replay",
-                                              ring_len=RING, device="cpu")
+                                              ring_len=RING, device="cpu", **kwargs)
     kern.kernels.warm = True
     return kern
 
@@ -902,7 +902,43 @@ def test_from_model_runner_builds_replay_rings_per_gdn_layer(tmp_path):
     assert kern.cursors.pos.shape == (POOL, 2) and (kern.cursors.ring_len, kern.cursors.max_tokens) == (RING, STEPS)
     assert not any(k.op in ("verify", "commit") for k in kern.kernels.keys)
     assert {k.op for k in kern.kernels.keys} >= {"replay", "replay_cursor"}
-    assert f"spec_mode=replay, ring_len={RING}" in repr(kern)
+    assert f"spec_mode=replay, ring_len={RING}, replay_fold=exact" in repr(kern)
+    assert kern.replay_fold == "exact" and kern.cursors.fold == "exact"
+
+
+def test_replay_fold_reaches_the_kernels_and_the_cursors(tmp_path):
+    runner = replay_runner()
+    kern = replay_kernel(tmp_path, runner, replay_fold="compact")
+    assert kern.replay_fold == kern.kernels.replay_fold == "compact" and kern.cursors.fold == "compact"
+    verify = [k for k in kern.kernels.keys if k.op == "replay" and k.kwargs["num_tokens"] > 0]
+    assert verify and {k.kwargs["fold_mode"] for k in verify} == {"compact"}
+    assert "replay_fold=compact" in repr(kern)
+    # replay_target_verify hands these cursors on, which the config check accepts
+    rec = Recorder(kern.kernels.target_verify)
+    kern.kernels.target_verify = rec
+    N, T = 2, STEPS
+    _, q, k, v = packed(N * T)
+    a, b = gates(N * T)
+    kern.replay_target_verify(layer=runner.model[0], query=q, key=k, value=v, a=a, b=b,
+                              layer_cache=SimpleNamespace(temporal=runner.req_to_token_pool.mamba_pool.mamba_cache
+                                                          .temporal[0]),
+                              cache_indices=torch.tensor([1, 2], dtype=torch.int32),
+                              query_start_loc=torch.arange(0, N * T + 1, T, dtype=torch.int32), draft_token_num=T)
+    (_, kwargs), = rec.calls
+    assert kwargs["cursors"] is kern.cursors
+    kern.kernels._check_cursors(kern.cursors)
+    with pytest.raises(ValueError, match="cursors were made for"):
+        kern.kernels._check_cursors(kern.cursors._replace(fold="exact"))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(spec_mode="replay", replay_fold="fast"), "replay_fold must be one of"),
+    (dict(replay_fold="compact"), "replay_fold='compact' belongs to spec_mode='replay'"),
+])
+def test_bad_replay_fold_is_refused_naming_it(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        cg.CuteGDNKernel(H, HV, K, V, pool_size=POOL, cache_steps=STEPS, ring_len=RING, device="cpu",
+                         cache_dir=tmp_path, warmup=False, **kwargs)
 
 
 @pytest.mark.parametrize("flags,name", [
@@ -1057,3 +1093,20 @@ def test_spec_env_reaches_the_kernel_kwargs(hook_registry, monkeypatch):
     (_, hook, _), = hook_registry
     hook(None, _runner(_hybrid(FakeDispatcher())))
     assert built == [dict(modes=cg.ALL_MODES, spec_mode="replay")]
+
+
+@pytest.mark.parametrize("env,kwargs,want", [
+    (" compact ", {}, "compact"),
+    ("compact", dict(replay_fold="exact"), "exact"),  # an explicit kwarg wins over the environment
+    ("", {}, None),                                   # unset or blank: GDNKernels' default
+])
+def test_replay_fold_env_reaches_the_kernel_kwargs(hook_registry, monkeypatch, env, kwargs, want):
+    monkeypatch.setenv("CUTE_GDN_SGLANG_MODES", "decode,extend,target_verify")
+    monkeypatch.setenv("CUTE_GDN_SGLANG_SPEC", "replay")
+    monkeypatch.setenv("CUTE_GDN_SGLANG_REPLAY_FOLD", env)
+    built = []
+    monkeypatch.setattr(cg, "install_into_runner", lambda runner, **kw: built.append(kw))
+    cg.register_sglang_hook(**kwargs)
+    (_, hook, _), = hook_registry
+    hook(None, _runner(_hybrid(FakeDispatcher())))
+    assert built == [dict(modes=cg.ALL_MODES, spec_mode="replay", **({} if want is None else {"replay_fold": want}))]

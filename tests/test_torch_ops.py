@@ -818,7 +818,7 @@ def _graph_folds(gm) -> list:
         functionalized = "auto_functionalized" in str(node.target)
         target = node.args[0] if functionalized else node.target
         if str(target).startswith("cute_gdn.replay"):
-            schema = target._schema
+            schema = (target if isinstance(target, torch._ops.OpOverload) else target.default)._schema
             args = dict(zip([a.name for a in schema.arguments], [] if functionalized else node.args))
             args.update(node.kwargs)
             folds.append(args.get("fold", "exact"))
@@ -879,3 +879,32 @@ def test_replay_ops_route_through_use_kernels(replay_stand_ins, monkeypatch):
     assert isinstance(kwargs["ring"], replay.ReplayRing) and isinstance(kwargs["cursors"], replay.ReplayCursors)
     assert (kwargs["cursors"].ring_len, kwargs["cursors"].max_tokens) == (RING_LEN, MAX_T)
     assert "cache" not in kwargs and not replay_stand_ins
+
+
+def test_replay_ops_under_use_kernels_keep_the_cursors_fold(monkeypatch):
+    """The ops rebuild the cursors with their fold, so a replay_fold="compact" GDNKernels accepts its own
+    cursors through every op and refuses exact ones (its config check) before any kernel runs."""
+    kernels = GDNKernels(H, HV, K, V, pool_size=POOL, cache_steps=MAX_T, spec_mode="replay", ring_len=RING_LEN,
+                         device="cpu", replay_fold="compact")
+    seen = []
+    monkeypatch.setattr(replay, "_replay_commit", lambda kcache, allow_compile, cursors, *a: seen.append(cursors))
+    monkeypatch.setattr(replay, "_replay_flush", lambda kcache, allow_compile, check, states, rings, cursors, *a:
+                        (check(None, states[0], rings[0], cursors), seen.append(cursors)))
+    slots, accepted = _index([3, -1, 0], "cpu"), _index([2, 0, 1], "cpu")
+    pools, rings = [torch.zeros(POOL, HV, V, K)], [kernels.make_ring()]
+    torch_ops.use_kernels(kernels)
+    try:
+        for name in ("exact", "compact"):
+            cursors = _replay_cursors("cpu", name)
+            if name == "exact":
+                with pytest.raises(ValueError, match="fold='exact'.*replay_fold='compact'"):
+                    torch_ops.replay_commit(cursors, slots, accepted)
+                with pytest.raises(ValueError, match="fold='exact'.*replay_fold='compact'"):
+                    torch_ops.replay_flush(pools, rings, cursors, slots)
+                continue
+            torch_ops.replay_commit(cursors, slots, accepted)
+            torch_ops.replay_flush(pools, rings, cursors, slots)
+    finally:
+        torch_ops.use_kernels(None)
+    assert [c.fold for c in seen] == ["compact", "compact"]
+    assert [c.pos.data_ptr() for c in seen] == [cursors.pos.data_ptr()] * 2

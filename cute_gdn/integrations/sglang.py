@@ -60,7 +60,8 @@ place of SGLang's GDN spec ring (--enable-linear-replayssm-spec, with --disable-
 extra buffer). SGLang reaches that ring through no kernel interface, so `install_replay` replaces the GDN
 backend's `_replayssm_target_verify` (instance attribute), routes the ring's two commit kernels of this
 pool to `replay_commit` and wraps `req_to_token_pool.alloc` to reset the cursors of fresh slots; see
-docs/sglang.md for the exact places.
+docs/sglang.md for the exact places. `replay_fold="compact"` (CUTE_GDN_SGLANG_REPLAY_FOLD=compact for the
+hook) folds full rings with the faster compact fold instead of the exact one.
 
 Logging: `install` logs (logger "cute_gdn.integrations.sglang", INFO) the kernels each dispatcher
 runs after a successful install.
@@ -225,7 +226,9 @@ class CuteGDNKernel(LinearAttnKernelBase):
     replay protocol in place of SGLang's GDN spec ring, --enable-linear-replayssm-spec: the kernel owns
     one ReplayRing per GDN layer and one ReplayCursors for all of them, `allocate_replay`; its
     `replay_target_verify` replaces GDNAttnBackend._replayssm_target_verify and its `replay_commit`
-    SGLang's cursor commit, see install_replay). ring_len: records per slot (replay only).
+    SGLang's cursor commit, see install_replay). ring_len: records per slot (replay only). replay_fold:
+    how the replay verify folds a full ring, "exact" (bit-identical to verify + commit) or "compact"
+    (faster, the same state rounded differently; GDNKernels, replay.make_replay_cursors); replay only.
     """
 
     # The dispatcher's packed fast path (mixed_qkv straight into one Triton kernel) is Triton's own.
@@ -242,12 +245,12 @@ class CuteGDNKernel(LinearAttnKernelBase):
                  cache_steps: int = 0, state_dtype: torch.dtype = torch.float32,
                  io_dtype: torch.dtype = torch.bfloat16, device="cuda",
                  cache_dir: Optional[str | os.PathLike] = None, warmup: bool = True, jobs: Optional[int] = None,
-                 spec_mode: str = "cached", ring_len: int = DEFAULT_RING_LEN):
+                 spec_mode: str = "cached", ring_len: int = DEFAULT_RING_LEN, replay_fold: str = "exact"):
         self.kernels = GDNKernels(num_heads, num_v_heads, head_k_dim, head_v_dim, pool_size=pool_size,
                                   cache_steps=cache_steps, state_dtype=state_dtype, io_dtype=io_dtype,
                                   use_qk_l2norm=True, device=device, cache_dir=cache_dir, spec_mode=spec_mode,
-                                  ring_len=ring_len)
-        self.spec_mode, self.ring_len = spec_mode, self.kernels.ring_len
+                                  ring_len=ring_len, replay_fold=replay_fold)
+        self.spec_mode, self.ring_len, self.replay_fold = spec_mode, self.kernels.ring_len, self.kernels.replay_fold
         # Replay: layer_id -> that layer's ReplayRing, and the cursors every layer shares (allocate_replay).
         self.rings: dict[int, replay_ops.ReplayRing] = {}
         self.cursors: Optional[replay_ops.ReplayCursors] = None
@@ -265,7 +268,8 @@ class CuteGDNKernel(LinearAttnKernelBase):
     def from_model_runner(cls, model_runner, **kwargs) -> "CuteGDNKernel":
         """The config of a built SGLang ModelRunner: heads and head dims from its GDN layers
         (RadixLinearAttention), pool size, state dtype and draft tokens from its mamba pool, io dtype
-        from the model. kwargs go to the constructor (device, cache_dir, warmup, jobs, spec_mode, ring_len).
+        from the model. kwargs go to the constructor (device, cache_dir, warmup, jobs, spec_mode, ring_len,
+        replay_fold).
         With spec_mode="replay" the draft tokens come from server_args.speculative_num_draft_tokens
         (SGLang's spec ring allocates no per-draft states) and the rings and cursors are allocated on the
         pool's device, one ring per GDN layer (by layer_id)."""
@@ -334,7 +338,8 @@ class CuteGDNKernel(LinearAttnKernelBase):
     def __repr__(self) -> str:
         return (f"CuteGDNKernel(H={self.num_heads}, HV={self.num_v_heads}, K={self.head_k_dim}, "
                 f"V={self.head_v_dim}, pool_size={self.pool_size}, cache_steps={self.cache_steps}, "
-                + (f"spec_mode=replay, ring_len={self.ring_len}, " if self.spec_mode == "replay" else "") +
+                + (f"spec_mode=replay, ring_len={self.ring_len}, replay_fold={self.replay_fold}, "
+                   if self.spec_mode == "replay" else "") +
                 f"state={self.state_dtype}, io={self.io_dtype}, warm={self.kernels.warm})")
 
     # ---- checks shared by the modes (attribute reads only: they run on every eager call) ----
@@ -761,8 +766,9 @@ def install_replay(model_runner, kernel: CuteGDNKernel) -> None:
     for backend in backends:
         backend._replayssm_target_verify = kernel.replay_target_verify
     _wrap_alloc(pool, kernel)
-    logger.info("cute_gdn: replay verify and commit (%d GDN layers, ring_len=%d, %d bytes per slot and layer) in "
-                "place of SGLang's spec ring", len(kernel.rings), kernel.ring_len, kernel.kernels.ring_bytes())
+    logger.info("cute_gdn: replay verify and commit (%d GDN layers, ring_len=%d, %s fold, %d bytes per slot and "
+                "layer) in place of SGLang's spec ring", len(kernel.rings), kernel.ring_len, kernel.replay_fold,
+                kernel.kernels.ring_bytes())
 
 
 def install_into_runner(model_runner, kernel: Optional[CuteGDNKernel] = None, modes: Iterable[str] = ALL_MODES,
@@ -800,6 +806,8 @@ HOOK_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.init_attention
 MODES_ENV = "CUTE_GDN_SGLANG_MODES"
 # "cached" (default) or "replay": the speculative protocol of the kernels the hook builds.
 SPEC_ENV = "CUTE_GDN_SGLANG_SPEC"
+# "exact" (default) or "compact": how those kernels fold a replay ring (spec_mode="replay" only).
+REPLAY_FOLD_ENV = "CUTE_GDN_SGLANG_REPLAY_FOLD"
 
 
 def register_sglang_hook(modes: Optional[Iterable[str]] = None, **kernel_kwargs) -> None:
@@ -808,7 +816,8 @@ def register_sglang_hook(modes: Optional[Iterable[str]] = None, **kernel_kwargs)
     are left alone). Call it from an SGLang general plugin (entry point group "sglang.srt.plugins"), which
     SGLang loads in every scheduler process before the model runners exist. `modes` defaults to
     $CUTE_GDN_SGLANG_MODES (comma-separated) or, where it is unset or blank, all three; the kernels'
-    spec_mode defaults to $CUTE_GDN_SGLANG_SPEC ("cached" where unset, or "replay": see install_replay).
+    spec_mode defaults to $CUTE_GDN_SGLANG_SPEC ("cached" where unset, or "replay": see install_replay) and
+    their replay_fold to $CUTE_GDN_SGLANG_REPLAY_FOLD ("exact" where unset, or "compact").
 
     Nothing is validated here: SGLang's load_plugins catches and only logs a plugin's exception, which
     would leave the server silently on Triton. The hook validates the modes (and install_into_runner
@@ -825,6 +834,9 @@ def register_sglang_hook(modes: Optional[Iterable[str]] = None, **kernel_kwargs)
     if "spec_mode" not in kernel_kwargs and os.environ.get(SPEC_ENV, "").strip():
         # Validated by the kernel (GDNKernels: ValueError naming spec_mode) inside the hook, as the modes are.
         kernel_kwargs["spec_mode"] = os.environ[SPEC_ENV].strip()
+    if "replay_fold" not in kernel_kwargs and os.environ.get(REPLAY_FOLD_ENV, "").strip():
+        # Validated by GDNKernels too (ValueError naming replay_fold; also with spec_mode="cached").
+        kernel_kwargs["replay_fold"] = os.environ[REPLAY_FOLD_ENV].strip()
 
     def after_init_attention_backends(result, model_runner, *args, **kwargs):
         checked = _check_modes(modes)

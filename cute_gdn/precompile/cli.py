@@ -17,7 +17,7 @@ import torch
 
 from ..cache import check_cache_dir, compile_many, default_cache_dir, fingerprint
 from ..ops import can_implement_key
-from ..replay import DEFAULT_RING_LEN, check_ring_config, ring_bytes
+from ..replay import DEFAULT_RING_LEN, FOLD_MODES, check_ring_config, ring_bytes
 from ..serving import MAX_CACHE_STEPS, SPEC_MODES, config_keys
 from .presets import DEFAULT_MODEL, DEFAULT_POOL_SIZE, MODELS
 
@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ring-len", type=int, default=DEFAULT_RING_LEN,
                    help=f"replay ring records per request, 2 * cache_steps .. 64 (compile-time; default "
                         f"{DEFAULT_RING_LEN}; replay only)")
+    p.add_argument("--replay-fold", choices=FOLD_MODES, default=None,
+                   help="how replay verify folds a full ring: exact (bit-identical to verify + commit) or compact "
+                        "(the records' rank-one terms: the same state, other rounding, faster); builds that fold's "
+                        "verify kernels (the flush kernel is always exact); default exact; replay only")
     p.add_argument("--state-dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--io-dtype", choices=("bfloat16", "float16"), default="bfloat16")
     p.add_argument("--no-qk-l2norm", action="store_true", help="the model does not L2-normalize q and k")
@@ -92,6 +96,9 @@ def check_args(args, parser) -> tuple[int, int, int, list, str, int]:
         parser.error(f"--pool-size must be >= 1, got {args.pool_size}")
     if not 0 <= args.cache_steps <= MAX_CACHE_STEPS:
         parser.error(f"--cache-steps must be in 0..{MAX_CACHE_STEPS}, got {args.cache_steps}")
+    if args.replay_fold is not None and args.spec_mode != "replay":
+        parser.error(f"--replay-fold {args.replay_fold} needs --spec-mode replay, got --spec-mode {args.spec_mode}")
+    args.replay_fold = args.replay_fold or "exact"
     if args.spec_mode == "replay":
         if args.cache_steps < 1:
             parser.error(f"--spec-mode replay needs --cache-steps >= 1 (the draft tokens), got {args.cache_steps}")
@@ -103,7 +110,8 @@ def check_args(args, parser) -> tuple[int, int, int, list, str, int]:
     try:
         keys = config_keys(heads, v_heads, dim, dim, pool_size=args.pool_size, cache_steps=args.cache_steps,
                            state_dtype=args.state_dtype, io_dtype=args.io_dtype,
-                           use_qk_l2norm=not args.no_qk_l2norm, spec_mode=args.spec_mode, ring_len=args.ring_len)
+                           use_qk_l2norm=not args.no_qk_l2norm, spec_mode=args.spec_mode, ring_len=args.ring_len,
+                           replay_fold=args.replay_fold)
         for key in keys:
             can_implement_key(key)
     except ValueError as e:
@@ -137,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     heads, v_heads, dim, keys, cache_dir, jobs = check_args(args, parser)
     print(f"cute-gdn-precompile: H={heads} HV={v_heads} K=V={dim} pool_size={args.pool_size} "
           f"cache_steps={args.cache_steps} spec_mode={args.spec_mode}"
-          + (f" ring_len={args.ring_len}" if args.spec_mode == "replay" else "") +
+          + (f" ring_len={args.ring_len} replay_fold={args.replay_fold}" if args.spec_mode == "replay" else "") +
           f" state={args.state_dtype} io={args.io_dtype} qk_l2norm={not args.no_qk_l2norm} (per rank, tp={args.tp})")
     if args.cache_steps > 0:
         cached, ring = spec_memory(heads, v_heads, dim, args.cache_steps, args.ring_len, args.state_dtype,
