@@ -165,7 +165,7 @@ def timing(pool, B, H, HV, T, L, sd):
 
 from cute_gdn.kernels.verify import VerifyConfig
 SWEEP_FOLD = os.environ.get("SWEEP_FOLD", "compact")  # the fold mode of the swept tiles
-SWEEP = [VerifyConfig(4, 32, 1), VerifyConfig(4, 64, 1), VerifyConfig(2, 64, 1), VerifyConfig(2, 128, 1), VerifyConfig(4, 128, 1)]
+SWEEP = [VerifyConfig(4, 32, 1), VerifyConfig(2, 64, 1), VerifyConfig(8, 16, 2), VerifyConfig(8, 32, 2), VerifyConfig(4, 32, 2), VerifyConfig(4, 64, 2)]
 
 if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "all"

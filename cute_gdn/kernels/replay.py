@@ -74,20 +74,29 @@ def check_ring(ring_len: int, max_tokens: int) -> Optional[str]:
 # ring reads went into one cp.async group, 479 / 127 / 35.5 / 7.5 after), against verify's small tile (8 x 16
 # x 2) at 890 / 229 / 55.2 / 8.6; bf16 2 x 64 x 1 from 512 states on (398 us at B = 256 against 514 for
 # 4 x 32 x 1), 4 x 32 x 1 below.
-# Compact fold, large batch, 2 x 64 x 1 (fp32 / bf16): B = 256 360 / 295 us, B = 64 99.5 / 81.5, B = 16 (fp32)
-# 30.0, against 4 x 32 x 1 at 414 / 394, 112 / 105, 33.5; 2 x 128 x 1 ties (353 / 294, 98.7 / 81.7, 30.1),
-# 4 x 64 x 1 and 4 x 128 x 1 lose. Small batch 4 x 32 x 1 (B = 1: 7.7 / 7.2 us; 2 x 64 x 1 9.6 / 8.9).
+# Compact fold, large batch: 4 lanes x 64 rows x 2 rows per thread (a whole 128-row head per CTA, the
+# coefficients built once per head, each candidate's q/k columns loaded once for two rows): fp32 / bf16 at
+# B = 256 311 / 273 us, B = 64 (fp32) 89.9, against 2 x 64 x 1 at 359 / 295, 99.9; 4 x 32 x 2 351 / 280,
+# 8 x 16 x 2 383 / 472, 8 x 32 x 2 419 / 460; 4 x 32 x 1 415 / 393. (First sweep, before the token-major row
+# loop made 2 rows per thread spill-free: 2 x 128 x 1 tied 2 x 64 x 1, 4 x 64 x 1 and 4 x 128 x 1 lost.) Falls
+# back to 2 x 64 x 1 where V is not a multiple of 128. Small batch 4 x 32 x 1 (B = 1: 7.7 / 7.2 us; 2 x 64 x 1
+# 9.6 / 8.9, 4 x 64 x 2 9.4).
 LARGE_BATCH_HEADS = {"float32": 256, "bfloat16": 512}
 
 
 def replay_tile(head_k_dim: int, head_v_dim: int, state_dtype: str, large_batch: bool = False,
                 fold_mode: str = "exact") -> VerifyConfig:
     """The measured tile (above) where the head dims allow it, else verify's heuristic tile."""
-    wide = large_batch and (state_dtype == "bfloat16" or fold_mode == "compact")
-    want = VerifyConfig(2, 64, 1) if wide else VerifyConfig(4, 32, 1)
-    rm = want.rowmap(head_k_dim, state_dtype)
-    if check_rowmap(rm, head_v_dim) is None and head_k_dim % (2 * (rm.threads // 32)) == 0:
-        return want
+    if large_batch and fold_mode == "compact":
+        prefs = (VerifyConfig(4, 64, 2), VerifyConfig(2, 64, 1), VerifyConfig(4, 32, 1))
+    elif large_batch and state_dtype == "bfloat16":
+        prefs = (VerifyConfig(2, 64, 1), VerifyConfig(4, 32, 1))
+    else:
+        prefs = (VerifyConfig(4, 32, 1),)
+    for want in prefs:
+        rm = want.rowmap(head_k_dim, state_dtype)
+        if check_rowmap(rm, head_v_dim) is None and head_k_dim % (2 * (rm.threads // 32)) == 0:
+            return want
     return VerifyConfig.heuristic(head_k_dim, head_v_dim, state_dtype, large_batch)
 
 
@@ -620,12 +629,12 @@ class GdnReplaySm90(GdnVerifySm90):
         T = self.num_tokens
         L = self.ring_len
         tpr = rm.threads_per_row
-        for r in cutlass.range_constexpr(rm.rows_per_thread):
-            row = r * rm.rows_per_pass + row_group
-            rP = cute.make_rmem_tensor((2 * T,), Float32)
-            for t in cutlass.range_constexpr(T):
-                rK = load_columns(rm, sQK[1, t, None], lane)
-                rQ = load_columns(rm, sQK[0, t, None], lane)
+        # Token-major: each candidate's k and q columns are loaded once and serve every row of the thread.
+        rPs = cute.make_rmem_tensor((rm.rows_per_thread, 2 * T), Float32)
+        for t in cutlass.range_constexpr(T):
+            rK = load_columns(rm, sQK[1, t, None], lane)
+            rQ = load_columns(rm, sQK[0, t, None], lane)
+            for r in cutlass.range_constexpr(rm.rows_per_thread):
                 pk = Float32(0.0)
                 pq = Float32(0.0)
                 for j in cutlass.range_constexpr(rm.vecs_per_thread):
@@ -633,8 +642,13 @@ class GdnReplaySm90(GdnVerifySm90):
                         s = rS[r, j, e]
                         pk += s * rK[j, e]
                         pq += s * rQ[j, e]
-                rP[t] = sE[t] * pk
-                rP[T + t] = sE[t] * pq
+                rPs[r, t] = sE[t] * pk
+                rPs[r, T + t] = sE[t] * pq
+        for r in cutlass.range_constexpr(rm.rows_per_thread):
+            row = r * rm.rows_per_pass + row_group
+            rP = cute.make_rmem_tensor((2 * T,), Float32)
+            for x in cutlass.range_constexpr(2 * T):
+                rP[x] = rPs[r, x]
             for i in cutlass.range_constexpr((L + tpr - 1) // tpr):
                 j = lane + tpr * i
                 if j < n_hist:
