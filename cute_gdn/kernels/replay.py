@@ -14,16 +14,16 @@ The checkpoint is read once; per element that is 2T multiply-adds, against 4T fo
 The head-level coefficients exp(G_m - G_i) (k_i . x_m) are formed once per CTA in shared memory; the
 per-row work is n + T terms per token. u_m goes to the ring (d), with the candidate's raw k, v, g, beta.
 
-Fold: a row whose committed count exceeds L - 2 * max_tokens replays its committed records into the
-checkpoint first, with `verify`'s own arithmetic (the same L2 norm of k, exp(g), row reduction and
-update expression, in fp32), writes it back and takes n = 0 for its outputs: the folded checkpoint is
-bit-identical to what `verify` + `commit` would have left (fp32 state, same tile). The threshold leaves
-room for this step's candidates and the next's, so the positions a fold reads are never the ones the
-same launch writes. `replay_cursor` moves the cursors after the accept (count += n, or after a fold
-start += count, count = n) and empties them after a flush; the flush kernel (num_tokens = 0) folds
-every named row with a non-empty ring.
+Fold: a row whose committed count exceeds L - 2 * max_tokens rewrites its checkpoint from the committed
+records in this launch (the threshold leaves room for this step's candidates and the next's, so a fold
+never reads a position the same launch writes). fold_mode "exact": first, with verify's own arithmetic
+(the same k, exp(g), row reduction and fixed-rounding update), then n = 0 for its outputs: bit-identical
+to verify + commit (fp32, same tile). "compact": after its outputs (n = count), S0 -> exp(G_c) S0 +
+sum_j exp(G_c - G_j) u_j k_j^T. `replay_cursor` moves the cursors after the accept (count += n, or after a
+fold start += count, count = n) and empties them after a flush; the flush kernel (num_tokens = 0) folds
+every named row with a non-empty ring, exactly.
 
-Grid (V / tile_rows, HV, B) with verify's tile (`VerifyConfig`); a CTA owns tile_rows rows of one
+Grid (V / tile_rows, HV, B) with a verify-style tile (`VerifyConfig`, `replay_tile`); a CTA owns tile_rows rows of one
 (sequence, head). Padding: state_indices[b] < 0 reads and writes nothing but zero o rows.
 """
 
@@ -552,8 +552,9 @@ class GdnReplaySm90(GdnVerifySm90):
     @cute.jit
     def output_coefficients(self, sQK: cute.Tensor, sRecK: cute.Tensor, sGam: cute.Tensor, sPart: cute.Tensor,
                             sC: cute.Tensor, sE: cute.Tensor, sW: cute.Tensor, first, n_hist, tidx):
-        """With G_j in sGam (prefix_gates): sC[0, t, j] = exp(G_m - G_j) (k_j . k_m) for j < m and sC[1, t, j] = exp(G_m - G_j) (k_j . q_m) for
-        j <= m (m = n_hist + t), sE[t] = exp(G_m), and for fold="compact" the fold's weights
+        """With G_j in sGam (prefix_gates): sC[0, t, j] = exp(G_m - G_j) (k_j . k_m) for j < m and
+        sC[1, t, j] = exp(G_m - G_j) (k_j . q_m) for j <= m (m = n_hist + t), sE[t] = exp(G_m), and for
+        fold="compact" the fold's weights
         sW[j] = exp(G_c - G_j) (j < c = n_hist), sW[L] = exp(G_c). The dot products are a small GEMM
         [records, K] x [K, 2T]: warp w takes a slice of K, lane j a record (the 2T candidate vectors are
         broadcast reads), and the per-warp partials are summed through shared memory."""
