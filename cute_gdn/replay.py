@@ -16,9 +16,10 @@ about one state-size per step:
 and the T candidates without materializing any state (docs/verify.md has the algebra); it writes the
 T candidate records at positions start + count + t (mod L) and its outputs, never the checkpoint --
 except on a *fold*: a row whose ring would not have room for the next step's candidates
-(count > L - 2 * max_tokens) first replays its committed records into the checkpoint (the same
-recurrence, in the same fp32 arithmetic, as `verify`), writes it back, and computes its outputs from
-the folded state. The choice is made per row on the device, so the step needs no host sync and stays
+(count > L - 2 * max_tokens) rewrites its checkpoint from its committed records: with cursors of
+fold="exact" first, by the same recurrence in the same fp32 arithmetic as `verify` (bit-identical), then
+its outputs from the folded state; with fold="compact" after its outputs, as exp(G) S0 plus the records'
+rank-one terms (the same state, rounded differently; make_replay_cursors). The choice is made per row on the device, so the step needs no host sync and stays
 capturable in a CUDA graph. `replay_commit` of n accepted tokens per row is a cursor move (count += n,
 or, after a fold, start += count and count = n); `replay_flush` folds everything now.
 
@@ -104,7 +105,7 @@ def make_replay_cursors(pool_size: int, *, max_tokens: int, ring_len: int = DEFA
 
     fold picks how replay_verify folds a full ring into the checkpoint (the protocol, cursors and ring are
     the same for both): "exact" replays the recurrence from the raw records, bit-identical to verify +
-    commit in the same tile; "compact" adds the records' rank-one terms exp(G_c - G_j) u_j k_j^T (the same
+    commit in the same tile; "compact" adds the records' rank-one terms exp(G_{c-1} - G_j) u_j k_j^T (the same
     state, rounded differently; its error stays flat, tests/test_replay_gpu.py) at a fraction of the cost.
     replay_flush always folds exactly."""
     reason = check_ring_config(ring_len, max_tokens)
@@ -143,7 +144,8 @@ def replay_verify_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_
         max_tokens=max_tokens, ring_len=ring_len, gate_mode=gate_mode, dt_bias_dtype=dt_bias_dtype,
         use_qk_l2norm=bool(use_qk_l2norm), fold_mode=fold_mode if num_tokens else "exact",
         config=config or replay_tile(head_k_dim, head_v_dim, state_dtype, large_batch,
-                                     fold_mode if num_tokens else "exact"))
+                                     fold_mode if num_tokens else "exact", num_tokens=num_tokens,
+                                     ring_len=ring_len))
 
 
 def replay_verify_keys(**kwargs) -> tuple[KernelKey, KernelKey]:
@@ -436,8 +438,9 @@ def replay_verify(
     Sequence b's state before its draft tokens is the checkpoint state[state_indices[b]] followed by the
     cursors.pos[slot] = (start, count) committed records of ring[slot]. The outputs of the T tokens are
     computed without materializing a state; the T candidate records go to ring positions start + count + t
-    (mod L). A row with count > L - 2 * max_tokens folds first: its committed records are replayed into the
-    checkpoint (bit-identical to `verify` + `commit` in fp32) before its outputs are computed. Cursors are
+    (mod L). A row with count > L - 2 * max_tokens folds its committed records into the checkpoint: before its
+    outputs and bit-identical to `verify` + `commit` in fp32 (cursors.fold "exact"), or after them from the
+    records' deltas (cursors.fold "compact": the same state, rounded differently). Cursors are
     only read: `replay_commit` must follow (once per step for every layer). Layouts, GVA, strided views,
     gates and scale as in `verify`.
 

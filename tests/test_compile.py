@@ -269,7 +269,7 @@ from cute_gdn import replay as replay_ops  # noqa: E402
 
 # (state, io, gates, l2norm, H, HV, K, V, T, max_tokens, ring_len, tile): the keys serving builds for the
 # compact fold (replay.replay_verify_key), compiled as the cache compiles them. Both compact tiles of both state
-# dtypes (the large-batch one, 2 x 64 x 1, is compact's own for fp32), raw gates with either dt_bias and
+# dtypes (the large-batch one, 4 x 64 x 2, is compact's own), raw gates with either dt_bias and
 # precomputed ones, T = 1 and T = max_tokens = 8, GVA ratios 2 and 4, fp16 io without the q/k l2norm.
 COMPACT_VARIANTS = [
     ("float32", "bfloat16", ("raw", "float32"), True, 16, 32, 128, 128, 4, 4, 16, "small"),

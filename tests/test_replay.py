@@ -385,3 +385,27 @@ def test_replayssm_module_needs_only_what_the_peer_provides():
                 todo.append(node.module)
     assert "sglang.kernels.ops.attention.fla.utils" in seen
     assert third_party - set(sys.stdlib_module_names) <= {"torch", "triton", "packaging"}
+
+
+def test_tiles_fit_shared_memory():
+    """A tile that does not fit in shared memory falls back to one that does; where none does the kernel set
+    is refused with the reason (kernels/replay.py smem_bytes)."""
+    from cute_gdn.kernels import replay as rk
+    from cute_gdn.kernels.verify import VerifyConfig
+
+    wide = VerifyConfig(4, 64, 2)
+    assert rk.replay_tile(128, 128, "float32", True, "compact", num_tokens=4, ring_len=16) == wide
+    assert rk.check_tile(wide, 128, 128, "float32", 2, 16, 64) is not None  # 273 KB
+    small = rk.replay_tile(128, 128, "float32", True, "compact", num_tokens=16, ring_len=64)
+    assert small != wide and rk.check_tile(small, 128, 128, "float32", 2, 16, 64) is None
+    for T, L in ((1, 16), (4, 16), (8, 16), (16, 32), (13, 64)):
+        for state in ("float32", "bfloat16"):
+            for fold in rk.FOLD_MODES:
+                for large in (False, True):
+                    tile = rk.replay_tile(256, 256, state, large, fold, num_tokens=T, ring_len=L)
+                    assert rk.smem_bytes(tile, 256, state, 2, T, L) <= rk.SMEM_LIMIT, (T, L, state, fold, large)
+    reason = rk.can_implement("bfloat16", "float32", 16, 32, 256, 256, "raw", "float32", 16, 16, 64,
+                              rk.replay_tile(256, 256, "float32", False, num_tokens=16, ring_len=64))
+    assert reason is not None and "shared memory" in reason
+    # Ring rows are staged in 16-byte vectors: a 4-row tile is refused, not mis-staged.
+    assert "16-byte" in rk.check_tile(VerifyConfig(8, 4, 1), 128, 128, "float32", 2, 4, 16)

@@ -18,8 +18,8 @@ Fold: a row whose committed count exceeds L - 2 * max_tokens rewrites its checkp
 records in this launch (the threshold leaves room for this step's candidates and the next's, so a fold
 never reads a position the same launch writes). fold_mode "exact": first, with verify's own arithmetic
 (the same k, exp(g), row reduction and fixed-rounding update), then n = 0 for its outputs: bit-identical
-to verify + commit (fp32, same tile). "compact": after its outputs (n = count), S0 -> exp(G_c) S0 +
-sum_j exp(G_c - G_j) u_j k_j^T. `replay_cursor` moves the cursors after the accept (count += n, or after a
+to verify + commit (fp32, same tile). "compact": after its outputs (n = count), S0 -> exp(G_{c-1}) S0 +
+sum_{j < c} exp(G_{c-1} - G_j) u_j k_j^T. `replay_cursor` moves the cursors after the accept (count += n, or after a
 fold start += count, count = n) and empties them after a flush; the flush kernel (num_tokens = 0) folds
 every named row with a non-empty ring, exactly.
 
@@ -84,9 +84,45 @@ def check_ring(ring_len: int, max_tokens: int) -> Optional[str]:
 LARGE_BATCH_HEADS = {"float32": 256, "bfloat16": 512}
 
 
+SMEM_LIMIT = 227 * 1024  # shared memory one CTA may take on sm_90
+
+
+def smem_bytes(config: VerifyConfig, head_k_dim: int, state_dtype: str, io_bytes: int, num_tokens: int,
+               ring_len: int) -> int:
+    """Shared memory of one replay verify CTA (the allocations of GdnReplaySm90.kernel, each 16-byte aligned)."""
+    rm = config.rowmap(head_k_dim, state_dtype)
+    T, L, K, R = max(num_tokens, 1), ring_len, head_k_dim, rm.tile_rows
+    warps = rm.threads // 32
+    sizes = (2 * T * K * io_bytes, 2 * T * K * 4, T * R * 4, 4 * T * 4, T * 4,   # tokens
+             L * K * io_bytes, ((L - 1) * (K + 4) + K) * 4, 4 * L * 4, L * R * 4, L * R * io_bytes,  # records
+             L * 4, 2 * warps * 2 * T * L * 4, 2 * T * L * 4, T * 4, (L + 1) * 4)  # output path
+    return sum((x + 15) // 16 * 16 for x in sizes)
+
+
+def check_tile(config: VerifyConfig, head_k_dim: int, head_v_dim: int, state_dtype: str, io_bytes: int,
+               num_tokens: int, ring_len: int) -> Optional[str]:
+    """None if the tile maps the state, splits K over its warps, stages ring rows in 16-byte vectors and fits
+    in shared memory; else the reason."""
+    rm = config.rowmap(head_k_dim, state_dtype)
+    reason = check_rowmap(rm, head_v_dim)
+    if reason is not None:
+        return reason
+    if head_k_dim % (2 * (rm.threads // 32)) != 0:
+        return f"head_k_dim {head_k_dim} does not split over the {rm.threads // 32} warps of the tile"
+    if (rm.tile_rows * io_bytes) % 16 != 0:
+        return f"a tile of {rm.tile_rows} rows is not a whole number of 16-byte vectors of ring values"
+    need = smem_bytes(config, head_k_dim, state_dtype, io_bytes, num_tokens, ring_len)
+    if need > SMEM_LIMIT:
+        return (f"tile {config} needs {need} bytes of shared memory at T={num_tokens}, ring_len={ring_len} "
+                f"(limit {SMEM_LIMIT})")
+    return None
+
+
 def replay_tile(head_k_dim: int, head_v_dim: int, state_dtype: str, large_batch: bool = False,
-                fold_mode: str = "exact") -> VerifyConfig:
-    """The measured tile (above) where the head dims allow it, else verify's heuristic tile."""
+                fold_mode: str = "exact", *, num_tokens: int = 1, ring_len: int = 16,
+                io_bytes: int = 2) -> VerifyConfig:
+    """The measured tile (above) where the head dims and shared memory (num_tokens, ring_len) allow it, else
+    the next one, else verify's heuristic tile."""
     if large_batch and fold_mode == "compact":
         prefs = (VerifyConfig(4, 64, 2), VerifyConfig(2, 64, 1), VerifyConfig(4, 32, 1))
     elif large_batch and state_dtype == "bfloat16":
@@ -94,8 +130,7 @@ def replay_tile(head_k_dim: int, head_v_dim: int, state_dtype: str, large_batch:
     else:
         prefs = (VerifyConfig(4, 32, 1),)
     for want in prefs:
-        rm = want.rowmap(head_k_dim, state_dtype)
-        if check_rowmap(rm, head_v_dim) is None and head_k_dim % (2 * (rm.threads // 32)) == 0:
+        if check_tile(want, head_k_dim, head_v_dim, state_dtype, io_bytes, num_tokens, ring_len) is None:
             return want
     return VerifyConfig.heuristic(head_k_dim, head_v_dim, state_dtype, large_batch)
 
@@ -127,11 +162,7 @@ def can_implement(
         return reason
     if not 0 <= num_tokens <= max_tokens:
         return f"the number of tokens T must be in [0, max_tokens={max_tokens}], got {num_tokens}"
-    rm = config.rowmap(head_k_dim, state_dtype)
-    reason = check_rowmap(rm, head_v_dim)
-    if reason is None and head_k_dim % (2 * (rm.threads // 32)) != 0:
-        reason = f"head_k_dim {head_k_dim} does not split over the {rm.threads // 32} warps of the tile"
-    return reason
+    return check_tile(config, head_k_dim, head_v_dim, state_dtype, 2, num_tokens, ring_len)
 
 
 def can_implement_cursor(pool_size: int, ring_len: int, max_tokens: int, mode: str) -> Optional[str]:
@@ -506,8 +537,8 @@ class GdnReplaySm90(GdnVerifySm90):
     @cute.jit
     def compact_fold(self, rS: cute.Tensor, sRecK: cute.Tensor, sRecX: cute.Tensor, sW: cute.Tensor, count, row_group,
                      lane):
-        """fold="compact": S0 -> exp(G_c) S0 + sum_j exp(G_c - G_j) u_j k_j^T over the c = count committed
-        records (sW[j] = exp(G_c - G_j), sW[L] = exp(G_c); u_j in sRecX): one multiply-add per element per
+        """fold="compact": S0 -> exp(G_{c-1}) S0 + sum_j exp(G_{c-1} - G_j) u_j k_j^T over the c = count
+        committed records (sW[j] = exp(G_{c-1} - G_j), sW[L] = exp(G_{c-1}); u_j in sRecX): one multiply-add per element per
         record, no row reduction, every element independent. Mathematically the state the recurrence gives;
         rounded differently (not bit-equal to verify + commit)."""
         rm = self.rowmap
@@ -555,7 +586,7 @@ class GdnReplaySm90(GdnVerifySm90):
         """With G_j in sGam (prefix_gates): sC[0, t, j] = exp(G_m - G_j) (k_j . k_m) for j < m and
         sC[1, t, j] = exp(G_m - G_j) (k_j . q_m) for j <= m (m = n_hist + t), sE[t] = exp(G_m), and for
         fold="compact" the fold's weights
-        sW[j] = exp(G_c - G_j) (j < c = n_hist), sW[L] = exp(G_c). The dot products are a small GEMM
+        sW[j] = exp(G_{c-1} - G_j) (j < c = n_hist), sW[L] = exp(G_{c-1}). The dot products are a small GEMM
         [records, K] x [K, 2T]: warp w takes a slice of K, lane j a record (the 2T candidate vectors are
         broadcast reads), and the per-warp partials are summed through shared memory."""
         rm = self.rowmap
