@@ -446,14 +446,19 @@ class Pair:
         assert self.model.matches(self.cursors)
 
 
-@pytest.mark.parametrize("name", list(EXACT_CASES))
-def test_replay_matches_cached_bit_for_bit(name):
-    case, B, pad = EXACT_CASES[name]
-    pair = Pair(case, B, pad=pad, seed=1)
-    for _ in range(12):
+def _run_pair(case: Case, B: int, pad, seed: int, steps: int = 12) -> None:
+    """`steps` checked steps (Pair.step), at least two folds, untouched slots bit-identical."""
+    pair = Pair(case, B, pad=pad, seed=seed)
+    for _ in range(steps):
         pair.step()
     assert pair.folds >= 2, "the run must have folded"
     pair.check_untouched()
+
+
+@pytest.mark.parametrize("name", list(EXACT_CASES))
+def test_replay_matches_cached_bit_for_bit(name):
+    case, B, pad = EXACT_CASES[name]
+    _run_pair(case, B, pad, seed=1)
 
 
 @pytest.mark.parametrize("name", list(COMPACT_CASES))
@@ -461,11 +466,7 @@ def test_compact_fold_matches_cached(name):
     """fold="compact": outputs, ring records, cursors and untouched slots as in exact mode; the folded
     checkpoint and the flushed state within COMPACT_STATE_TOL of verify + commit."""
     case, B, pad = COMPACT_CASES[name]
-    pair = Pair(case, B, pad=pad, seed=7)
-    for _ in range(12):
-        pair.step()
-    assert pair.folds >= 2, "the run must have folded"
-    pair.check_untouched()
+    _run_pair(case, B, pad, seed=7)
 
 
 @pytest.mark.parametrize("name", list(VARIANT_CASES))

@@ -79,6 +79,9 @@ def test_replay_mode_replaces_verify_and_commit_by_the_replay_keys():
     (dict(cache_steps=0), "cache_steps"),
     (dict(ring_len=2 * STEPS - 1), "ring_len=3 with cache_steps=2"),
     (dict(ring_len=65), "ring_len=65"),
+    (dict(replay_fold="fast"), "replay_fold must be one of \\['exact', 'compact'\\], got 'fast'"),
+    (dict(replay_fold=None), "replay_fold must be one of"),
+    (dict(replay_fold="compact", spec_mode="cached"), "replay_fold='compact' belongs to spec_mode='replay'"),
 ])
 def test_bad_replay_configs_raise_naming_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -126,19 +129,6 @@ def test_replay_fold_selects_the_verify_kernels_and_the_cursors():
                                replay_fold="compact") == compact.keys
     assert _fold_modes(serving.config_keys(H, HV, K, V, pool_size=POOL, cache_steps=STEPS, spec_mode="replay",
                                            ring_len=L)) == {"exact"}
-
-
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(replay_fold="fast"), "replay_fold must be one of \\['exact', 'compact'\\], got 'fast'"),
-    (dict(replay_fold=None), "replay_fold must be one of"),
-    (dict(replay_fold="compact", spec_mode="cached"), "replay_fold='compact' belongs to spec_mode='replay'"),
-])
-def test_bad_replay_fold_raises_naming_the_argument(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        make(**kwargs)
-    with pytest.raises(ValueError, match=message):
-        serving.config_keys(H, HV, K, V, pool_size=POOL, **{**dict(cache_steps=STEPS, spec_mode="replay",
-                                                                   ring_len=L), **kwargs})
 
 
 def test_cached_mode_has_no_fold():
