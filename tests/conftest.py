@@ -3,8 +3,20 @@ import os
 # Kernels compiled by the CPU tests target Hopper; cutlass reads this once, at import.
 os.environ.setdefault("CUTE_DSL_ARCH", "sm_90a")
 
+import random
+
 import pytest
 import torch
+
+# The fuzz net's seed (tests/fuzz_cases.py): given, fixed under CI, else fresh each run; the header prints it.
+if "CUTE_GDN_FUZZ_SEED" not in os.environ:
+    from fuzz_cases import FIXED_SEED
+
+    os.environ["CUTE_GDN_FUZZ_SEED"] = str(FIXED_SEED if os.environ.get("CI") else random.randrange(10 ** 9))
+
+
+def pytest_report_header(config):
+    return f"cute_gdn fuzz seed: CUTE_GDN_FUZZ_SEED={os.environ['CUTE_GDN_FUZZ_SEED']}"
 
 
 def _hopper() -> bool:
