@@ -22,6 +22,7 @@ from cute_gdn import ops  # noqa: E402
 from cute_gdn.cache import default_cache  # noqa: E402
 from cute_gdn.kernels.prefill import LAUNCH_AUX as AUX, LAUNCH_BOTH as BOTH, LAUNCH_CHAIN as CHAIN  # noqa: E402
 from cute_gdn.kernels.prefill import CHAIN_FOLDED as FOLDED, CHAIN_NARROW as NARROW, CHAIN_WIDE as WIDE  # noqa: E402
+from cute_gdn.kernels.prefill import CHUNK, CP_MAP, CP_OFF, CP_PIECES  # noqa: E402
 
 KINDS = {NARROW: "narrow", WIDE: "wide", FOLDED: "folded"}
 
@@ -45,15 +46,16 @@ def main():
             full()
             # A folded chain's workspace (T, P and W~) serves every chain kind.
             ws = ops.prefill_workspace(tokens, seqs, HV, x["q"].dtype, x["q"].device, chain=FOLDED)
+            cp_none = ops.prefill_cp_workspace(1, HV, D, D, x["q"].device)  # read only when cp != CP_OFF
             call = lambda launch, chain, prof=None: (  # noqa: E731
                 x["q"], x["k"], x["v"], x["a"], x["b"], x["A_log"], x["dt_bias"], x["cu"], x["pool"], x["slots"],
                 x["has_init"].view(torch.int8), x["o"], *ws, D ** -0.5, chain, launch, 0, prof,
-                ops._cp_unused(HV, D, D, x["q"].device), ops.prefill_kernel.CP_OFF, ops.prefill_kernel.CHUNK)
+                cp_none, CP_OFF, CHUNK)
             fn = default_cache().get(prefill_key(H, HV, seqs))
             fn_prof = default_cache().get(prefill_key(H, HV, seqs, profile=True))
-            sms = ops._num_sms(x["q"].device)
-            used = ops.prefill_kernel.chain_kind(seqs, HV, D, sms)
-            overlap = ops.prefill_kernel.use_overlap(seqs, HV, D, sms)
+            plan = ops.plan_prefill(seqs, tokens, HV, D, D, ops.sm_count(x["q"].device))
+            whole = ops.plan_prefill(seqs, tokens, HV, D, D, ops.sm_count(x["q"].device), context_parallel=False)
+            used, overlap = whole.chain, whole.overlap
             t_full = time_cold(full)
             t_serial = time_cold(lambda: fn(*call(BOTH, used)))
             t_aux = time_cold(lambda: fn(*call(AUX, used)))
@@ -72,10 +74,10 @@ def main():
                          + ", ".join(f"{name} {t:.2f}" for name, t in zip(PHASES, per_chunk.tolist()))
                          + f"; total {per_chunk.sum().item():.2f}")
             print(line, flush=True)
-            pieces = ops.prefill_kernel.cp_pieces(seqs, tokens, HV, D, D, sms)
+            pieces = plan.pieces
             if pieces:
                 # ops.prefill runs this call context-parallel: time its passes one by one.
-                step = ops.prefill_kernel.cp_step(tokens, pieces)
+                step = plan.cp_step
                 cp_ws = ops.prefill_cp_workspace(pieces, HV, D, D, x["q"].device)
                 cp_call = lambda launch, cp: fn(*call(launch, NARROW)[:-3], cp_ws, cp, step)  # noqa: E731
                 starts, maps = cp_ws[:, :, :D], cp_ws[:, :, D:]
@@ -83,10 +85,10 @@ def main():
                 def scan():
                     for p in range(1, pieces - 1):
                         starts[p + 1].baddbmm_(starts[p], maps[p])
-                cp_call(CHAIN, ops.prefill_kernel.CP_MAP)
-                times = [time_cold(lambda: cp_call(AUX, ops.prefill_kernel.CP_OFF)),
-                         time_cold(lambda: cp_call(CHAIN, ops.prefill_kernel.CP_MAP)), time_cold(scan),
-                         time_cold(lambda: cp_call(CHAIN, ops.prefill_kernel.CP_PIECES))]
+                cp_call(CHAIN, CP_MAP)
+                times = [time_cold(lambda: cp_call(AUX, CP_OFF)),
+                         time_cold(lambda: cp_call(CHAIN, CP_MAP)), time_cold(scan),
+                         time_cold(lambda: cp_call(CHAIN, CP_PIECES))]
                 print(f"    context parallel, {pieces} pieces of {step} tokens: aux {times[0]:.1f} us, maps "
                       f"{times[1]:.1f}, scan {times[2]:.1f}, pieces {times[3]:.1f}; sum {sum(times):.1f} us", flush=True)
             prof = torch.zeros(ws[0].shape[0] * HV, 8, dtype=torch.int64, device="cuda")

@@ -11,6 +11,11 @@ Compiles run in worker processes (fresh interpreters running `cute_gdn._compile_
 re-import the caller's `__main__`) with CUTE_DSL_ARCH=sm_90a set before cutlass is imported
 (`cute.compile` holds the GIL and is not thread-safe), write to a temp file and `os.replace` it
 under a per-key file lock, so parallel processes (precompile workers, several serving ranks) are safe.
+
+An object that fails to load (truncated by a full disk, written by a crashed or foreign process) is
+moved aside, under its key's lock, to `<fingerprint>/quarantine/` with a warning naming the key and the
+loader's error, and compiled again where compiling is allowed (after warmup it raises
+KernelNotCompiledError instead, as for a missing kernel). A second failure raises KernelLoadError.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from functools import lru_cache
 from importlib import metadata
@@ -53,6 +59,10 @@ COMPILERS = {
 
 class KernelNotCompiledError(RuntimeError):
     """A kernel is missing from the cache where compiling is not allowed (after warmup)."""
+
+
+class KernelLoadError(RuntimeError):
+    """A freshly compiled object still fails to load; the message names the key and the loader's error."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,7 +360,42 @@ class KernelCache:
                     f"compiling is disabled after warmup(); precompile it with cute-gdn-precompile "
                     f"or include it in the warmup config")
             self.compile([key])
-        return self._load(key)
+        try:
+            return self._load(key)
+        except Exception as e:  # noqa: BLE001 - any loader failure: the object is unusable
+            self._quarantine(key, e)
+        if not allow_compile:
+            raise KernelNotCompiledError(
+                f"kernel {key.op} ({key.describe()}) in the cache {self.cache_dir} failed to load and was moved "
+                f"aside; compiling is disabled after warmup(): precompile it again with cute-gdn-precompile")
+        self.compile([key])
+        try:
+            return self._load(key)
+        except Exception as e:  # noqa: BLE001
+            raise KernelLoadError(f"kernel {key.op} ({key.describe()}) failed to load after a fresh compile: "
+                                  f"{type(e).__name__}: {e}") from e
+
+    def _quarantine(self, key: KernelKey, error: BaseException) -> None:
+        """Move key's unloadable object to <fingerprint>/quarantine/ (under its lock, unless another process
+        already replaced it with a newer one), with a warning."""
+        path = self.path(key)
+        try:
+            seen = path.stat()
+        except OSError:
+            return
+        aside = path.parent / "quarantine" / f"{key.name}.{os.getpid()}.{time.time_ns()}.o"
+        with _file_lock(path.parent / f"{key.name}.lock"):
+            try:
+                now = path.stat()
+            except OSError:
+                return
+            if (now.st_ino, now.st_mtime_ns) != (seen.st_ino, seen.st_mtime_ns):
+                return  # replaced meanwhile: the new object gets its own chance to load
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(path, aside)
+        warnings.warn(f"cute_gdn: kernel {key.op} ({key.describe()}) in {path} failed to load "
+                      f"({type(error).__name__}: {error}); moved to {aside}, recompiling where allowed",
+                      RuntimeWarning, stacklevel=3)
 
     def compile(self, keys: Iterable[KernelKey], jobs: int = 1) -> None:
         """Compile the keys missing from disk (each once, however often it is listed)."""

@@ -25,6 +25,7 @@ from .kernels import replay as replay_kernel
 from .kernels import verify as verify_kernel
 from .kernels.commit import CommitConfig
 from .kernels.decode import LARGE_BATCH_HEADS, DecodeConfig
+from .kernels.prefill import PrefillPlan, plan_prefill  # noqa: F401 (public: ops.plan_prefill)
 from .kernels.verify import LARGE_BATCH_HEADS as VERIFY_LARGE_BATCH_HEADS
 from .kernels.verify import MAX_TOKENS, VerifyConfig
 
@@ -542,7 +543,8 @@ def validate_prefill(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, 
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device: torch.device) -> int:
+def sm_count(device: torch.device) -> int:
+    """The SMs of a CUDA device (what plan_prefill is given for it)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
@@ -561,14 +563,11 @@ def prefill_workspace(tokens: int, num_seqs: int, num_v_heads: int, dtype: torch
             flags)
 
 
-_CONTEXT_PARALLEL = True  # benchmarks and tests may switch it off to compare
-
-
 def prefill_cp_workspace(pieces: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
                          device: torch.device) -> torch.Tensor:
     """Context parallelism's per-call workspace, fp32 [pieces, HV, V + K, K]: piece p's start state
     (rows :V) and transition map (rows V:); see kernels/prefill.cp_pieces. Calls that run their
-    sequences whole pass a one-piece tensor that the kernels never read (_cp_unused)."""
+    sequences whole pass a one-piece tensor that the kernels never read."""
     return torch.empty(pieces, num_v_heads, head_v_dim + head_k_dim, head_k_dim, dtype=torch.float32, device=device)
 
 
@@ -602,6 +601,7 @@ def _prefill(
     scale: Optional[float],
     use_qk_l2norm: bool,
     out: Optional[torch.Tensor],  # [1, T, HV, V] io dtype
+    plan: Optional[PrefillPlan] = None,
 ) -> torch.Tensor:
     """`prefill` with the kernel cache `kcache` (see _decode)."""
     args = (q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state, out)
@@ -639,51 +639,54 @@ def _prefill(
         return out
     if scale is None:
         scale = K ** -0.5
+    if plan is None:
+        plan = plan_prefill(N, T, HV, K, V, sm_count(q.device))
+    else:
+        prefill_kernel.check_plan(plan, N, T)
     init = _ALL_TRUE.get(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
     gates = (a, b, A_log, dt_bias) if raw else (g, beta, None, None)
     try:
-        _prefill_launches(fn, (q, k, v, *gates, cu_seqlens, state, state_indices, init, out), scale, N, T, HV, K, V)
+        _prefill_launches(fn, (q, k, v, *gates, cu_seqlens, state, state_indices, init, out), scale, plan, T, N)
     except (ValueError, TypeError):
         validate_prefill(*args)
         raise
     return out
 
 
-def _prefill_launches(fn, tensors: tuple, scale: float, N: int, T: int, HV: int, K: int, V: int) -> None:
-    """The kernel launches of one prefill call: context-parallel, overlapped, or aux then chain on one stream."""
-    q = tensors[0]
-    sms = _num_sms(q.device)
-    pieces = prefill_kernel.cp_pieces(N, T, HV, K, V, sms) if _CONTEXT_PARALLEL else 0
-    if pieces:
+def _prefill_launches(fn, tensors: tuple, scale: float, plan: PrefillPlan, T: int, N: int) -> None:
+    """The kernel launches of one prefill call as `plan` says: context-parallel, overlapped, or aux then chain
+    on one stream. The compiled function's arguments after the tensors: the workspace, scale, chain, launch,
+    overlap, profile, the context-parallel workspace, cp and cp_step (kernels/prefill/kernel.py)."""
+    q, v = tensors[0], tensors[2]
+    K, HV, V = q.shape[3], v.shape[2], v.shape[3]
+    P = prefill_kernel
+    if plan.pieces:
         # Context parallelism (one long sequence, few heads): the aux kernel over the whole sequence, the
-        # maps of its pieces, their scan, then every piece from its start (kernels/prefill.cp_pieces).
-        step = prefill_kernel.cp_step(T, pieces)
-        ws = prefill_workspace(T, N, HV, q.dtype, q.device, chain=prefill_kernel.CHAIN_NARROW)
-        cp_ws = prefill_cp_workspace(pieces, HV, K, V, q.device)
-        call = (*tensors, *ws, scale, prefill_kernel.CHAIN_NARROW)
-        fn(*call, prefill_kernel.LAUNCH_AUX, 0, None, cp_ws, prefill_kernel.CP_OFF, step)
-        fn(*call, prefill_kernel.LAUNCH_CHAIN, 0, None, cp_ws, prefill_kernel.CP_MAP, step)
+        # maps of its pieces, their scan, then every piece from its start (kernels/prefill/config.cp_pieces).
+        ws = prefill_workspace(T, N, HV, q.dtype, q.device, chain=P.CHAIN_NARROW)
+        cp_ws = prefill_cp_workspace(plan.pieces, HV, K, V, q.device)
+        call = (*tensors, *ws, scale, P.CHAIN_NARROW)
+        fn(*call, P.LAUNCH_AUX, 0, None, cp_ws, P.CP_OFF, plan.cp_step)
+        fn(*call, P.LAUNCH_CHAIN, 0, None, cp_ws, P.CP_MAP, plan.cp_step)
         starts, maps = cp_ws[:, :, :V], cp_ws[:, :, V:]
-        for p in range(1, pieces - 1):
+        for p in range(1, plan.pieces - 1):
             starts[p + 1].baddbmm_(starts[p], maps[p])
-        fn(*call, prefill_kernel.LAUNCH_CHAIN, 0, None, cp_ws, prefill_kernel.CP_PIECES, step)
+        fn(*call, P.LAUNCH_CHAIN, 0, None, cp_ws, P.CP_PIECES, plan.cp_step)
         return
-    chain = prefill_kernel.chain_kind(N, HV, V, sms)
-    overlap = prefill_kernel.use_overlap(N, HV, V, sms)
-    ws = prefill_workspace(T, N, HV, q.dtype, q.device, zero_flags=overlap, chain=chain)
-    call = (*tensors, *ws, scale, chain)
-    unused = (_cp_unused(HV, K, V, q.device), prefill_kernel.CP_OFF, prefill_kernel.CHUNK)
-    if not overlap:
-        fn(*call, prefill_kernel.LAUNCH_BOTH, 0, None, *unused)
+    ws = prefill_workspace(T, N, HV, q.dtype, q.device, zero_flags=plan.overlap, chain=plan.chain)
+    call = (*tensors, *ws, scale, plan.chain)
+    unused = (_cp_unused(HV, K, V, q.device), P.CP_OFF, P.CHUNK)
+    if not plan.overlap:
+        fn(*call, P.LAUNCH_BOTH, 0, None, *unused)
     else:
         # The aux kernel on the caller's stream, the chain concurrently on a high-priority one,
         # waiting for each chunk's flag; the caller's stream then waits for the chain.
         current = torch.cuda.current_stream(q.device)
         side = _chain_stream(q.device.index)
         side.wait_stream(current)
-        fn(*call, prefill_kernel.LAUNCH_AUX, 1, None, *unused)
+        fn(*call, P.LAUNCH_AUX, 1, None, *unused)
         with torch.cuda.stream(side):
-            fn(*call, prefill_kernel.LAUNCH_CHAIN, 1, None, *unused)
+            fn(*call, P.LAUNCH_CHAIN, 1, None, *unused)
         current.wait_stream(side)
 
 
@@ -806,6 +809,7 @@ def prefill(
     scale: Optional[float] = None,
     use_qk_l2norm: bool = True,
     out: Optional[torch.Tensor] = None,  # [1, T, HV, V] io dtype
+    plan: Optional[PrefillPlan] = None,
 ) -> torch.Tensor:
     """Chunked varlen prefill ("extend") of N sequences packed along T, on wgmma tensor cores.
 
@@ -818,11 +822,16 @@ def prefill(
 
     Padding: a sequence with state_indices[n] < 0 reads and writes no state and gets zeros in o.
 
+    plan: which kernels run (chain kind, overlap, context-parallel pieces); None = plan_prefill(N, T, HV, K, V,
+    sm_count(device)), what the call should run. Tests and benchmarks pass their own to force a path
+    (`plan_prefill(..., context_parallel=False)`, `plan._replace(overlap=False)`); a plan the kernels cannot
+    run raises ValueError.
+
     Returns:
         o [1, T, HV, V] in the io dtype (`out` if given).
     """
     return _prefill(default_cache(), True, None, q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state,
-                    state_indices, has_initial_state, scale, use_qk_l2norm, out)
+                    state_indices, has_initial_state, scale, use_qk_l2norm, out, plan)
 
 
 for _op in (decode, verify, commit, commit_layers, prefill):

@@ -180,3 +180,27 @@ def test_workers_that_cannot_start_fail_every_key_without_hanging(tmp_path, monk
     results = compile_many(keys, tmp_path / "cache", jobs=2)
     assert [r[0] for r in results] == keys
     assert all(r[1] == "failed" and "No such file" in r[3] for r in results), results
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_an_object_that_fails_to_load_is_moved_aside_and_recompiled(tmp_path, damage):
+    key = small_key(pool_size=6)
+    assert compile_to_disk(key, str(tmp_path))[0] == "compiled"
+    path = tmp_path / fingerprint() / f"{key.name}.o"
+    good = path.read_bytes()
+    path.write_bytes(b"not an object file" * 100 if damage == "garbage" else good[:len(good) // 3])
+    bad = path.read_bytes()
+    # After warmup (no compiling): moved aside, and the error says what to do.
+    with pytest.warns(RuntimeWarning, match="failed to load"):
+        with pytest.raises(KernelNotCompiledError, match="failed to load and was moved aside"):
+            KernelCache(tmp_path).get(key, allow_compile=False)
+    aside = list((tmp_path / fingerprint() / "quarantine").iterdir())
+    assert [p.read_bytes() for p in aside] == [bad] and not path.exists()
+    # Where compiling is allowed: moved aside, compiled again, loaded.
+    path.write_bytes(bad)
+    cache = KernelCache(tmp_path)
+    with pytest.warns(RuntimeWarning, match=key.name):
+        fn = cache.get(key)
+    assert callable(fn) and cache.compiles == 1 and cache.loads == 1
+    assert path.stat().st_size > 1000 and len(list((tmp_path / fingerprint() / "quarantine").iterdir())) == 2
+    assert KernelCache(tmp_path).get(key, allow_compile=False) is not None  # the new object loads as is

@@ -9,7 +9,7 @@ import torch
 
 import cute_gdn
 from cute_gdn import ops, reference
-from cute_gdn.cache import default_cache
+from cute_gdn.kernels.prefill import CHAIN_FOLDED
 from cute_gdn.ops import prefill_key
 from gdn_inputs import TORCH_DTYPES, make_pool, make_step_inputs, rel_rms
 
@@ -128,13 +128,40 @@ CP_CASES = [  # length, H, HV, state, has_init, pad, decay
 @pytest.mark.parametrize("length,H,HV,state,has_init,pad,decay", CP_CASES)
 def test_prefill_context_parallel(length, H, HV, state, has_init, pad, decay):
     # One long sequence with few heads runs in pieces (kernels/prefill.cp_pieces): maps, scan, pieces.
-    pieces = ops.prefill_kernel.cp_pieces(1, length, HV, 128, 128, ops._num_sms(torch.device("cuda")))
-    assert pieces >= 3
+    plan = ops.plan_prefill(1, length, HV, 128, 128, ops.sm_count(torch.device("cuda")))
+    assert plan.pieces >= 3
     _run([length], H=H, HV=HV, state=state, has_init=has_init, pad=pad, decay=decay, seed=7)
 
 
+def test_prefill_context_parallel_and_whole_agree_and_a_bad_plan_writes_nothing():
+    # The plan a caller passes picks the path: the same call whole (context_parallel=False) agrees with the
+    # pieces to rounding; a plan the kernels cannot run raises before any write.
+    torch.manual_seed(12)
+    T, H, HV = 4500, 2, 4
+    inputs = make_step_inputs(1, T, H, HV, 128, 128)
+    pool0 = make_pool(POOL, HV, 128, 128, torch.float32)
+    slots = torch.tensor([5], dtype=torch.int32, device="cuda")
+    cu = _cu([T])
+    sms = ops.sm_count(torch.device("cuda"))
+    outs = []
+    for cp in (True, False):
+        plan = ops.plan_prefill(1, T, HV, 128, 128, sms, context_parallel=cp)
+        assert bool(plan.pieces) == cp
+        pool = pool0.clone()
+        outs.append((cute_gdn.prefill(**inputs, cu_seqlens=cu, state=pool, state_indices=slots, plan=plan), pool))
+    (o_cp, pool_cp), (o_whole, pool_whole) = outs
+    assert rel_rms(o_cp, o_whole) < 1e-3 and rel_rms(pool_cp[5], pool_whole[5]) < 1e-4
+    assert torch.equal(pool_cp[torch.arange(POOL) != 5], pool0[torch.arange(POOL) != 5])
+    pool = pool0.clone()
+    o = torch.zeros_like(o_cp)
+    bad = ops.plan_prefill(1, T, HV, 128, 128, sms)._replace(cp_step=100)
+    with pytest.raises(ValueError, match="plan.cp_step"):
+        cute_gdn.prefill(**inputs, cu_seqlens=cu, state=pool, state_indices=slots, plan=bad, out=o)
+    assert torch.equal(pool, pool0) and not o.any()
+
+
 def test_prefill_context_parallel_graph_replay_matches_eager():
-    assert ops.prefill_kernel.cp_pieces(1, 4500, 4, 128, 128, ops._num_sms(torch.device("cuda"))) >= 3
+    assert ops.plan_prefill(1, 4500, 4, 128, 128, ops.sm_count(torch.device("cuda"))).pieces >= 3
     _graph_replays_match_eager([4500], [11], seed=8)
 
 
@@ -231,7 +258,8 @@ def test_prefill_overlapped_and_serial_launches_agree_bitwise():
     torch.manual_seed(6)
     lengths = [300, 1, 64, 5000]
     H, HV, N, T = 2, 4, 4, 5365
-    assert ops.prefill_kernel.use_overlap(N, HV, 128, ops._num_sms(torch.device("cuda")))
+    plan = ops.plan_prefill(N, T, HV, 128, 128, ops.sm_count(torch.device("cuda")))
+    assert plan.overlap and plan.chain == CHAIN_FOLDED
     inputs = make_step_inputs(1, T, H, HV, 128, 128)
     pool0 = make_pool(POOL, HV, 128, 128, torch.float32)
     slots = torch.randperm(POOL, device="cuda")[:N].to(torch.int32)
@@ -240,15 +268,8 @@ def test_prefill_overlapped_and_serial_launches_agree_bitwise():
     pool_a = pool0.clone()
     o_a = cute_gdn.prefill(**inputs, cu_seqlens=cu, state=pool_a, state_indices=slots, scale=scale)
     pool_b = pool0.clone()
-    o_b = torch.full_like(o_a, float("nan"))
-    chain = ops.prefill_kernel.chain_kind(N, HV, 128, ops._num_sms(torch.device("cuda")))
-    assert chain == ops.prefill_kernel.CHAIN_FOLDED
-    ws = ops.prefill_workspace(T, N, HV, o_a.dtype, o_a.device, chain=chain)
-    fn = default_cache().get(_key(H, HV))
-    fn(inputs["q"], inputs["k"], inputs["v"], inputs["a"], inputs["b"], inputs["A_log"], inputs["dt_bias"], cu,
-       pool_b, slots, torch.ones(N, dtype=torch.int8, device="cuda"), o_b, *ws, scale, chain,
-       ops.prefill_kernel.LAUNCH_BOTH, 0, None, ops._cp_unused(HV, 128, 128, o_a.device), ops.prefill_kernel.CP_OFF,
-       ops.prefill_kernel.CHUNK)
+    o_b = cute_gdn.prefill(**inputs, cu_seqlens=cu, state=pool_b, state_indices=slots, scale=scale,
+                           out=torch.full_like(o_a, float("nan")), plan=plan._replace(overlap=False))
     torch.cuda.synchronize()
     assert torch.equal(o_a, o_b) and torch.equal(pool_a, pool_b)
 

@@ -6,8 +6,9 @@ import random
 
 import pytest
 
-from cute_gdn.kernels.prefill import (CHAIN_FOLDED, CHAIN_NARROW, CHAIN_WIDE, CHUNK, CP_MIN_CHUNKS, chain_kind,
-                                      cp_pieces, cp_step, use_overlap, use_wide_chain, ws_rows, ws_tiles)
+from cute_gdn.kernels.prefill import (CHAIN_FOLDED, CHAIN_NARROW, CHAIN_WIDE, CHUNK, CP_MIN_CHUNKS, PrefillPlan,
+                                      chain_kind, check_plan, cp_pieces, cp_step, plan_prefill, use_overlap,
+                                      use_wide_chain, ws_rows, ws_tiles)
 
 
 def _rows(lengths):
@@ -101,3 +102,36 @@ def test_context_parallel_pieces_fill_one_wave():
                 step = cp_step(tokens, p)
                 assert step % CHUNK == 0 and (p - 1) * step < tokens <= p * step  # no empty piece
                 assert step >= CP_MIN_CHUNKS * CHUNK
+
+
+@pytest.mark.parametrize("HV", [1, 2, 4, 16, 32])
+def test_plan_prefill_is_the_rules_and_its_pieces_cover_the_tokens(HV):
+    for sms in (78, 132):
+        for N, T in [(1, 1), (1, 3000), (1, 8192), (1, 19498), (1, 65536), (4, 5365), (64, 8192), (16, 32768)]:
+            plan = plan_prefill(N, T, HV, 128, 128, sms)
+            check_plan(plan, N, T)
+            pieces = cp_pieces(N, T, HV, 128, 128, sms)
+            if pieces:
+                assert plan.chain == CHAIN_NARROW and not plan.overlap and 2 <= plan.pieces <= pieces
+                assert (plan.pieces - 1) * plan.cp_step < T <= plan.pieces * plan.cp_step
+                assert plan.cp_step == cp_step(T, pieces)
+            else:
+                assert plan == PrefillPlan(chain_kind(N, HV, 128, sms), use_overlap(N, HV, 128, sms))
+            whole = plan_prefill(N, T, HV, 128, 128, sms, context_parallel=False)
+            assert whole.pieces == 0 and whole.chain == chain_kind(N, HV, 128, sms)
+
+
+def test_check_plan_names_what_the_kernels_cannot_run():
+    good = plan_prefill(1, 8192, 4, 128, 128, 132)
+    assert good.pieces >= 3
+    cases = [((good.chain, good.overlap), TypeError, "PrefillPlan"),
+             (good._replace(chain=7), ValueError, "plan.chain"),
+             (PrefillPlan(CHAIN_WIDE, True), ValueError, "wide chain"),
+             (good._replace(overlap=True), ValueError, "context parallelism"),
+             (good._replace(cp_step=100), ValueError, "plan.cp_step"),
+             (good._replace(pieces=good.pieces + 3), ValueError, "plan.cp_step")]
+    for plan, error, match in cases:
+        with pytest.raises(error, match=match):
+            check_plan(plan, 1, 8192)
+    with pytest.raises(ValueError, match="one sequence"):
+        check_plan(good, 2, 8192)

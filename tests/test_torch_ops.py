@@ -38,7 +38,7 @@ def _install_stand_ins(monkeypatch) -> Calls:
     calls = Calls()
 
     def prefill(q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, cu_seqlens, state,
-                state_indices, has_initial_state=None, scale=None, use_qk_l2norm=True, out=None):
+                state_indices, has_initial_state=None, scale=None, use_qk_l2norm=True, out=None, plan=None):
         calls.append(("prefill", state.data_ptr()))
         o, new = reference.prefill(q, k, v, g=g, beta=beta, a=a, b=b, A_log=A_log, dt_bias=dt_bias,
                                    cu_seqlens=cu_seqlens, state=state, state_indices=state_indices,
@@ -182,9 +182,11 @@ def test_op_is_registered_with_its_mutations(name):
 
 @pytest.mark.parametrize("name", ("prefill", "decode", "verify", "commit", "commit_layers"))
 def test_schema_takes_the_public_arguments(name):
-    """Every public argument of cute_gdn.<op> but `out` (the _out op's) and the LayerTable (per-layer
-    tensor lists instead), in the public order."""
-    public = [p for p in inspect.signature(getattr(ops, name)).parameters if not p.startswith("_") and p != "out"]
+    """Every public argument of cute_gdn.<op> but `out` (the _out op's), prefill's `plan` (a host-side
+    override for tests and benchmarks; the torch op always runs the plan prefill picks) and the LayerTable
+    (per-layer tensor lists instead), in the public order."""
+    public = [p for p in inspect.signature(getattr(ops, name)).parameters
+              if not p.startswith("_") and p not in ("out", "plan")]
     if name == "commit_layers":
         public = ["states", "caches"] + public[1:]
     args = [arg.name for arg in getattr(torch.ops.cute_gdn, name).default._schema.arguments]

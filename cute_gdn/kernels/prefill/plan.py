@@ -22,7 +22,10 @@ def plan_prefill(num_seqs: int, tokens: int, num_v_heads: int, head_k_dim: int, 
     context_parallel=False a call that would run in pieces runs whole (to compare the two)."""
     pieces = cp_pieces(num_seqs, tokens, num_v_heads, head_k_dim, head_v_dim, num_sms) if context_parallel else 0
     if pieces:
-        return PrefillPlan(CHAIN_NARROW, False, pieces, cp_step(tokens, pieces))
+        step = cp_step(tokens, pieces)
+        # Rounding the pieces up to whole chunks can leave the last ones empty (many pieces of a few heads):
+        # those run as fewer pieces of the same length.
+        return PrefillPlan(CHAIN_NARROW, False, -(-tokens // step), step)
     return PrefillPlan(chain_kind(num_seqs, num_v_heads, head_v_dim, num_sms),
                        use_overlap(num_seqs, num_v_heads, head_v_dim, num_sms))
 
