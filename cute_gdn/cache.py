@@ -53,7 +53,7 @@ COMPILERS = {
     "commit": "cute_gdn.kernels.commit:compile_commit",
     "prefill": "cute_gdn.kernels.prefill:compile_prefill",
     "replay": "cute_gdn.kernels.replay:compile_replay",
-    "replay_cursor": "cute_gdn.kernels.replay:compile_cursor",
+    "replay_cursor": "cute_gdn.kernels.replay_cursor:compile_cursor",
 }
 
 

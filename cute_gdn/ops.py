@@ -22,10 +22,12 @@ from .kernels import commit as commit_kernel
 from .kernels import decode as decode_kernel
 from .kernels import prefill as prefill_kernel
 from .kernels import replay as replay_kernel
+from .kernels import replay_cursor as replay_cursor_kernel
 from .kernels import verify as verify_kernel
 from .kernels.commit import CommitConfig
 from .kernels.decode import LARGE_BATCH_HEADS, DecodeConfig
 from .kernels.prefill import PrefillPlan, plan_prefill  # noqa: F401 (public: ops.plan_prefill)
+from .prefill_launch import launch_prefill, prefill_cp_workspace, prefill_workspace  # noqa: F401 (public)
 from .kernels.verify import LARGE_BATCH_HEADS as VERIFY_LARGE_BATCH_HEADS
 from .kernels.verify import MAX_TOKENS, VerifyConfig
 
@@ -86,7 +88,7 @@ def prefill_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads:
 
 _CAN_IMPLEMENT = {"decode": decode_kernel.can_implement, "verify": verify_kernel.can_implement,
                   "commit": commit_kernel.can_implement, "prefill": prefill_kernel.can_implement,
-                  "replay": replay_kernel.can_implement, "replay_cursor": replay_kernel.can_implement_cursor}
+                  "replay": replay_kernel.can_implement, "replay_cursor": replay_cursor_kernel.can_implement_cursor}
 
 
 def can_implement_key(key: KernelKey) -> None:
@@ -548,41 +550,6 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def prefill_workspace(tokens: int, num_seqs: int, num_v_heads: int, dtype: torch.dtype, device: torch.device,
-                      zero_flags: bool = False, chain: int = prefill_kernel.CHAIN_NARROW
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The per-call workspace of prefill for a chain of kind `chain`: the [64, 64] tiles of every chunk
-    (io dtype: T and P, and for a folded chain W~'s two column halves), its per-token factors (fp32) and
-    its ready flag (int32); 17 KiB per chunk and value head at bf16 (33 KiB folded), see
-    kernels/prefill.py. The flags need zeros only when the aux and chain kernels run concurrently."""
-    rows = prefill_kernel.ws_rows(tokens, num_seqs)
-    C = prefill_kernel.CHUNK
-    flags = (torch.zeros if zero_flags else torch.empty)(rows, num_v_heads, dtype=torch.int32, device=device)
-    return (torch.empty(rows, num_v_heads, prefill_kernel.ws_tiles(chain), C, C, dtype=dtype, device=device),
-            torch.empty(rows, num_v_heads, prefill_kernel.NUM_FACTORS, C, dtype=torch.float32, device=device),
-            flags)
-
-
-def prefill_cp_workspace(pieces: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
-                         device: torch.device) -> torch.Tensor:
-    """Context parallelism's per-call workspace, fp32 [pieces, HV, V + K, K]: piece p's start state
-    (rows :V) and transition map (rows V:); see kernels/prefill.cp_pieces. Calls that run their
-    sequences whole pass a one-piece tensor that the kernels never read."""
-    return torch.empty(pieces, num_v_heads, head_v_dim + head_k_dim, head_k_dim, dtype=torch.float32, device=device)
-
-
-@functools.lru_cache(maxsize=None)
-def _cp_unused(num_v_heads: int, head_k_dim: int, head_v_dim: int, device: torch.device) -> torch.Tensor:
-    return prefill_cp_workspace(1, num_v_heads, head_k_dim, head_v_dim, device)
-
-
-@functools.lru_cache(maxsize=None)
-def _chain_stream(device_index: int) -> torch.cuda.Stream:
-    """A high-priority stream per device for the chain kernel of an overlapped prefill, so that its
-    CTAs are placed ahead of the aux kernel's as SMs free up."""
-    return torch.cuda.Stream(device=device_index, priority=-1)
-
-
 def _prefill(
     kcache: KernelCache, allow_compile: bool, check_config: Optional[Callable],
     q: torch.Tensor,  # [1, T, H, K] bf16/fp16: the N sequences packed along T
@@ -646,48 +613,11 @@ def _prefill(
     init = _ALL_TRUE.get(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
     gates = (a, b, A_log, dt_bias) if raw else (g, beta, None, None)
     try:
-        _prefill_launches(fn, (q, k, v, *gates, cu_seqlens, state, state_indices, init, out), scale, plan, T, N)
+        launch_prefill(fn, (q, k, v, *gates, cu_seqlens, state, state_indices, init, out), scale, plan, T, N)
     except (ValueError, TypeError):
         validate_prefill(*args)
         raise
     return out
-
-
-def _prefill_launches(fn, tensors: tuple, scale: float, plan: PrefillPlan, T: int, N: int) -> None:
-    """The kernel launches of one prefill call as `plan` says: context-parallel, overlapped, or aux then chain
-    on one stream. The compiled function's arguments after the tensors: the workspace, scale, chain, launch,
-    overlap, profile, the context-parallel workspace, cp and cp_step (kernels/prefill/kernel.py)."""
-    q, v = tensors[0], tensors[2]
-    K, HV, V = q.shape[3], v.shape[2], v.shape[3]
-    P = prefill_kernel
-    if plan.pieces:
-        # Context parallelism (one long sequence, few heads): the aux kernel over the whole sequence, the
-        # maps of its pieces, their scan, then every piece from its start (kernels/prefill/config.cp_pieces).
-        ws = prefill_workspace(T, N, HV, q.dtype, q.device, chain=P.CHAIN_NARROW)
-        cp_ws = prefill_cp_workspace(plan.pieces, HV, K, V, q.device)
-        call = (*tensors, *ws, scale, P.CHAIN_NARROW)
-        fn(*call, P.LAUNCH_AUX, 0, None, cp_ws, P.CP_OFF, plan.cp_step)
-        fn(*call, P.LAUNCH_CHAIN, 0, None, cp_ws, P.CP_MAP, plan.cp_step)
-        starts, maps = cp_ws[:, :, :V], cp_ws[:, :, V:]
-        for p in range(1, plan.pieces - 1):
-            starts[p + 1].baddbmm_(starts[p], maps[p])
-        fn(*call, P.LAUNCH_CHAIN, 0, None, cp_ws, P.CP_PIECES, plan.cp_step)
-        return
-    ws = prefill_workspace(T, N, HV, q.dtype, q.device, zero_flags=plan.overlap, chain=plan.chain)
-    call = (*tensors, *ws, scale, plan.chain)
-    unused = (_cp_unused(HV, K, V, q.device), P.CP_OFF, P.CHUNK)
-    if not plan.overlap:
-        fn(*call, P.LAUNCH_BOTH, 0, None, *unused)
-    else:
-        # The aux kernel on the caller's stream, the chain concurrently on a high-priority one,
-        # waiting for each chunk's flag; the caller's stream then waits for the chain.
-        current = torch.cuda.current_stream(q.device)
-        side = _chain_stream(q.device.index)
-        side.wait_stream(current)
-        fn(*call, P.LAUNCH_AUX, 1, None, *unused)
-        with torch.cuda.stream(side):
-            fn(*call, P.LAUNCH_CHAIN, 1, None, *unused)
-        current.wait_stream(side)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -39,7 +39,6 @@ import torch
 from . import _checks as chk
 from . import ops
 from .cache import KernelCache, KernelKey, default_cache
-from .kernels import replay as replay_kernel
 from .kernels.replay import FOLD_MODES, LARGE_BATCH_HEADS, MAX_RING_LEN, check_ring, fold_threshold, replay_tile
 from .kernels.verify import MAX_TOKENS, VerifyConfig
 

@@ -212,6 +212,7 @@ def test_prefill_rejects_other_head_dims_with_the_reason(K, V):
 # ---- replay ----
 
 from cute_gdn.kernels import replay as replay_kernel  # noqa: E402
+from cute_gdn.kernels import replay_cursor as replay_cursor_kernel  # noqa: E402
 
 
 @pytest.mark.parametrize("state,io,gates,l2norm", VARIANTS)
@@ -247,9 +248,9 @@ def test_replay_awkward_shapes_compile(H, HV, K, V, state):
         config=tile))
 
 
-@pytest.mark.parametrize("mode", replay_kernel.CURSOR_MODES)
+@pytest.mark.parametrize("mode", replay_cursor_kernel.CURSOR_MODES)
 def test_replay_cursor_kernels_compile(mode):
-    assert callable(replay_kernel.compile_cursor(pool_size=33, ring_len=16, max_tokens=4, mode=mode))
+    assert callable(replay_cursor_kernel.compile_cursor(pool_size=33, ring_len=16, max_tokens=4, mode=mode))
 
 
 def test_replay_can_implement_names_the_reason():
@@ -258,9 +259,9 @@ def test_replay_can_implement_names_the_reason():
                                                      7, tile)
     assert "T must be" in replay_kernel.can_implement("bfloat16", "float32", 16, 32, 128, 128, "raw", "float32", 5, 4,
                                                       16, tile)
-    assert "mode" in replay_kernel.can_implement_cursor(8, 16, 4, "rewind")
+    assert "mode" in replay_cursor_kernel.can_implement_cursor(8, 16, 4, "rewind")
     with pytest.raises(ValueError, match="ring_len"):
-        replay_kernel.compile_cursor(pool_size=8, ring_len=70, max_tokens=4, mode="commit")
+        replay_cursor_kernel.compile_cursor(pool_size=8, ring_len=70, max_tokens=4, mode="commit")
 
 
 # ---- replay, fold="compact" ----

@@ -37,17 +37,15 @@ from .common.dtypes import cutlass_dtype
 from .common.exact import delta_u, fma_rn, update_row
 from .common.fake import fake_token_inputs
 from .common.gates import gate_log_decay_beta
-from .common.problem import check_problem, check_rowmap, state_vec
+from .common.problem import check_problem, check_rowmap
 from .common.rows import columns_to_f32, load_columns, make_state_fragment, row_sum, state_tile_view
 from .verify import MAX_TOKENS, GdnVerifySm90, VerifyConfig
 
 MAX_RING_LEN = 64
-CURSOR_MODES = ("commit", "flush")
 # How a verify folds a full ring into the checkpoint: "exact" replays the recurrence (bit-identical to
 # verify + commit in the same tile), "compact" adds the records' rank-one terms (one multiply-add per element
 # per record; same state, other rounding). replay_flush always folds exactly.
 FOLD_MODES = ("exact", "compact")
-CURSOR_THREADS = 128
 
 
 def fold_threshold(ring_len: int, max_tokens: int) -> int:
@@ -163,14 +161,6 @@ def can_implement(
     if not 0 <= num_tokens <= max_tokens:
         return f"the number of tokens T must be in [0, max_tokens={max_tokens}], got {num_tokens}"
     return check_tile(config, head_k_dim, head_v_dim, state_dtype, 2, num_tokens, ring_len)
-
-
-def can_implement_cursor(pool_size: int, ring_len: int, max_tokens: int, mode: str) -> Optional[str]:
-    if mode not in CURSOR_MODES:
-        return f"cursor mode must be one of {CURSOR_MODES}, got {mode}"
-    if pool_size < 1:
-        return f"pool_size must be >= 1, got {pool_size}"
-    return check_ring(ring_len, max_tokens)
 
 
 class GdnReplaySm90(GdnVerifySm90):
@@ -714,53 +704,6 @@ class GdnReplayFlushSm90(GdnReplaySm90):
         self.flush(mState, mIndices, mRingK, mRingV, mRingGB, mCursor, stream)
 
 
-class GdnReplayCursorSm90:
-    """Cursor moves after replay_verify (commit) or after the flush kernel (flush); one thread per row."""
-
-    def __init__(self, *, pool_size: int, ring_len: int, max_tokens: int, mode: str):
-        self.pool_size = pool_size
-        self.ring_len = ring_len
-        self.max_tokens = max_tokens
-        self.mode = mode
-        self.fold_at = fold_threshold(ring_len, max_tokens)
-
-    @cute.jit
-    def __call__(self, mPos: cute.Tensor, mIndices: cute.Tensor, mAccepted: cute.Tensor, stream):
-        batch = mIndices.shape[0]
-        self.kernel(mPos, mIndices, mAccepted).launch(
-            grid=((batch + CURSOR_THREADS - 1) // CURSOR_THREADS, 1, 1), block=(CURSOR_THREADS, 1, 1), stream=stream)
-
-    @cute.kernel
-    def kernel(self, mPos: cute.Tensor, mIndices: cute.Tensor, mAccepted: cute.Tensor):
-        tidx, _, _ = cute.arch.thread_idx()
-        bidx, _, _ = cute.arch.block_idx()
-        b = bidx * CURSOR_THREADS + tidx
-        if b < mIndices.shape[0]:
-            slot = mIndices[b]
-            if slot >= 0:
-                s64 = Int64(slot)
-                start = mPos[s64, 0]
-                count = mPos[s64, 1]
-                if cutlass.const_expr(self.mode == "commit"):
-                    # Out-of-range counts are clamped so the ring invariant (count + max_tokens <= L)
-                    # holds whatever the caller passes.
-                    n = mAccepted[b]
-                    if n < 0:
-                        n = Int32(0)
-                    if n > self.max_tokens:
-                        n = Int32(self.max_tokens)
-                    if count > self.fold_at:
-                        start = (start + count) % self.ring_len
-                        count = n
-                    else:
-                        count = count + n
-                else:
-                    start = (start + count) % self.ring_len
-                    count = Int32(0)
-                mPos[s64, 0] = start
-                mPos[s64, 1] = count
-
-
 def _ring_tensors(io_dtype: str, H: int, HV: int, K: int, V: int, pool_size: int, L: int):
     io = cutlass_dtype(io_dtype)
     ring_k = cute.runtime.make_fake_compact_tensor(io, (pool_size, H, L, K), stride_order=(3, 2, 1, 0),
@@ -821,17 +764,3 @@ def compile_replay(
         io_dtype, H, HV, K, V, gate_mode, dt_bias_dtype, batch, T)
     return cute.compile(op, q, k, v, gate_a, gate_b, a_log, dt_bias, state, indices, ring_k, ring_v, ring_d,
                         ring_gb, cursor, o, Float32(1.0), stream, options="--enable-tvm-ffi")
-
-
-def compile_cursor(*, pool_size: int, ring_len: int, max_tokens: int, mode: str):
-    """Compile the cursor kernel: (cursors [pool_size, 2] int32, state_indices [B], num_accepted [B])."""
-    reason = can_implement_cursor(pool_size, ring_len, max_tokens, mode)
-    if reason is not None:
-        raise ValueError(reason)
-    batch = cute.sym_int()
-    pos = cute.runtime.make_fake_compact_tensor(Int32, (pool_size, 2), stride_order=(1, 0))
-    indices = cute.runtime.make_fake_compact_tensor(Int32, (batch,))
-    accepted = cute.runtime.make_fake_compact_tensor(Int32, (batch,))
-    op = GdnReplayCursorSm90(pool_size=pool_size, ring_len=ring_len, max_tokens=max_tokens, mode=mode)
-    stream = cute.runtime.make_fake_stream(use_tvm_ffi_env_stream=True)
-    return cute.compile(op, pos, indices, accepted, stream, options="--enable-tvm-ffi")
