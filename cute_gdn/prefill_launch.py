@@ -19,7 +19,7 @@ def prefill_workspace(tokens: int, num_seqs: int, num_v_heads: int, dtype: torch
     """The per-call workspace of prefill for a chain of kind `chain`: the [64, 64] tiles of every chunk
     (io dtype: T and P, and for a folded chain W~'s two column halves), its per-token factors (fp32) and
     its ready flag (int32); 17 KiB per chunk and value head at bf16 (33 KiB folded), see
-    kernels/prefill.py. The flags need zeros only when the aux and chain kernels run concurrently."""
+    kernels/prefill/workspace.py. The flags need zeros only when the aux and chain kernels run concurrently."""
     rows = prefill_kernel.ws_rows(tokens, num_seqs)
     C = prefill_kernel.CHUNK
     flags = (torch.zeros if zero_flags else torch.empty)(rows, num_v_heads, dtype=torch.int32, device=device)
