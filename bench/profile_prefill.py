@@ -22,7 +22,7 @@ from cute_gdn import ops  # noqa: E402
 from cute_gdn.cache import default_cache  # noqa: E402
 from cute_gdn.kernels.prefill import LAUNCH_AUX as AUX, LAUNCH_BOTH as BOTH, LAUNCH_CHAIN as CHAIN  # noqa: E402
 from cute_gdn.kernels.prefill import CHAIN_FOLDED as FOLDED, CHAIN_NARROW as NARROW, CHAIN_WIDE as WIDE  # noqa: E402
-from cute_gdn.kernels.prefill import CHUNK, CP_MAP, CP_OFF, CP_PIECES  # noqa: E402
+from cute_gdn.kernels.prefill import CHUNK, CP_MAP, CP_OFF, CP_PIECES, LAUNCH_SCAN  # noqa: E402
 
 KINDS = {NARROW: "narrow", WIDE: "wide", FOLDED: "folded"}
 
@@ -87,10 +87,12 @@ def main():
                         starts[p + 1].baddbmm_(starts[p], maps[p])
                 cp_call(CHAIN, CP_MAP)
                 times = [time_cold(lambda: cp_call(AUX, CP_OFF)),
-                         time_cold(lambda: cp_call(CHAIN, CP_MAP)), time_cold(scan),
+                         time_cold(lambda: cp_call(CHAIN, CP_MAP)), time_cold(lambda: cp_call(LAUNCH_SCAN, CP_OFF)),
                          time_cold(lambda: cp_call(CHAIN, CP_PIECES))]
+                t_torch = time_cold(scan)  # the scan as torch fp32 baddbmm_ (what ops ran before the scan kernel)
                 print(f"    context parallel, {pieces} pieces of {step} tokens: aux {times[0]:.1f} us, maps "
-                      f"{times[1]:.1f}, scan {times[2]:.1f}, pieces {times[3]:.1f}; sum {sum(times):.1f} us", flush=True)
+                      f"{times[1]:.1f}, scan {times[2]:.1f} (torch baddbmm_ {t_torch:.1f}), pieces {times[3]:.1f}; "
+                      f"sum {sum(times):.1f} us", flush=True)
             prof = torch.zeros(ws[0].shape[0] * HV, 8, dtype=torch.int64, device="cuda")
             fn_prof(*call(AUX, used, prof))
             torch.cuda.synchronize()

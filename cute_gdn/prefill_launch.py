@@ -63,9 +63,8 @@ def launch_prefill(fn, tensors: tuple, scale: float, plan: PrefillPlan, T: int, 
         call = (*tensors, *ws, scale, P.CHAIN_NARROW)
         fn(*call, P.LAUNCH_AUX, 0, None, cp_ws, P.CP_OFF, plan.cp_step)
         fn(*call, P.LAUNCH_CHAIN, 0, None, cp_ws, P.CP_MAP, plan.cp_step)
-        starts, maps = cp_ws[:, :, :V], cp_ws[:, :, V:]
-        for p in range(1, plan.pieces - 1):
-            starts[p + 1].baddbmm_(starts[p], maps[p])
+        if plan.pieces > 2:  # start[p + 1] += start[p] @ map[p], p = 1 .. P - 2, in IEEE fp32 (scan.py)
+            fn(*call, P.LAUNCH_SCAN, 0, None, cp_ws, P.CP_OFF, plan.cp_step)
         fn(*call, P.LAUNCH_CHAIN, 0, None, cp_ws, P.CP_PIECES, plan.cp_step)
         return
     ws = prefill_workspace(T, N, HV, q.dtype, q.device, zero_flags=plan.overlap, chain=plan.chain)

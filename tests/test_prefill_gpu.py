@@ -160,6 +160,27 @@ def test_prefill_context_parallel_and_whole_agree_and_a_bad_plan_writes_nothing(
     assert torch.equal(pool, pool0) and not o.any()
 
 
+def test_prefill_context_parallel_scan_ignores_torch_tf32():
+    # The pieces' scan runs in the kernel's own fp32 FMAs: torch's matmul precision changes no bit.
+    torch.manual_seed(13)
+    T, H, HV = 4500, 2, 4
+    assert ops.plan_prefill(1, T, HV, 128, 128, ops.sm_count(torch.device("cuda"))).pieces >= 4
+    inputs = make_step_inputs(1, T, H, HV, 128, 128)
+    pool0 = make_pool(POOL, HV, 128, 128, torch.float32)
+    slots = torch.tensor([3], dtype=torch.int32, device="cuda")
+    results = []
+    before = torch.get_float32_matmul_precision()
+    try:
+        for precision in ("highest", "high"):
+            torch.set_float32_matmul_precision(precision)
+            pool = pool0.clone()
+            results.append((cute_gdn.prefill(**inputs, cu_seqlens=_cu([T]), state=pool, state_indices=slots), pool))
+    finally:
+        torch.set_float32_matmul_precision(before)
+    (o1, p1), (o2, p2) = results
+    assert torch.equal(o1, o2) and torch.equal(p1, p2)
+
+
 def test_prefill_context_parallel_graph_replay_matches_eager():
     assert ops.plan_prefill(1, 4500, 4, 128, 128, ops.sm_count(torch.device("cuda"))).pieces >= 3
     _graph_replays_match_eager([4500], [11], seed=8)

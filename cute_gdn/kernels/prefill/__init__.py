@@ -44,7 +44,7 @@ half the SMs, so the pair cannot deadlock; run one after the other they give the
 
 Context parallelism (cp_pieces: one sequence, few value heads): the chain is affine in its start, so
 a sequence in P pieces runs as the aux kernel, a maps pass (chain_kernel with CP_MAP: each piece's
-S_end = S_start M + B, no outputs), a scan of P - 2 products by the caller, and a pieces pass
+S_end = S_start M + B, no outputs), a scan of P - 2 products (scan.py), and a pieces pass
 (CP_PIECES: every piece from its start, with outputs); see chain_kernel and ops.prefill.
 
 Why two kernels: the chain is inherently sequential per sequence, so a single long sequence keeps
@@ -70,12 +70,14 @@ Modules (docs/design.md walks through them):
   aux.py        the aux kernel and its roles (row norms, the inverse, W~)
   chain.py      the chain kernel and its roles (producer warp, state chain, state load / store, outputs)
   solve.py      fp32 device math of the aux kernel (exp2, the gate scan, the diagonal-block solve)
+  scan.py       the context-parallel scan of the pieces' starts (fp32 FMAs, one launch)
 Shared with other kernels: ../common/mma.py (wgmma issue, fragment layouts), ../common/tile_io.py (shared
 memory and register row I/O), ../common/barriers.py (named barriers).
 """
 
 from .config import (AUX_CTAS_PER_SM, AUX_WG_THREADS, CHAIN_ALONE_SMEM, CHAIN_FOLDED, CHAIN_NARROW, CHAIN_WIDE,
                      CHUNK, CP_MAP, CP_MIN_CHUNKS, CP_OFF, CP_PIECES, LAUNCH_AUX, LAUNCH_BOTH, LAUNCH_CHAIN,
+                     LAUNCH_SCAN,
                      SUPPORTED_HEAD_DIM, WG_ROWS, can_implement, chain_kind, chain_stages, chain_wgs, cp_pieces,
                      cp_step, narrow_chain_ctas, use_overlap, use_wide_chain)
 from .kernel import GdnPrefillSm90, compile_prefill
@@ -84,6 +86,7 @@ from .workspace import NUM_FACTORS, ws_rows, ws_tiles
 
 __all__ = ["AUX_CTAS_PER_SM", "AUX_WG_THREADS", "CHAIN_ALONE_SMEM", "CHAIN_FOLDED", "CHAIN_NARROW", "CHAIN_WIDE",
            "CHUNK", "CP_MAP", "CP_MIN_CHUNKS", "CP_OFF", "CP_PIECES", "LAUNCH_AUX", "LAUNCH_BOTH", "LAUNCH_CHAIN",
+           "LAUNCH_SCAN",
            "NUM_FACTORS", "SUPPORTED_HEAD_DIM", "WG_ROWS", "GdnPrefillSm90", "PrefillPlan", "can_implement",
            "chain_kind", "chain_stages", "chain_wgs", "check_plan", "compile_prefill", "cp_pieces", "cp_step",
            "narrow_chain_ctas", "plan_prefill", "use_overlap", "use_wide_chain", "ws_rows", "ws_tiles"]

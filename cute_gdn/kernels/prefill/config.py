@@ -9,6 +9,7 @@ from ..common.problem import check_problem
 
 CHUNK = 64
 LAUNCH_AUX, LAUNCH_CHAIN, LAUNCH_BOTH = 1, 2, 3  # the compiled function's `launch` argument
+LAUNCH_SCAN = 4  # its context-parallel scan (scan.py), between the CP_MAP and CP_PIECES chain launches
 CHAIN_NARROW, CHAIN_WIDE, CHAIN_FOLDED = 0, 1, 2  # its `chain` argument, see chain_kind
 CP_OFF, CP_MAP, CP_PIECES = 0, 1, 2  # its `cp` argument (context parallelism), see cp_pieces
 AUX_WG_THREADS = 128  # aux: one warpgroup per value head of the CTA

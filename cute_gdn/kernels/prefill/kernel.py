@@ -13,15 +13,18 @@ from cutlass.cute.nvgpu import OperandMajorMode, cpasync, warpgroup
 from cutlass.tensor_utils import LayoutEnum
 
 from ..common.dtypes import cutlass_dtype
-from .config import AUX_CTAS_PER_SM, AUX_WG_THREADS, CHAIN_ALONE_SMEM, CHAIN_FOLDED, CHAIN_NARROW, CHAIN_WIDE, CHUNK, CP_MAP, CP_OFF, CP_PIECES, LAUNCH_BOTH, WG_ROWS, can_implement, chain_stages, chain_wgs
+from .config import (AUX_CTAS_PER_SM, AUX_WG_THREADS, CHAIN_ALONE_SMEM, CHAIN_FOLDED, CHAIN_NARROW, CHAIN_WIDE,
+                     CHUNK, CP_MAP, CP_OFF, CP_PIECES, LAUNCH_BOTH, LAUNCH_SCAN, WG_ROWS, can_implement,
+                     chain_stages, chain_wgs)
 from .solve import LDB
 from .workspace import NUM_FACTORS, ws_tiles
 
 from .aux import AuxRoles
 from .chain import ChainRoles
+from .scan import ScanRoles
 
 
-class GdnPrefillSm90(AuxRoles, ChainRoles):
+class GdnPrefillSm90(AuxRoles, ChainRoles, ScanRoles):
     def __init__(self, *, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
                  head_v_dim: int, gate_mode: str, use_qk_l2norm: bool, profile: bool = False):
         self.io_dtype = cutlass_dtype(io_dtype)
@@ -61,7 +64,7 @@ class GdnPrefillSm90(AuxRoles, ChainRoles):
         mWsFlag: cute.Tensor,     # [rows, HV] int32: set to 1 by the aux CTA once its chunk is written
         scale: Float32,
         chain: Int32,             # CHAIN_NARROW / CHAIN_WIDE / CHAIN_FOLDED (chain_kind)
-        launch: Int32,            # 1: the aux kernel, 2: the chain kernel, 3: both, in that order
+        launch: Int32,            # 1: the aux kernel, 2: the chain kernel, 3: both, in that order; 4: the scan
         overlap: Int32,           # 1: the chain waits on mWsFlag (aux and chain run concurrently)
         mProfile: Optional[cute.Tensor],  # [HV * N * 2, 8] int64 (profile builds), else None
         mCp: cute.Tensor,         # [pieces, HV, V + K, K] fp32: context parallelism's starts and maps
@@ -213,6 +216,8 @@ class GdnPrefillSm90(AuxRoles, ChainRoles):
             else:
                 self.chain_kernel(*chain_args, *chain_mmas[CHAIN_NARROW, CP_OFF], *narrow, CP_OFF).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), **narrow_launches[CHAIN_NARROW])
+        if launch == LAUNCH_SCAN:
+            self.launch_scan(mCp, stream)
 
 
 def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
@@ -235,7 +240,7 @@ def compile_prefill(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_he
       (N = 1, cp_pieces): piece p is tokens p * cp_step .. (p + 1) * cp_step (cp_step a multiple of 64).
       An aux launch as usual, then a chain launch with cp = CP_MAP (all pieces but the last: their maps
       into cp_ws), the caller's scan cp_ws[p + 1, :, :V] += cp_ws[p, :, :V] @ cp_ws[p, :, V:] for
-      p = 1 .. pieces - 2, then a chain launch with cp = CP_PIECES (all pieces, with their outputs).
+      p = 1 .. pieces - 2 (launch = LAUNCH_SCAN, scan.py), then a chain launch with cp = CP_PIECES (all pieces, with their outputs).
       Otherwise cp = CP_OFF and cp_ws is not read (any tensor of that layout).
     """
     reason = can_implement(io_dtype, state_dtype, num_heads, num_v_heads, head_k_dim, head_v_dim, gate_mode,
