@@ -100,14 +100,14 @@ def can_implement_key(key: KernelKey) -> None:
         raise ValueError(f"unsupported {key.op} configuration: {reason}")
 
 
-def _one_gate_set(raw: bool, a, b, A_log, dt_bias, beta) -> bool:
+def one_gate_set(raw: bool, a, b, A_log, dt_bias, beta) -> bool:
     """Hot-path test that exactly one gate set is given: raw (a, b, A_log, dt_bias; g is None) or
     precomputed (g, beta). The full check with its error message is chk.gate_mode."""
     return raw == (beta is None) and raw != (a is None) and raw != (b is None) and raw != (A_log is None) \
         and raw != (dt_bias is None)
 
 
-def _validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
+def validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
                      op: str, max_tokens: int) -> tuple[str, Optional[str]]:
     """Checks shared by decode and verify: q/k/v/gates/out [B, T, ...] with 1 <= T <= max_tokens, the
     state pool and its indices. Returns (gate mode, dt_bias dtype name)."""
@@ -143,13 +143,13 @@ def _validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indice
 
 def validate_decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out) -> tuple[str, Optional[str]]:
     """Every check of decode's arguments; returns (gate mode, dt_bias dtype name)."""
-    return _validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out, "decode", 1)
+    return validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out, "decode", 1)
 
 
 def validate_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices,
                     out) -> tuple[str, Optional[str]]:
     """Every check of verify's arguments; returns (gate mode, dt_bias dtype name)."""
-    mode, bias_dtype = _validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
+    mode, bias_dtype = validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
                                         "verify", MAX_TOKENS)
     chk.cache("cache", cache, state)
     if q.shape[1] > cache.shape[1]:
@@ -159,7 +159,7 @@ def validate_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices
     return mode, bias_dtype
 
 
-def _decode_entry(kcache_of: Callable[[], KernelCache], allow_compile: Callable[[], bool],
+def decode_entry(kcache_of: Callable[[], KernelCache], allow_compile: Callable[[], bool],
                   check_config: Optional[Callable]) -> Callable:
     """A `decode` bound to a kernel cache: kcache_of() gives it, allow_compile() says whether a missing kernel
     may be compiled and check_config(q, state) checks that the tensors belong to a config (both on the slow
@@ -185,7 +185,7 @@ def _decode_entry(kcache_of: Callable[[], KernelCache], allow_compile: Callable[
         out: Optional[torch.Tensor] = None,  # [B, 1, HV, V] io dtype
     ) -> torch.Tensor:
         # The hot path builds nothing it does not launch with: the argument tuple for the checks is only
-        # built where a check runs, and the one-gate-set test is _one_gate_set written out.
+        # built where a check runs, and the one-gate-set test is one_gate_set written out.
         raw = g is None
         if raw != (beta is None) or raw == (a is None) or raw == (b is None) or raw == (A_log is None) \
                 or raw == (dt_bias is None):
@@ -237,13 +237,13 @@ def _decode_kernels(cache, sig, args, use_qk_l2norm, allow_compile, check_config
                        num_heads=q.shape[2], num_v_heads=v.shape[2], head_k_dim=q.shape[3],
                        head_v_dim=v.shape[3], pool_size=state.shape[0], gate_mode=mode,
                        dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm)
-    small, large = _load(cache, keys, allow_compile)
+    small, large = load_kernels(cache, keys, allow_compile)
     entry = (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
     cache.by_signature[sig] = entry
     return entry
 
 
-def _load(cache: KernelCache, keys: Sequence[KernelKey], allow_compile: bool) -> list:
+def load_kernels(cache: KernelCache, keys: Sequence[KernelKey], allow_compile: bool) -> list:
     """Check, (compile,) load: the loaded functions of `keys`."""
     for key in keys:
         can_implement_key(key)
@@ -275,15 +275,15 @@ class DeviceVectors:
 
 
 # cache_indices=None means arange(B); prefill's has_initial_state=None means all True (int8 ones).
-_IDENTITY = DeviceVectors(lambda n, device: torch.arange(n, dtype=torch.int32, device=device))
+IDENTITY_INDICES = DeviceVectors(lambda n, device: torch.arange(n, dtype=torch.int32, device=device))
 _ALL_TRUE = DeviceVectors(lambda n, device: torch.ones(n, dtype=torch.int8, device=device))
 
 
 def _identity_indices(batch: int, device: torch.device) -> torch.Tensor:
-    return _IDENTITY.get(batch, device)
+    return IDENTITY_INDICES.get(batch, device)
 
 
-def _verify(
+def verify_using(
     kcache: KernelCache, allow_compile: bool, check_config: Optional[Callable],
     q: torch.Tensor,  # [B, T, H, K] bf16/fp16, 1 <= T <= cache_steps
     k: torch.Tensor,  # [B, T, H, K]
@@ -302,10 +302,10 @@ def _verify(
     use_qk_l2norm: bool,
     out: Optional[torch.Tensor],  # [B, T, HV, V] io dtype
 ) -> torch.Tensor:
-    """`verify` with the kernel cache `kcache` (see _decode)."""
+    """`verify` with the kernel cache `kcache` (see decode_entry)."""
     args = (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, out)
     raw = g is None
-    if not _one_gate_set(raw, a, b, A_log, dt_bias, beta):
+    if not one_gate_set(raw, a, b, A_log, dt_bias, beta):
         validate_verify(*args)  # raises
     try:
         B, T, H, K = q.shape
@@ -324,7 +324,7 @@ def _verify(
                            num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0], num_tokens=T,
                            cache_steps=cache.shape[1], gate_mode=mode, dt_bias_dtype=bias_dtype,
                            use_qk_l2norm=use_qk_l2norm)
-        small, large = _load(kcache, keys, allow_compile)
+        small, large = load_kernels(kcache, keys, allow_compile)
         entry = (VERIFY_LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
         kcache.by_signature[sig] = entry
     if chk.DEBUG:
@@ -376,7 +376,7 @@ def _validate_commit_batch(state_indices, cache_indices, accepted_steps, device)
     chk.indices("accepted_steps", accepted_steps, B, device)
 
 
-def _commit(
+def commit_using(
     kcache: KernelCache, allow_compile: bool, check_config: Optional[Callable],
     state: torch.Tensor,          # [pool_size, HV, V, K], written in place
     state_indices: torch.Tensor,  # [B] int32; < 0 = padding
@@ -384,7 +384,7 @@ def _commit(
     cache_indices: Optional[torch.Tensor],  # [B] int32; None = arange(B)
     accepted_steps: torch.Tensor,  # [B] int32 in [0, cache_steps]; 0 = keep the slot as it is
 ) -> None:
-    """`commit` with the kernel cache `kcache` (see _decode)."""
+    """`commit` with the kernel cache `kcache` (see decode_entry)."""
     args = (state, state_indices, cache, cache_indices, accepted_steps)
     try:
         pool, HV, V, K = state.shape
@@ -400,7 +400,7 @@ def _commit(
             check_config(None, state, cache)
         key = commit_key(state_dtype=chk.STATE_DTYPES[state.dtype], num_v_heads=HV, head_k_dim=K, head_v_dim=V,
                          pool_size=pool, cache_steps=cache.shape[1])
-        fn, = _load(kcache, [key], allow_compile)
+        fn, = load_kernels(kcache, [key], allow_compile)
         kcache.by_signature[sig] = fn
     if chk.DEBUG:
         validate_commit(*args)
@@ -465,14 +465,14 @@ class LayerTable:
         return len(self.states)
 
 
-def _commit_layers(
+def commit_layers_using(
     kcache: KernelCache, allow_compile: bool,
     layers: LayerTable,
     state_indices: torch.Tensor,   # [B] int32; < 0 = padding
     cache_indices: Optional[torch.Tensor],  # [B] int32; None = arange(B)
     accepted_steps: torch.Tensor,  # [B] int32 in [0, cache_steps]
 ) -> None:
-    """`commit_layers` with the kernel cache `kcache` (see _decode)."""
+    """`commit_layers` with the kernel cache `kcache` (see decode_entry)."""
     if not isinstance(layers, LayerTable):
         raise TypeError(f"layers must be a cute_gdn.LayerTable, got {type(layers).__name__}")
     sig = ("commit_layers", layers.dtype, layers.num_v_heads, layers.head_v_dim, layers.head_k_dim, layers.pool_size,
@@ -489,7 +489,7 @@ def _commit_layers(
         key = commit_key(state_dtype=chk.STATE_DTYPES[layers.dtype], num_v_heads=layers.num_v_heads,
                          head_k_dim=layers.head_k_dim, head_v_dim=layers.head_v_dim, pool_size=layers.pool_size,
                          cache_steps=layers.cache_steps, layers="table")
-        fn, = _load(kcache, [key], allow_compile)
+        fn, = load_kernels(kcache, [key], allow_compile)
         kcache.by_signature[sig] = fn
     B = state_indices.shape[0]
     if B == 0:
@@ -550,7 +550,7 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _prefill(
+def prefill_using(
     kcache: KernelCache, allow_compile: bool, check_config: Optional[Callable],
     q: torch.Tensor,  # [1, T, H, K] bf16/fp16: the N sequences packed along T
     k: torch.Tensor,  # [1, T, H, K]
@@ -570,10 +570,10 @@ def _prefill(
     out: Optional[torch.Tensor],  # [1, T, HV, V] io dtype
     plan: Optional[PrefillPlan] = None,
 ) -> torch.Tensor:
-    """`prefill` with the kernel cache `kcache` (see _decode)."""
+    """`prefill` with the kernel cache `kcache` (see decode_entry)."""
     args = (q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state, out)
     raw = g is None
-    if not _one_gate_set(raw, a, b, A_log, dt_bias, beta):
+    if not one_gate_set(raw, a, b, A_log, dt_bias, beta):
         validate_prefill(*args)  # raises
     try:
         _, T, H, K = q.shape
@@ -592,7 +592,7 @@ def _prefill(
         key = prefill_key(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype], num_heads=H,
                           num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0], gate_mode=mode,
                           dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm)
-        fn, = _load(kcache, [key], allow_compile)
+        fn, = load_kernels(kcache, [key], allow_compile)
         kcache.by_signature[sig] = fn
     if chk.DEBUG:
         validate_prefill(*args)
@@ -634,7 +634,7 @@ _ERRORS = """
     """
 
 
-decode = _decode_entry(default_cache, lambda: True, None)
+decode = decode_entry(default_cache, lambda: True, None)
 decode.__doc__ = """One decode step of the gated delta rule for B sequences, in place on the state pool.
 
     Sequence b reads and writes `state[state_indices[b]]` (K-last [HV, V, K]); value head h uses q/k head
@@ -689,7 +689,7 @@ def verify(
     Returns:
         o [B, T, HV, V] in the io dtype (`out` if given).
     """
-    return _verify(default_cache(), True, None, q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices,
+    return verify_using(default_cache(), True, None, q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices,
                    cache, cache_indices, scale, use_qk_l2norm, out)
 
 
@@ -706,7 +706,7 @@ def commit(
     (index < 0) copies nothing. One launch for the batch; `commit_layers` does every layer in one launch.
     Returns None.
     """
-    _commit(default_cache(), True, None, state, state_indices, cache, cache_indices, accepted_steps)
+    commit_using(default_cache(), True, None, state, state_indices, cache, cache_indices, accepted_steps)
 
 
 def commit_layers(
@@ -718,7 +718,7 @@ def commit_layers(
     """`commit` of the same batch in every layer of `layers` (a LayerTable, built once before CUDA-graph
     capture), in one launch. Returns None.
     """
-    _commit_layers(default_cache(), True, layers, state_indices, cache_indices, accepted_steps)
+    commit_layers_using(default_cache(), True, layers, state_indices, cache_indices, accepted_steps)
 
 
 def prefill(
@@ -760,7 +760,7 @@ def prefill(
     Returns:
         o [1, T, HV, V] in the io dtype (`out` if given).
     """
-    return _prefill(default_cache(), True, None, q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state,
+    return prefill_using(default_cache(), True, None, q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state,
                     state_indices, has_initial_state, scale, use_qk_l2norm, out, plan)
 
 

@@ -233,7 +233,7 @@ def validate_cursors(cursors, pool_size: int, device, ring_len: Optional[int] = 
 def validate_replay_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring, cursors,
                            out) -> tuple[str, Optional[str]]:
     """Every check of replay_verify's arguments; returns (gate mode, dt_bias dtype name)."""
-    mode, bias_dtype = ops._validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
+    mode, bias_dtype = ops.validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
                                             "replay_verify", MAX_TOKENS)
     validate_ring("ring", ring, state, q.shape[2], q.shape[3], q.dtype)
     validate_cursors(cursors, state.shape[0], q.device, ring.ring_len)
@@ -258,7 +258,7 @@ def _replay_verify(kcache: KernelCache, allow_compile: bool, check_config, q, k,
         raise TypeError(f"cursors must be a cute_gdn.ReplayCursors (make_replay_cursors), "
                         f"got {type(cursors).__name__}")
     raw = g is None
-    if not ops._one_gate_set(raw, a, b, A_log, dt_bias, beta):
+    if not ops.one_gate_set(raw, a, b, A_log, dt_bias, beta):
         validate_replay_verify(*args)  # raises
     try:
         B, T, H, K = q.shape
@@ -283,7 +283,7 @@ def _replay_verify(kcache: KernelCache, allow_compile: bool, check_config, q, k,
                                   num_tokens=T, max_tokens=cursors.max_tokens, ring_len=cursors.ring_len,
                                   gate_mode=mode, dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm,
                                   fold_mode=cursors.fold)
-        small, large = ops._load(kcache, keys, allow_compile)
+        small, large = ops.load_kernels(kcache, keys, allow_compile)
         entry = (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
         kcache.by_signature[sig] = entry
     if out is None:
@@ -349,7 +349,7 @@ def _cursor_call(kcache: KernelCache, allow_compile: bool, cursors, state_indice
     if fn is None:
         key = replay_cursor_key(pool_size=cursors.pos.shape[0], ring_len=cursors.ring_len,
                                 max_tokens=cursors.max_tokens, mode=mode)
-        fn, = ops._load(kcache, [key], allow_compile)
+        fn, = ops.load_kernels(kcache, [key], allow_compile)
         kcache.by_signature[sig] = fn
     if state_indices.shape[0] == 0:
         return
@@ -403,7 +403,7 @@ def _replay_flush(kcache: KernelCache, allow_compile: bool, check_config, states
         key = keys[1] if B * HV >= LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]] else keys[0]
         fn = kcache.by_signature.get(key)
         if fn is None:
-            fn, = ops._load(kcache, [key], allow_compile)
+            fn, = ops.load_kernels(kcache, [key], allow_compile)
             kcache.by_signature[key] = fn
         fns.append(fn)
     if state_indices.shape[0] == 0:

@@ -150,7 +150,7 @@ class GDNKernels:
         self.warm = False
         self.warmup_seconds: Optional[float] = None
         self._modes = {"extend": self.extend, "decode": self.decode, "target_verify": self.target_verify}
-        self._decode = ops._decode_entry(lambda: self.cache, lambda: not self.warm, self._check_config)
+        self._decode = ops.decode_entry(lambda: self.cache, lambda: not self.warm, self._check_config)
 
     def warmup(self, jobs: Optional[int] = None) -> "GDNKernels":
         """Load every kernel of this config (compiling the missing ones); then freeze the set."""
@@ -256,7 +256,7 @@ class GDNKernels:
         extended slots must be empty (count 0): a fresh slot (reset_cursors when the engine assigns it) or
         one flushed with replay_flush. GDNKernels does not reset cursors by itself; the engine, which
         assigns slots, calls cute_gdn.reset_cursors(cursors, slots) (capturable, no host sync)."""
-        return ops._prefill(self.cache, not self.warm, self._check_config, q, k, v, a, b, A_log, dt_bias, g, beta,
+        return ops.prefill_using(self.cache, not self.warm, self._check_config, q, k, v, a, b, A_log, dt_bias, g, beta,
                             cu_seqlens, state, state_indices, has_initial_state, scale, self.use_qk_l2norm, out)
 
     def decode(self, q, k, v, a=None, b=None, *, A_log=None, dt_bias=None, g=None, beta=None, state,
@@ -287,13 +287,13 @@ class GDNKernels:
                             f"this GDNKernels was built with spec_mode='cached' (GDNKernels(..., spec_mode='replay'))")
         if cache is None:
             raise TypeError("target_verify in spec_mode='cached' needs cache= (the verify cache)")
-        return ops._verify(self.cache, not self.warm, self._check_config, q, k, v, a, b, A_log, dt_bias, g, beta,
+        return ops.verify_using(self.cache, not self.warm, self._check_config, q, k, v, a, b, A_log, dt_bias, g, beta,
                            state, state_indices, cache, cache_indices, scale, self.use_qk_l2norm, out)
 
     def commit(self, state, state_indices, cache, cache_indices, accepted_steps) -> None:
         """cute_gdn.commit with this config's kernel: adopt the accepted step of every sequence (cached)."""
         self._require_cached("commit")
-        ops._commit(self.cache, not self.warm, self._check_config, state, state_indices, cache, cache_indices,
+        ops.commit_using(self.cache, not self.warm, self._check_config, state, state_indices, cache, cache_indices,
                     accepted_steps)
 
     def layer_table(self, states, caches) -> ops.LayerTable:
@@ -306,7 +306,7 @@ class GDNKernels:
     def commit_layers(self, layers: ops.LayerTable, state_indices, cache_indices, accepted_steps) -> None:
         """commit of the same batch in every layer of `layers` (from layer_table), in one launch (cached)."""
         self._require_cached("commit_layers")
-        ops._commit_layers(self.cache, not self.warm, layers, state_indices, cache_indices, accepted_steps)
+        ops.commit_layers_using(self.cache, not self.warm, layers, state_indices, cache_indices, accepted_steps)
 
     def replay_commit(self, cursors, state_indices, num_accepted) -> None:
         """cute_gdn.replay_commit with this config's kernel: after every layer's target_verify of a step,

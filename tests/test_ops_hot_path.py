@@ -1,5 +1,5 @@
 """The public ops' host path on the CPU: decode's written-out one-gate-set test agrees with
-ops._one_gate_set, and the public ops carry no private parameters."""
+ops.one_gate_set, and the public ops carry no private parameters."""
 
 import itertools
 import inspect
@@ -34,8 +34,8 @@ def test_decode_gate_set_check_matches_one_gate_set(given):
     for bias in (torch.float32, None):  # the signature of a raw call (fp32 dt_bias) and of a precomputed one
         sig = ("decode", torch.bfloat16, torch.float32, H, K, HV, V, POOL, bias, True, True)
         cache.by_signature[sig] = (1 << 30, lambda *args: launched.append(len(args)), None)
-    accepted = ops._one_gate_set(raw, gates["a"], gates["b"], gates["A_log"], gates["dt_bias"], gates["beta"])
-    decode = ops._decode_entry(lambda: cache, lambda: False, None)
+    accepted = ops.one_gate_set(raw, gates["a"], gates["b"], gates["A_log"], gates["dt_bias"], gates["beta"])
+    decode = ops.decode_entry(lambda: cache, lambda: False, None)
     call = lambda: decode(t["q"], t["k"], t["v"], gates["a"], gates["b"], A_log=gates["A_log"],
                           dt_bias=gates["dt_bias"], g=gates["g"], beta=gates["beta"], state=t["state"],
                           state_indices=t["state_indices"])
@@ -54,10 +54,10 @@ def test_public_ops_have_no_private_parameters_and_document_errors(name):
     params = inspect.signature(fn).parameters
     assert not [p for p in params if p.startswith("_")], list(params)
     assert "Raises:" in fn.__doc__ and "ValueError" in fn.__doc__
-    if name == "decode":  # the public decode is the implementation itself, built by _decode_entry
-        bound = ops._decode_entry(lambda: None, lambda: False, None)
+    if name == "decode":  # the public decode is the implementation itself, built by decode_entry
+        bound = ops.decode_entry(lambda: None, lambda: False, None)
         assert inspect.signature(bound) == inspect.signature(fn) and fn.__name__ == "decode"
         return
-    private = inspect.signature(getattr(ops, f"_{name}")).parameters
+    private = inspect.signature(getattr(ops, f"{name}_using")).parameters  # the form the serving surface calls
     assert list(private)[:2] == ["kcache", "allow_compile"]
     assert [p for p in private if p not in ("kcache", "allow_compile", "check_config")] == list(params)

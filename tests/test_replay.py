@@ -131,8 +131,8 @@ def test_reset_cursors_slot_zero_next_to_padding():
 
 @pytest.fixture
 def no_token_checks(monkeypatch):
-    """ops._validate_tokens checks for a CUDA device first; the ring and cursor checks after it do not."""
-    monkeypatch.setattr(ops, "_validate_tokens", lambda *args: ("raw", "float32"))
+    """ops.validate_tokens checks for a CUDA device first; the ring and cursor checks after it do not."""
+    monkeypatch.setattr(ops, "validate_tokens", lambda *args: ("raw", "float32"))
 
 
 def _validate(x, state, ring, cursors, slots):

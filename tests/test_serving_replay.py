@@ -21,7 +21,7 @@ def make(**kwargs):
 
 
 class Recorder:
-    """Stands in for a private op (replay._replay_verify, ops._verify, ...): checks the call binds to the
+    """Stands in for a private op (replay._replay_verify, ops.verify_using, ...): checks the call binds to the
     real signature and records it."""
 
     def __init__(self, real):
@@ -37,7 +37,7 @@ class Recorder:
 def recorded(monkeypatch):
     recs = {}
     for module, name in ((replay, "_replay_verify"), (replay, "_replay_commit"), (replay, "_replay_flush"),
-                         (ops, "_verify"), (ops, "_commit")):
+                         (ops, "verify_using"), (ops, "commit_using")):
         recs[name] = Recorder(getattr(module, name))
         monkeypatch.setattr(module, name, recs[name])
     return recs
@@ -182,12 +182,12 @@ def test_target_verify_dispatches_by_spec_mode(recorded):
     call, = recorded["_replay_verify"].calls
     assert call["ring"] is ring and call["cursors"] is cursors and call["state"] is pool and call["q"] is q
     assert call["allow_compile"] is True and call["use_qk_l2norm"] is True and call["kcache"] is kern.cache
-    assert not recorded["_verify"].calls
+    assert not recorded["verify_using"].calls
 
     cached = make(spec_mode="cached")
     cache = torch.zeros(3, STEPS, HV, V, K)
     cached.target_verify(q, k, v, g=g, beta=beta, state=pool, state_indices=idx, cache=cache)
-    call, = recorded["_verify"].calls
+    call, = recorded["verify_using"].calls
     assert call["cache"] is cache and call["cache_indices"] is None
 
 
@@ -277,17 +277,17 @@ def test_check_config_takes_rings_and_cursors():
 
 
 def test_after_warmup_a_missing_replay_kernel_raises_instead_of_compiling(tmp_path, monkeypatch):
-    """The replay ops load through ops._load with allow_compile = not warm: a key outside the (here empty)
+    """The replay ops load through ops.load_kernels with allow_compile = not warm: a key outside the (here empty)
     disk cache raises KernelNotCompiledError, and nothing compiles."""
     kern = make(cache_dir=tmp_path)
     monkeypatch.setattr(kern.cache, "compile", lambda *a, **k: pytest.fail("compiled after warmup"))
     kern.warm = True
     key = next(k for k in kern.keys if k.op == "replay")
     with pytest.raises(KernelNotCompiledError, match="replay"):
-        ops._load(kern.cache, [key], not kern.warm)
+        ops.load_kernels(kern.cache, [key], not kern.warm)
     cursor_key = next(k for k in kern.keys if k.op == "replay_cursor")
     with pytest.raises(KernelNotCompiledError, match="replay_cursor"):
-        ops._load(kern.cache, [cursor_key], not kern.warm)
+        ops.load_kernels(kern.cache, [cursor_key], not kern.warm)
 
 
 def test_extend_documents_the_empty_ring_precondition():

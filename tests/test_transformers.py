@@ -105,7 +105,7 @@ class FakeKernels:
 def _cpu_identity(mp):
     # ops' arange memo (the slot indices) asks torch.cuda whether a capture is running, which a CPU-only torch
     # cannot answer; a fresh memo that knows no capture runs on the CPU.
-    mp.setattr(ops, "_IDENTITY", ops.DeviceVectors(lambda n, device: torch.arange(n, dtype=torch.int32,
+    mp.setattr(ops, "IDENTITY_INDICES", ops.DeviceVectors(lambda n, device: torch.arange(n, dtype=torch.int32,
                                                                                   device=device),
                                                    capturing=lambda: False))
 
@@ -338,7 +338,7 @@ def test_slots_are_the_shared_identity_memo(fake):
     assert not hasattr(integ, "_SLOTS") and not hasattr(integ, "_slots")
     for B in (2, 3):
         run_steps(cute, torch.randint(0, 96, (B, 6)), 2)
-    memo = ops._IDENTITY.get(3, torch.device("cpu"))
+    memo = ops.IDENTITY_INDICES.get(3, torch.device("cpu"))
     assert torch.equal(memo, torch.arange(3, dtype=torch.int32))
     assert len(fake.calls) == 2 * 3 * 3  # (prefill + 2 decodes) x 3 layers x 2 batch sizes
     assert {c["slots_ptr"] for c in fake.calls} == {memo.data_ptr()}  # both batch sizes: views of one tensor
