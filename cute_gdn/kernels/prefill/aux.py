@@ -3,8 +3,6 @@ loads the chunk, then its roles: row_norms (the L2-norm factors), invert_offdiag
 diagonal-block inverse), w_products (W~ for a folded chain), and writes the workspace and the chunk's flag.
 """
 
-from typing import Optional
-
 import cutlass
 import cutlass.cute as cute
 from cutlass import Float16, Float32, Int32
@@ -16,34 +14,19 @@ from ..common.tile_io import load_rows, store_rows
 from .config import AUX_WG_THREADS, CHUNK
 from .solve import BLOCK, LDB, LOG2E, exp2, inclusive_scan_64, solve_diagonal_blocks
 from .workspace import flag_ptr
+from .args import AuxArgs, AuxLayouts, AuxMmas
 
 
 class AuxRoles:
     @cute.kernel
-    def aux_kernel(
-        self,
-        mQ: cute.Tensor,
-        mK: cute.Tensor,
-        mGateA: cute.Tensor,
-        mGateB: cute.Tensor,
-        mALog: Optional[cute.Tensor],
-        mDtBias: Optional[cute.Tensor],
-        mCuSeqlens: cute.Tensor,
-        mIndices: cute.Tensor,
-        mWsTP: cute.Tensor,
-        mWsF: cute.Tensor,
-        mWsFlag: cute.Tensor,
-        scale: Float32,
-        mProfile: Optional[cute.Tensor],
-        mma_ss: cute.TiledMma,
-        mma_inv_ss: cute.TiledMma,
-        mma_inv_rs: cute.TiledMma,
-        mma_w: cute.TiledMma,
-        sQK_layout: cute.ComposedLayout,
-        sInv_layout: cute.ComposedLayout,
-        sTile_layout: cute.ComposedLayout,
-        fold: cutlass.Constexpr,
-    ):
+    def aux_kernel(self, args: AuxArgs, mmas: AuxMmas, layouts: AuxLayouts, fold: cutlass.Constexpr):
+        """CTA (x, row): workspace row `row` (a chunk of one sequence) for value heads x * pair .. (x + 1) *
+        pair - 1, one warpgroup each (see the package docstring); fold: also W~ for a folded chain."""
+        mQ, mK, mGateA, mGateB, mALog, mDtBias = args.q, args.k, args.gate_a, args.gate_b, args.a_log, args.dt_bias
+        mCuSeqlens, mIndices, mWsTP, mWsF, mWsFlag = args.cu_seqlens, args.indices, args.ws_tp, args.ws_f, args.ws_flag
+        scale, mProfile = args.scale, args.profile
+        mma_ss, mma_inv_ss, mma_inv_rs, mma_w = mmas
+        sQK_layout, sInv_layout, sTile_layout = layouts
         C = CHUNK
         pair = self.aux_heads
         threads = AUX_WG_THREADS * pair

@@ -4,10 +4,9 @@ TMA, into the staged ring) and the math warpgroups (load_state, state_chain or s
 the outputs, store_state).
 """
 
-from typing import Optional
-
 import cutlass
 import cutlass.cute as cute
+from cutlass import pipeline
 from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
@@ -16,128 +15,58 @@ from ..common.mma import (acc_to_a_layout, gemm_issue, load_fragment, store_frag
 from ..common.tile_io import read_rows, store_rows, write_rows
 from .config import CHAIN_FOLDED, CHUNK, CP_MAP, CP_OFF, CP_PIECES, WG_ROWS, chain_stages, chain_wgs
 from .workspace import NUM_FACTORS, flag_ptr, wait_flag, ws_tiles
+from .args import ChainArgs, ChainCopies, ChainLayouts, ChainMmas, ChainTiles, ChainWork
 
 
 class ChainRoles:
     @cute.kernel
-    def chain_kernel(
-        self,
-        mCuSeqlens: cute.Tensor,
-        mState: cute.Tensor,
-        mIndices: cute.Tensor,
-        mHasInit: cute.Tensor,
-        mO: cute.Tensor,
-        mWsFlag: cute.Tensor,
-        overlap: Int32,
-        mProfile: Optional[cute.Tensor],
-        mCp: cute.Tensor,
-        cp_step: Int32,
-        tma_q: cute.CopyAtom,
-        tma_tensor_q: cute.Tensor,
-        tma_k: cute.CopyAtom,
-        tma_tensor_k: cute.Tensor,
-        tma_tp: cute.CopyAtom,
-        tma_tensor_tp: cute.Tensor,
-        tma_o: cute.CopyAtom,
-        tma_tensor_o: cute.Tensor,
-        mma_rs: cute.TiledMma,
-        mma_state: cute.TiledMma,
-        sQK_layout: cute.ComposedLayout,
-        tma_v: cute.CopyAtom,
-        tma_tensor_v: cute.Tensor,
-        tma_f: cute.CopyAtom,
-        tma_tensor_f: cute.Tensor,
-        sV_layout: cute.ComposedLayout,
-        sTP_layout: cute.ComposedLayout,
-        sO_layout: cute.ComposedLayout,
-        kind: cutlass.Constexpr,
-        cp: cutlass.Constexpr,
-    ):
+    def chain_kernel(self, args: ChainArgs, tma: ChainCopies, mmas: ChainMmas, layouts: ChainLayouts,
+                     kind: cutlass.Constexpr, cp: cutlass.Constexpr):
         """CTA (hv, n, z): value rows z * 64 * wgs .. (z + 1) * 64 * wgs of sequence n's state, 64 per math
         warpgroup (warps 0 .. 4 wgs - 1), and a producer warp (warp 4 wgs; with two math warpgroups, the
         first warp of a producer warpgroup, for setmaxnreg) that loads every chunk's q, k,
-        workspace tiles (T, P, and W~ when folded), v and f by TMA into chain_stages stages: it waits for a
-        stage's `empty` mbarrier (one arrival per math thread once its chunk is done with the stage)
-        and, when overlapped, for the chunk's flag, then arms the stage's `full` mbarrier with the byte
-        count. The math warpgroups wait on `full`; each synchronizes only within itself (named barrier
-        ChainBarrier.WG + wg) and stores its own o tile, so a wide CTA's two warpgroups drift apart freely (they
-        meet only at a sequence's partial last chunk, ChainBarrier.MATH). kind: CHAIN_WIDE has two math warpgroups,
-        the others one; CHAIN_FOLDED runs state_chain_folded, the others state_chain; chain_stages(kind)
-        stages.
+        workspace tiles (T, P, and W~ when folded), v and f by TMA into chain_stages stages (produce_chunks):
+        it waits for a stage's `empty` mbarrier (one arrival per math thread once its chunk is done with the
+        stage) and, when overlapped, for the chunk's flag, then arms the stage's `full` mbarrier with the byte
+        count. The math warpgroups (consume_chunks) wait on `full`; each synchronizes only within itself (named
+        barrier ChainBarrier.WG + wg) and stores its own o tile, so a wide CTA's two warpgroups drift apart
+        freely (they meet only at a sequence's partial last chunk, ChainBarrier.MATH). kind: CHAIN_WIDE has two
+        math warpgroups, the others one; CHAIN_FOLDED runs state_chain_folded, the others state_chain;
+        chain_stages(kind) stages.
 
         cp (context parallelism, narrow chains; n is a piece of the one sequence, whose slot and
         has_initial_state are the call's first): CP_MAP computes piece n's affine map S_end = S_start M + B
         with no output: CTAs z < V / 64 run the state's rows from piece 0's true start (other pieces from
-        zeros) and write B into mCp[n + 1, :, :V] (for piece 0, the true start of piece 1); CTAs z >= V / 64
-        run identity rows with v = 0 and write M's rows into mCp[n, :, V:] (not needed for piece 0).
+        zeros) and write B into cp_ws[n + 1, :, :V] (for piece 0, the true start of piece 1); CTAs z >= V / 64
+        run identity rows with v = 0 and write M's rows into cp_ws[n, :, V:] (not needed for piece 0).
         CP_PIECES runs every piece with its output from its start (piece 0 the pool's, piece n > 0
-        mCp[n, :, :V]); only the last piece writes the pool."""
-        C, K = CHUNK, self.K
+        cp_ws[n, :, :V]); only the last piece writes the pool."""
+        K = self.K
         wgs = chain_wgs(kind)
         stages = chain_stages(kind)
-        fold = kind == CHAIN_FOLDED
-        math_threads = 128 * wgs
-        tiles = ws_tiles(kind)
         tidx, _, _ = cute.arch.thread_idx()
         hv, n, z = cute.arch.block_idx()
         warp = cute.arch.make_warp_uniform(cute.arch.warp_idx())
-        wg = tidx // 128
-        wg_tidx = tidx % 128
-        hk = hv // (self.num_v_heads // self.num_heads)
-        c0 = z * WG_ROWS * wgs
-        v0 = c0 + wg * WG_ROWS
-        last_piece = False
-        if cutlass.const_expr(cp != CP_OFF):
-            # Piece n of the one sequence: cp_step tokens from n * cp_step; the aux kernel ran on the whole
-            # sequence, so its chunk j is workspace row j.
-            bos = n * cp_step
-            eos = bos + cp_step
-            if eos > mCuSeqlens[1]:
-                eos = mCuSeqlens[1]
-            ws_row0 = bos // C
-            last_piece = n == mCp.shape[0] - 1
-        else:
-            bos = mCuSeqlens[n]
-            eos = mCuSeqlens[n + 1]
-            ws_row0 = bos // C + n
-        num_chunks = (eos - bos + C - 1) // C
-        outputs = cp != CP_MAP  # (constexpr)
-        slot = mIndices[0]
-        has_init = mHasInit[0]
-        if cutlass.const_expr(cp == CP_OFF):
-            slot = mIndices[n]
-            has_init = mHasInit[n]
-        # CP_MAP: CTAs z >= V / 64 run identity rows with v = 0 (none for piece 0, which needs no M).
-        identity = False
-        load_v = True
-        if cutlass.const_expr(cp == CP_MAP):
-            identity = z >= self.V // WG_ROWS
-            load_v = z < self.V // WG_ROWS
-            if identity and n == 0:
-                slot = Int32(-1)  # idle
-        active = slot >= 0
+        work = self.chain_work(args, tidx, hv, n, z, wgs, cp)
 
         storage = cutlass.memory.SmemAllocator().allocate(self.chain_storage[kind])
-        sQs = storage.sQ.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
-        sKs = storage.sK.get_tensor(sQK_layout.outer, swizzle=sQK_layout.inner)
-        sVs = storage.sV.get_tensor(sV_layout.outer, swizzle=sV_layout.inner)
-        sTPs = storage.sTP.get_tensor(sTP_layout.outer, swizzle=sTP_layout.inner)
-        sOs = storage.sO.get_tensor(sO_layout.outer, swizzle=sO_layout.inner)
-        sFs = storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, C, stages), stride=(C, 1, NUM_FACTORS * C)))
-        sF_tma = storage.sF.get_tensor(cute.make_layout((C, NUM_FACTORS, stages), stride=(1, C, NUM_FACTORS * C)))
-        full = storage.mbar.data_ptr()
-        empty = full + stages
+        tiles = ChainTiles(
+            q=storage.sQ.get_tensor(layouts.qk.outer, swizzle=layouts.qk.inner),
+            k=storage.sK.get_tensor(layouts.qk.outer, swizzle=layouts.qk.inner),
+            v=storage.sV.get_tensor(layouts.v.outer, swizzle=layouts.v.inner),
+            tp=storage.sTP.get_tensor(layouts.tp.outer, swizzle=layouts.tp.inner),
+            o=storage.sO.get_tensor(layouts.o.outer, swizzle=layouts.o.inner),
+            f=storage.sF.get_tensor(cute.make_layout((NUM_FACTORS, CHUNK, stages),
+                                                     stride=(CHUNK, 1, NUM_FACTORS * CHUNK))),
+            f_tma=storage.sF.get_tensor(cute.make_layout((CHUNK, NUM_FACTORS, stages),
+                                                         stride=(1, CHUNK, NUM_FACTORS * CHUNK))))
         if tidx == 0:
-            for d in (tma_q, tma_k, tma_tp, tma_o, tma_v, tma_f):
-                cpasync.prefetch_descriptor(d)
-            for st in cutlass.range_constexpr(stages):
-                cute.arch.mbarrier_init(full + st, 1)
-                cute.arch.mbarrier_init(empty + st, math_threads)
-        cute.arch.mbarrier_init_fence()
-        cute.arch.sync_threads()  # the last barrier of all the CTA's threads
+            for copy in tma:
+                cpasync.prefetch_descriptor(copy.atom)
+        pipe = self.chain_pipeline(storage.mbar.data_ptr(), kind, cp)  # (ends with the CTA's last barrier)
         # (Made here, outside the role branches: a TiledMma used inside a branch whose helpers set its
         # ACCUMULATE field would be yielded out of the branch, which the IR verifier rejects.)
-        thr_state = mma_state.get_slice(tidx % 128)
+        thr_state = mmas.state.get_slice(tidx % 128)
         acc_S = cute.make_rmem_tensor(thr_state.partition_shape_C((WG_ROWS, K)), Float32)
         cS = thr_state.partition_C(cute.make_identity_tensor((WG_ROWS, K)))
         # With two math warpgroups the producer is a warpgroup (only its first warp works): three warps
@@ -147,83 +76,158 @@ class ChainRoles:
             if cutlass.const_expr(wgs == 2):
                 cute.arch.warpgroup_reg_dealloc(56)
         if warp == 4 * wgs:
-            if active:
-                self.produce_chunks(tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_v,
-                                    tma_tensor_v, tma_f, tma_tensor_f, sQs, sKs, sTPs, sVs, sF_tma, full, empty,
-                                    mWsFlag, overlap, bos, ws_row0, num_chunks, hv, hk, z, tiles, wgs, stages,
-                                    outputs, load_v, tidx % 32)
+            if work.active:
+                self.produce_chunks(tma, tiles, pipe, args, work, kind, cp, tidx % 32)
         if warp < 4 * wgs:
             if cutlass.const_expr(wgs == 2):
                 cute.arch.warpgroup_reg_alloc(224)
-            gO = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_o)[None, None, hv], (C, WG_ROWS),
-                                 (None, None))
-            if active:
-                self.load_state(acc_S, cS, mState, mCp, has_init, slot, n, hv, v0, identity, cp)
-                if identity:
+            gO = cute.local_tile(cute.domain_offset((work.bos, 0, 0), tma.o.tensor)[None, None, work.hv],
+                                 (CHUNK, WG_ROWS), (None, None))
+            if work.active:
+                self.load_state(acc_S, cS, args, work, cp)
+                if work.identity:
                     # v = 0: the producer loads none, so both stages of the v tile are zeros throughout.
-                    sV_flat = storage.sV.get_tensor(cute.make_layout(cute.cosize(sV_layout)))
+                    sV_flat = storage.sV.get_tensor(cute.make_layout(cute.cosize(layouts.v)))
                     zeros = cute.make_rmem_tensor(cute.make_layout(8), self.io_dtype)
                     zeros.fill(0.0)
-                    for i in cutlass.range_constexpr(cute.cosize(sV_layout) // 8 // 128):
+                    for i in cutlass.range_constexpr(cute.cosize(layouts.v) // 8 // 128):
                         cute.autovec_copy(zeros, cute.local_tile(sV_flat, (8,), (tidx + i * 128,)))
                     cute.arch.barrier(barrier_id=ChainBarrier.WG, number_of_threads=128)
-                prof = cute.make_rmem_tensor(cute.make_layout(3), cutlass.Int64)
-                prof.fill(0)
-                stamp = cute.arch.globaltimer()
-                for c in cutlass.range(num_chunks, unroll=1):
-                    stage = c % stages
-                    tok0 = bos + c * C
-                    valid = eos - tok0
-                    if valid > C:
-                        valid = C
-                    cute.arch.mbarrier_wait(full + stage, (c // stages) % 2)
-                    if valid < C:
-                        # k rows past the sequence end hold the next sequence's tokens (or TMA zeros). (The
-                        # one barrier of both math warpgroups: a sequence's last chunk.)
-                        self.zero_rows_from(sKs[None, None, stage], valid, tidx, math_threads)
-                        cute.arch.fence_view_async_shared()
-                        cute.arch.barrier(barrier_id=ChainBarrier.MATH, number_of_threads=math_threads)
-                    stamp = self.mark(prof, 0, stamp)
-                    if cutlass.const_expr(fold):
-                        self.state_chain_folded(mma_rs, mma_state, acc_S, sQs[None, None, stage],
-                                                sKs[None, None, stage], sVs[None, None, stage],
-                                                *(sTPs[None, None, tiles * stage + i] for i in range(4)),
-                                                sOs[None, None, 0], sFs[None, None, stage], tidx)
-                    else:
-                        self.state_chain(mma_rs, mma_state, acc_S, sQs[None, None, stage], sKs[None, None, stage],
-                                         sVs[None, None, stage], sTPs[None, None, tiles * stage],
-                                         sTPs[None, None, tiles * stage + 1], sOs[None, None, wg],
-                                         sFs[None, None, stage], wg, wgs, tidx, outputs)
-                    cute.arch.mbarrier_arrive(empty + stage)  # this thread is done with the stage
-                    if cutlass.const_expr(outputs):
-                        cute.arch.fence_view_async_shared()  # the o tile's stores before a TMA store reads it
-                        cute.arch.barrier(barrier_id=ChainBarrier.WG + wg, number_of_threads=128)
-                        stamp = self.mark(prof, 1, stamp)
-                        # Each warpgroup stores its own o tile (its first warp issues the TMA store), so the
-                        # two warpgroups of a wide CTA never wait for each other inside a full chunk.
-                        if valid == C:
-                            if wg_tidx < 32:
-                                s_tile, g_tile = tma_tile(tma_o, sOs[None, None, wg],
-                                                          gO[None, None, c, z * wgs + wg])
-                                cute.copy(tma_o, s_tile, g_tile)
-                                cute.arch.cp_async_bulk_commit_group()
-                        else:
-                            store_rows(sOs[None, None, wg], cute.domain_offset((tok0, v0), mO[0, None, hv, None]),
-                                       valid, wg_tidx, 128)
-                        stamp = self.mark(prof, 2, stamp)
-                if cutlass.const_expr(outputs):
+                self.consume_chunks(args, tma.o.atom, gO, mmas, tiles, acc_S, pipe, work, tidx, kind, cp)
+                self.store_state(acc_S, cS, args, work, cp)
+            if work.slot < 0:
+                if cutlass.const_expr(cp != CP_MAP):
+                    self.zero_output(args.o, work, wgs, tidx)
+
+    def stage_bytes(self, kind: int, cp: int) -> int:
+        """The bytes the TMA loads of one full stage: q, k, the workspace tiles, v and f; without outputs
+        (CP_MAP) k, T and f (each CTA adds v's where it loads v)."""
+        C, K = CHUNK, self.K
+        io_bytes = self.io_dtype.width // 8
+        if cp == CP_MAP:
+            return (C * K + C * C) * io_bytes + NUM_FACTORS * C * 4
+        return (2 * C * K + ws_tiles(kind) * C * C + C * WG_ROWS * chain_wgs(kind)) * io_bytes + NUM_FACTORS * C * 4
+
+    def chain_pipeline(self, barriers, kind: int, cp: int) -> pipeline.PipelineTmaAsync:
+        """The staged ring's full and empty mbarriers (at `barriers`, 2 * stages of them) as the DSL's TMA
+        pipeline: a stage is full once the producer warp's one arrival and its TMA bytes have landed, and
+        empty once every math warp has released it (one arrival per warp, from its first lane). Made by
+        every thread of the CTA: warp 0 initializes the barriers, then a fence and the CTA barrier."""
+        return pipeline.PipelineTmaAsync.create(
+            num_stages=chain_stages(kind), producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 4 * chain_wgs(kind)),
+            tx_count=self.stage_bytes(kind, cp), barrier_storage=barriers)
+
+    @cute.jit
+    def chain_work(self, args: ChainArgs, tidx, hv, n, z, wgs: cutlass.Constexpr, cp: cutlass.Constexpr) -> ChainWork:
+        """CTA (hv, n, z)'s sequence (or piece), tokens, workspace rows, slot and role (see chain_kernel)."""
+        C = CHUNK
+        wg = tidx // 128
+        hk = hv // (self.num_v_heads // self.num_heads)
+        c0 = z * WG_ROWS * wgs
+        v0 = c0 + wg * WG_ROWS
+        last_piece = False
+        if cutlass.const_expr(cp != CP_OFF):
+            # Piece n of the one sequence: cp_step tokens from n * cp_step; the aux kernel ran on the whole
+            # sequence, so its chunk j is workspace row j.
+            bos = n * args.cp_step
+            eos = bos + args.cp_step
+            if eos > args.cu_seqlens[1]:
+                eos = args.cu_seqlens[1]
+            ws_row0 = bos // C
+            last_piece = n == args.cp_ws.shape[0] - 1
+        else:
+            bos = args.cu_seqlens[n]
+            eos = args.cu_seqlens[n + 1]
+            ws_row0 = bos // C + n
+        num_chunks = (eos - bos + C - 1) // C
+        slot = args.indices[0]
+        has_init = args.has_init[0]
+        if cutlass.const_expr(cp == CP_OFF):
+            slot = args.indices[n]
+            has_init = args.has_init[n]
+        # CP_MAP: CTAs z >= V / 64 run identity rows with v = 0 (none for piece 0, which needs no M).
+        identity = False
+        load_v = True
+        if cutlass.const_expr(cp == CP_MAP):
+            identity = z >= self.V // WG_ROWS
+            load_v = z < self.V // WG_ROWS
+            if identity and n == 0:
+                slot = Int32(-1)  # idle
+        active = slot >= 0
+        return ChainWork(hv=hv, hk=hk, n=n, z=z, v0=v0, c0=c0, bos=bos, eos=eos, ws_row0=ws_row0,
+                         num_chunks=num_chunks, slot=slot, has_init=has_init, identity=identity, load_v=load_v,
+                         last_piece=last_piece, active=active)
+
+    @cute.jit
+    def consume_chunks(self, args: ChainArgs, tma_o: cute.CopyAtom, gO, mmas: ChainMmas, tiles: ChainTiles, acc_S,
+                       pipe: pipeline.PipelineTmaAsync, work: ChainWork, tidx, kind: cutlass.Constexpr,
+                       cp: cutlass.Constexpr):
+        """The math warpgroups' loop over the chunks: wait for a stage, run the chunk on the state rows in
+        acc_S (state_chain or state_chain_folded), release the stage, and (with outputs) store the o tile."""
+        C = CHUNK
+        wgs = chain_wgs(kind)
+        stages = chain_stages(kind)
+        ntiles = ws_tiles(kind)
+        math_threads = 128 * wgs
+        outputs = cp != CP_MAP  # (constexpr)
+        wg = tidx // 128
+        wg_tidx = tidx % 128
+        bos, eos, hv, z = work.bos, work.eos, work.hv, work.z
+        prof = cute.make_rmem_tensor(cute.make_layout(3), cutlass.Int64)
+        prof.fill(0)
+        stamp = cute.arch.globaltimer()
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
+        for c in cutlass.range(work.num_chunks, unroll=1):
+            stage = state.index
+            tok0 = bos + c * C
+            valid = eos - tok0
+            if valid > C:
+                valid = C
+            pipe.consumer_wait(state)
+            if valid < C:
+                # k rows past the sequence end hold the next sequence's tokens (or TMA zeros). (The
+                # one barrier of both math warpgroups: a sequence's last chunk.)
+                self.zero_rows_from(tiles.k[None, None, stage], valid, tidx, math_threads)
+                cute.arch.fence_view_async_shared()
+                cute.arch.barrier(barrier_id=ChainBarrier.MATH, number_of_threads=math_threads)
+            stamp = self.mark(prof, 0, stamp)
+            if cutlass.const_expr(kind == CHAIN_FOLDED):
+                self.state_chain_folded(mmas.rs, mmas.state, acc_S, tiles.q[None, None, stage],
+                                        tiles.k[None, None, stage], tiles.v[None, None, stage],
+                                        *(tiles.tp[None, None, ntiles * stage + i] for i in range(4)),
+                                        tiles.o[None, None, 0], tiles.f[None, None, stage], tidx)
+            else:
+                self.state_chain(mmas.rs, mmas.state, acc_S, tiles.q[None, None, stage], tiles.k[None, None, stage],
+                                 tiles.v[None, None, stage], tiles.tp[None, None, ntiles * stage],
+                                 tiles.tp[None, None, ntiles * stage + 1], tiles.o[None, None, wg],
+                                 tiles.f[None, None, stage], wg, wgs, tidx, outputs)
+            pipe.consumer_release(state)  # this warp is done with the stage
+            state.advance()
+            if cutlass.const_expr(outputs):
+                cute.arch.fence_view_async_shared()  # the o tile's stores before a TMA store reads it
+                cute.arch.barrier(barrier_id=ChainBarrier.WG + wg, number_of_threads=128)
+                stamp = self.mark(prof, 1, stamp)
+                # Each warpgroup stores its own o tile (its first warp issues the TMA store), so the
+                # two warpgroups of a wide CTA never wait for each other inside a full chunk.
+                if valid == C:
                     if wg_tidx < 32:
-                        cute.arch.cp_async_bulk_wait_group(0, read=True)
-                if cutlass.const_expr(self.profile and cp == CP_OFF):
-                    if tidx == 0:
-                        cta = (n * self.num_v_heads + hv) * (self.V // (WG_ROWS * wgs)) + z
-                        for i in cutlass.range_constexpr(3):
-                            mProfile[cta, i] = prof[i]
-                        mProfile[cta, 7] = cutlass.Int64(num_chunks)
-                self.store_state(acc_S, cS, mState, mCp, slot, n, hv, v0, identity, last_piece, cp)
-            if slot < 0:
-                if cutlass.const_expr(outputs):
-                    self.zero_output(mO, bos, eos, hv, c0, wgs, tidx)
+                        s_tile, g_tile = tma_tile(tma_o, tiles.o[None, None, wg], gO[None, None, c, z * wgs + wg])
+                        cute.copy(tma_o, s_tile, g_tile)
+                        cute.arch.cp_async_bulk_commit_group()
+                else:
+                    store_rows(tiles.o[None, None, wg], cute.domain_offset((tok0, work.v0), args.o[0, None, hv, None]),
+                               valid, wg_tidx, 128)
+                stamp = self.mark(prof, 2, stamp)
+        if cutlass.const_expr(outputs):
+            if wg_tidx < 32:
+                cute.arch.cp_async_bulk_wait_group(0, read=True)
+        if cutlass.const_expr(self.profile and cp == CP_OFF):
+            if tidx == 0:
+                cta = (work.n * self.num_v_heads + hv) * (self.V // (WG_ROWS * wgs)) + z
+                for i in cutlass.range_constexpr(3):
+                    args.profile[cta, i] = prof[i]
+                args.profile[cta, 7] = cutlass.Int64(work.num_chunks)
 
     @cute.jit
     def zero_rows_from(self, sX, first, tidx, threads: cutlass.Constexpr):
@@ -235,56 +239,58 @@ class ChainRoles:
                 sX[e // K, e % K] = Float32(0.0).to(self.io_dtype)
 
     @cute.jit
-    def produce_chunks(self, tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_v, tma_tensor_v,
-                       tma_f, tma_tensor_f, sQs, sKs, sTPs, sVs, sF_tma, full, empty, mWsFlag, overlap, bos, ws_row0,
-                       num_chunks, hv, hk, z, tiles: cutlass.Constexpr, wgs: cutlass.Constexpr,
-                       stages: cutlass.Constexpr, outputs: cutlass.Constexpr, load_v, lane):
+    def produce_chunks(self, tma: ChainCopies, tiles: ChainTiles, pipe: pipeline.PipelineTmaAsync, args: ChainArgs,
+                       work: ChainWork, kind: cutlass.Constexpr, cp: cutlass.Constexpr, lane):
         """The chain's producer warp: every chunk's loads into stage c % stages, once the math warpgroups
         have released the stage (chunk c - stages) and, when overlapped, the aux kernel has flagged the chunk.
-        Without outputs (CP_MAP) it loads no q and no P; without load_v, no v."""
+        Without outputs (CP_MAP) it loads no q and no P; without work.load_v, no v."""
         C, K = CHUNK, self.K
-        gQ = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_q)[None, None, hk], (C, K), (None, 0))
-        gK = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_k)[None, None, hk], (C, K), (None, 0))
-        gV = cute.local_tile(cute.domain_offset((bos, 0, 0), tma_tensor_v)[None, None, hv], (C, WG_ROWS * wgs),
-                             (None, z))
-        tQs, tQg = cpasync.tma_partition(tma_q, 0, cute.make_layout(1), cute.group_modes(sQs, 0, 2),
+        wgs = chain_wgs(kind)
+        stages = chain_stages(kind)
+        ntiles = ws_tiles(kind)
+        outputs = cp != CP_MAP  # (constexpr)
+        bos, hv, hk = work.bos, work.hv, work.hk
+        gQ = cute.local_tile(cute.domain_offset((bos, 0, 0), tma.q.tensor)[None, None, hk], (C, K), (None, 0))
+        gK = cute.local_tile(cute.domain_offset((bos, 0, 0), tma.k.tensor)[None, None, hk], (C, K), (None, 0))
+        gV = cute.local_tile(cute.domain_offset((bos, 0, 0), tma.v.tensor)[None, None, hv], (C, WG_ROWS * wgs),
+                             (None, work.z))
+        tQs, tQg = cpasync.tma_partition(tma.q.atom, 0, cute.make_layout(1), cute.group_modes(tiles.q, 0, 2),
                                          cute.group_modes(gQ, 0, 2))
-        tKs, tKg = cpasync.tma_partition(tma_k, 0, cute.make_layout(1), cute.group_modes(sKs, 0, 2),
+        tKs, tKg = cpasync.tma_partition(tma.k.atom, 0, cute.make_layout(1), cute.group_modes(tiles.k, 0, 2),
                                          cute.group_modes(gK, 0, 2))
-        tVs, tVg = cpasync.tma_partition(tma_v, 0, cute.make_layout(1), cute.group_modes(sVs, 0, 2),
+        tVs, tVg = cpasync.tma_partition(tma.v.atom, 0, cute.make_layout(1), cute.group_modes(tiles.v, 0, 2),
                                          cute.group_modes(gV, 0, 2))
-        io_bytes = self.io_dtype.width // 8
-        nbytes = (2 * C * K + tiles * C * C) * io_bytes + NUM_FACTORS * C * 4
-        if cutlass.const_expr(not outputs):
-            nbytes = (C * K + C * C) * io_bytes + NUM_FACTORS * C * 4  # k, T, f
-        v_bytes = 0
-        if load_v:
-            v_bytes = C * WG_ROWS * wgs * io_bytes
-        for c in cutlass.range(num_chunks, unroll=1):
-            stage = c % stages
-            ws_row = ws_row0 + c
-            if c >= stages:
-                cute.arch.mbarrier_wait(empty + stage, (c // stages - 1) % 2)
-            if overlap != 0:
+        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
+        for c in cutlass.range(work.num_chunks, unroll=1):
+            stage = state.index
+            ws_row = work.ws_row0 + c
+            # Wait for the math warps to release the stage (chunk c - stages), then arm its full barrier
+            # with stage_bytes (one elected lane).
+            pipe.producer_acquire(state)
+            bar = pipe.producer_get_barrier(state)
+            if cutlass.const_expr(not outputs):
+                if work.load_v:
+                    if lane == 0:
+                        cute.arch.mbarrier_expect_tx(bar, C * WG_ROWS * wgs * (self.io_dtype.width // 8))
+            if args.overlap != 0:
                 if lane == 0:
-                    wait_flag(flag_ptr(mWsFlag, ws_row, hv))
+                    wait_flag(flag_ptr(args.ws_flag, ws_row, hv))
                 cute.arch.sync_warp()
                 # T, P, W~ and f were written by another kernel's generic stores: order them before this
                 # warp's async-proxy (TMA) reads.
                 cute.arch.fence_proxy("async.global")
-            if lane == 0:
-                cute.arch.mbarrier_arrive_and_expect_tx(full + stage, nbytes + v_bytes)
             if cutlass.const_expr(outputs):
-                cute.copy(tma_q, tQg[None, c], tQs[None, stage], tma_bar_ptr=full + stage)
-            cute.copy(tma_k, tKg[None, c], tKs[None, stage], tma_bar_ptr=full + stage)
-            if load_v:
-                cute.copy(tma_v, tVg[None, c], tVs[None, stage], tma_bar_ptr=full + stage)
-            for which in cutlass.range_constexpr(tiles if outputs else 1):  # (T is tile 0)
-                s_tile, g_tile = tma_tile(tma_tp, sTPs[None, None, tiles * stage + which],
-                                          tma_tensor_tp[None, None, which, hv, ws_row])
-                cute.copy(tma_tp, g_tile, s_tile, tma_bar_ptr=full + stage)
-            s_tile, g_tile = tma_tile(tma_f, sF_tma[None, None, stage], tma_tensor_f[None, None, hv, ws_row])
-            cute.copy(tma_f, g_tile, s_tile, tma_bar_ptr=full + stage)
+                cute.copy(tma.q.atom, tQg[None, c], tQs[None, stage], tma_bar_ptr=bar)
+            cute.copy(tma.k.atom, tKg[None, c], tKs[None, stage], tma_bar_ptr=bar)
+            if work.load_v:
+                cute.copy(tma.v.atom, tVg[None, c], tVs[None, stage], tma_bar_ptr=bar)
+            for which in cutlass.range_constexpr(ntiles if outputs else 1):  # (T is tile 0)
+                s_tile, g_tile = tma_tile(tma.tp.atom, tiles.tp[None, None, ntiles * stage + which],
+                                          tma.tp.tensor[None, None, which, hv, ws_row])
+                cute.copy(tma.tp.atom, g_tile, s_tile, tma_bar_ptr=bar)
+            s_tile, g_tile = tma_tile(tma.f.atom, tiles.f_tma[None, None, stage], tma.f.tensor[None, None, hv, ws_row])
+            cute.copy(tma.f.atom, g_tile, s_tile, tma_bar_ptr=bar)
+            state.advance()
 
     @cute.jit
     def mark(self, prof, phase: cutlass.Constexpr, stamp):
@@ -296,15 +302,16 @@ class ChainRoles:
         return stamp
 
     @cute.jit
-    def load_state(self, acc_S, cS, mState, mCp, has_init, slot, n, hv, v0, identity, cp: cutlass.Constexpr):
-        """The warpgroup's 64 rows from v0 of the chain's start (see chain_kernel for the cp passes)."""
+    def load_state(self, acc_S, cS, args: ChainArgs, work: ChainWork, cp: cutlass.Constexpr):
+        """The warpgroup's 64 rows from work.v0 of the chain's start (see chain_kernel for the cp passes)."""
+        v0 = work.v0
         if cutlass.const_expr(cp == CP_PIECES):
-            if n > 0:
-                read_rows(acc_S, cS, mCp[n, hv, None, None], v0)
+            if work.n > 0:
+                read_rows(acc_S, cS, args.cp_ws[work.n, work.hv, None, None], v0)
             else:
-                self.load_state(acc_S, cS, mState, mCp, has_init, slot, n, hv, v0, identity, CP_OFF)
+                self.load_state(acc_S, cS, args, work, CP_OFF)
         elif cutlass.const_expr(cp == CP_MAP):
-            if identity:
+            if work.identity:
                 r0 = v0 - self.V
                 for i in cutlass.range_constexpr(cute.size(acc_S)):
                     r, col = cS[i]
@@ -312,34 +319,36 @@ class ChainRoles:
                     if r0 + r == col:
                         one = Float32(1.0)
                     acc_S[i] = one
-            elif n > 0:
+            elif work.n > 0:
                 acc_S.fill(0.0)
             else:
-                self.load_state(acc_S, cS, mState, mCp, has_init, slot, n, hv, v0, identity, CP_OFF)
+                self.load_state(acc_S, cS, args, work, CP_OFF)
         else:
-            if has_init != 0:
-                read_rows(acc_S, cS, mState[cutlass.Int64(slot), hv, None, None], v0)
+            if work.has_init != 0:
+                read_rows(acc_S, cS, args.state[cutlass.Int64(work.slot), work.hv, None, None], v0)
             else:
                 acc_S.fill(0.0)
 
     @cute.jit
-    def store_state(self, acc_S, cS, mState, mCp, slot, n, hv, v0, identity, last_piece, cp: cutlass.Constexpr):
-        """The warpgroup's 64 rows from v0 of the chain's end to where its pass keeps them."""
+    def store_state(self, acc_S, cS, args: ChainArgs, work: ChainWork, cp: cutlass.Constexpr):
+        """The warpgroup's 64 rows from work.v0 of the chain's end to where its pass keeps them."""
+        n, hv, v0 = work.n, work.hv, work.v0
         if cutlass.const_expr(cp == CP_MAP):
-            if identity:
-                write_rows(acc_S, cS, mCp[n, hv, None, None], v0)  # M's rows, mCp[n, :, V:]
+            if work.identity:
+                write_rows(acc_S, cS, args.cp_ws[n, hv, None, None], v0)  # M's rows, cp_ws[n, :, V:]
             else:
-                write_rows(acc_S, cS, mCp[n + 1, hv, None, None], v0)  # B, piece n + 1's start if n == 0
+                write_rows(acc_S, cS, args.cp_ws[n + 1, hv, None, None], v0)  # B, piece n + 1's start if n == 0
         elif cutlass.const_expr(cp == CP_PIECES):
-            if last_piece:
-                write_rows(acc_S, cS, mState[cutlass.Int64(slot), hv, None, None], v0)
+            if work.last_piece:
+                write_rows(acc_S, cS, args.state[cutlass.Int64(work.slot), hv, None, None], v0)
         else:
-            write_rows(acc_S, cS, mState[cutlass.Int64(slot), hv, None, None], v0)
+            write_rows(acc_S, cS, args.state[cutlass.Int64(work.slot), hv, None, None], v0)
 
     @cute.jit
-    def zero_output(self, mO, bos, eos, hv, c0, wgs: cutlass.Constexpr, tidx):
-        for t in cutlass.range(bos + tidx // (WG_ROWS * wgs), eos, 2, unroll=1):
-            mO[0, t, hv, c0 + tidx % (WG_ROWS * wgs)] = Float32(0.0).to(mO.element_type)
+    def zero_output(self, mO, work: ChainWork, wgs: cutlass.Constexpr, tidx):
+        """A padding sequence's o rows of this CTA: zeros."""
+        for t in cutlass.range(work.bos + tidx // (WG_ROWS * wgs), work.eos, 2, unroll=1):
+            mO[0, t, work.hv, work.c0 + tidx % (WG_ROWS * wgs)] = Float32(0.0).to(mO.element_type)
 
     @cute.jit
     def state_chain(self, mma_rs, mma_state, acc_S, sQ, sK, sV, sT, sP, sO, sF, wg, wgs: cutlass.Constexpr, tidx,

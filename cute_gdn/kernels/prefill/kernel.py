@@ -18,6 +18,7 @@ from .config import (AUX_CTAS_PER_SM, AUX_WG_THREADS, CHAIN_ALONE_SMEM, CHAIN_FO
                      chain_stages, chain_wgs)
 from .solve import LDB
 from .workspace import NUM_FACTORS, ws_tiles
+from .args import AuxArgs, AuxLayouts, AuxMmas, ChainArgs, ChainCopies, ChainLayouts, ChainMmas, TmaTile
 
 from .aux import AuxRoles
 from .chain import ChainRoles
@@ -140,12 +141,12 @@ class GdnPrefillSm90(AuxRoles, ChainRoles, ScanRoles):
         # The chain's RS products and its state update, a fresh pair per chain kernel (chain kind, cp pass): a
         # TiledMma carries its ACCUMULATE field, and one set inside a kernel's loop must not reach another
         # kernel's launch.
-        chain_mmas = {variant: (sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.K,
-                                                                  Float32, (1, 1, 1), (64, C),
-                                                                  warpgroup.OperandSource.RMEM),
-                                sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K, OperandMajorMode.MN,
-                                                                  Float32, (1, 1, 1), (64, K),
-                                                                  warpgroup.OperandSource.RMEM))
+        chain_mmas = {variant: ChainMmas(rs=sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K,
+                                                                              OperandMajorMode.K, Float32, (1, 1, 1),
+                                                                              (64, C), warpgroup.OperandSource.RMEM),
+                                         state=sm90_utils.make_trivial_tiled_mma(io, io, OperandMajorMode.K,
+                                                                                 OperandMajorMode.MN, Float32, (1, 1, 1),
+                                                                                 (64, K), warpgroup.OperandSource.RMEM))
                       for variant in ((CHAIN_WIDE, CP_OFF), (CHAIN_FOLDED, CP_OFF), (CHAIN_NARROW, CP_OFF),
                                       (CHAIN_NARROW, CP_MAP), (CHAIN_NARROW, CP_PIECES))}
         # Aux W = T diag(f0) K by column halves: register A (T), B an MN-major view of k's [t, k] tile.
@@ -154,44 +155,49 @@ class GdnPrefillSm90(AuxRoles, ChainRoles, ScanRoles):
         # TMA for the chain's q, k (per head: (T, K) tiles of (C, K) at any token offset) and T, P tiles.
         tma_op = cpasync.CopyBulkTensorTileG2SOp()
         qk_tile = cute.select(sQK_layout, mode=[0, 1])
-        tma_q, tma_tensor_q = cpasync.make_tiled_tma_atom(
-            tma_op, cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[1, 3, 2])), qk_tile, (C, K))
-        tma_k, tma_tensor_k = cpasync.make_tiled_tma_atom(
-            tma_op, cute.make_tensor(mK.iterator, cute.select(mK.layout, mode=[1, 3, 2])), qk_tile, (C, K))
-        tma_tp, tma_tensor_tp = cpasync.make_tiled_tma_atom(
+        tma_q = TmaTile(*cpasync.make_tiled_tma_atom(
+            tma_op, cute.make_tensor(mQ.iterator, cute.select(mQ.layout, mode=[1, 3, 2])), qk_tile, (C, K)))
+        tma_k = TmaTile(*cpasync.make_tiled_tma_atom(
+            tma_op, cute.make_tensor(mK.iterator, cute.select(mK.layout, mode=[1, 3, 2])), qk_tile, (C, K)))
+        tma_tp = TmaTile(*cpasync.make_tiled_tma_atom(
             tma_op, cute.make_tensor(mWsTP.iterator, cute.select(mWsTP.layout, mode=[3, 4, 2, 1, 0])),
-            cute.select(sTP_layout, mode=[0, 1]), (C, C))
+            cute.select(sTP_layout, mode=[0, 1]), (C, C)))
         # ... and for the chain's o (full chunks): (C, 64) tiles of (T, V) per head, stored from o tiles
         # laid out as the T/P tiles are.
-        tma_o, tma_tensor_o = cpasync.make_tiled_tma_atom(
+        tma_o = TmaTile(*cpasync.make_tiled_tma_atom(
             cpasync.CopyBulkTensorTileS2GOp(), cute.make_tensor(mO.iterator, cute.select(mO.layout, mode=[1, 3, 2])),
-            cute.select(sTP_layout, mode=[0, 1]), (C, WG_ROWS))
-        tma = (tma_q, tma_tensor_q, tma_k, tma_tensor_k, tma_tp, tma_tensor_tp, tma_o, tma_tensor_o)
+            cute.select(sTP_layout, mode=[0, 1]), (C, WG_ROWS)))
         # ... and for its v ((C, 64 * wgs) tiles of (T, V) per head) and f ((C, 4) fp32 tiles of the
         # workspace).
-        tma_vs = [cpasync.make_tiled_tma_atom(
+        tma_vs = [TmaTile(*cpasync.make_tiled_tma_atom(
             tma_op, cute.make_tensor(mV.iterator, cute.select(mV.layout, mode=[1, 3, 2])),
-            cute.select(sV2_layouts[kind], mode=[0, 1]), (C, WG_ROWS * wgs)) for kind, wgs in ((CHAIN_NARROW, 1),
-                                                                                             (CHAIN_WIDE, 2))]
-        tma_f, tma_tensor_f = cpasync.make_tiled_tma_atom(
+            cute.select(sV2_layouts[kind], mode=[0, 1]), (C, WG_ROWS * wgs))) for kind, wgs in ((CHAIN_NARROW, 1),
+                                                                                                (CHAIN_WIDE, 2))]
+        tma_f = TmaTile(*cpasync.make_tiled_tma_atom(
             tma_op, cute.make_tensor(mWsF.iterator, cute.select(mWsF.layout, mode=[3, 2, 1, 0])),
-            cute.make_layout((C, NUM_FACTORS), stride=(1, C)), (C, NUM_FACTORS))
+            cute.make_layout((C, NUM_FACTORS), stride=(1, C)), (C, NUM_FACTORS)))
         num_seqs = mIndices.shape[0]
         if launch % 2 == 1:  # LAUNCH_AUX or LAUNCH_BOTH
-            aux_args = (mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, mWsFlag, scale,
-                        mProfile, mma_ss, mma_inv_ss, mma_inv_rs, mma_w, sQK_layout, sInv_layout, sTile_layout)
+            aux_args = AuxArgs(mQ, mK, mGateA, mGateB, mALog, mDtBias, mCuSeqlens, mIndices, mWsTP, mWsF, mWsFlag,
+                               scale, mProfile)
+            aux_mmas = AuxMmas(ss=mma_ss, inv_ss=mma_inv_ss, inv_rs=mma_inv_rs, w=mma_w)
+            aux_layouts = AuxLayouts(qk=sQK_layout, inv=sInv_layout, tile=sTile_layout)
             aux_launch = dict(grid=(self.num_v_heads // pair, mWsTP.shape[0], 1), block=(AUX_WG_THREADS * pair, 1, 1),
                               stream=stream, min_blocks_per_mp=AUX_CTAS_PER_SM[pair], preferred_smem_carveout=100)
             # Two instances, so that only a folded chain's aux kernel carries W~'s registers.
             if chain == CHAIN_FOLDED:
-                self.aux_kernel(*aux_args, True).launch(**aux_launch)
+                self.aux_kernel(aux_args, aux_mmas, aux_layouts, True).launch(**aux_launch)
             else:
-                self.aux_kernel(*aux_args, False).launch(**aux_launch)
+                self.aux_kernel(aux_args, aux_mmas, aux_layouts, False).launch(**aux_launch)
         if launch // 2 == 1:  # LAUNCH_CHAIN or LAUNCH_BOTH
-            chain_args = (mCuSeqlens, mState, mIndices, mHasInit, mO, mWsFlag, overlap, mProfile, mCp, cp_step, *tma)
-            layouts = {kind: (sQKc_layouts[kind], *tma_vs[chain_wgs(kind) - 1], tma_f, tma_tensor_f,
-                              sV2_layouts[kind], sTP_layouts[kind], sO_layouts[kind], kind) for kind in kinds}
-            narrow = layouts[CHAIN_NARROW]
+            chain_args = ChainArgs(mCuSeqlens, mState, mIndices, mHasInit, mO, mWsFlag, overlap, mProfile, mCp, cp_step)
+            copies = {kind: ChainCopies(q=tma_q, k=tma_k, tp=tma_tp, o=tma_o, v=tma_vs[chain_wgs(kind) - 1], f=tma_f)
+                      for kind in kinds}
+            layouts = {kind: ChainLayouts(qk=sQKc_layouts[kind], v=sV2_layouts[kind], tp=sTP_layouts[kind],
+                                          o=sO_layouts[kind]) for kind in kinds}
+            # The chain kernel's arguments per instance (chain kind, cp pass).
+            variants = {(kind, cp_pass): (chain_args, copies[kind], chain_mmas[kind, cp_pass], layouts[kind], kind,
+                                          cp_pass) for kind, cp_pass in chain_mmas}
             narrow_launches = {kind: dict(block=(128 + 32, 1, 1), stream=stream,
                                           smem=max(CHAIN_ALONE_SMEM, self.chain_storage[kind].size_in_bytes()))
                                for kind in (CHAIN_NARROW, CHAIN_FOLDED)}
@@ -200,21 +206,19 @@ class GdnPrefillSm90(AuxRoles, ChainRoles, ScanRoles):
             # themselves; one after the other, narrow CTAs number at most one per SM anyway.
             if cp == CP_MAP:
                 # Per piece, value head and 64 rows of [S; I]: the state's V rows, then K identity rows.
-                self.chain_kernel(*chain_args, *chain_mmas[CHAIN_NARROW, CP_MAP], *narrow, CP_MAP).launch(
+                self.chain_kernel(*variants[CHAIN_NARROW, CP_MAP]).launch(
                     grid=(self.num_v_heads, mCp.shape[0] - 1, (V + K) // WG_ROWS), **narrow_launches[CHAIN_NARROW])
             elif cp == CP_PIECES:
-                self.chain_kernel(*chain_args, *chain_mmas[CHAIN_NARROW, CP_PIECES], *narrow, CP_PIECES).launch(
+                self.chain_kernel(*variants[CHAIN_NARROW, CP_PIECES]).launch(
                     grid=(self.num_v_heads, mCp.shape[0], V // WG_ROWS), **narrow_launches[CHAIN_NARROW])
             elif chain == CHAIN_WIDE:
-                self.chain_kernel(*chain_args, *chain_mmas[CHAIN_WIDE, CP_OFF], *layouts[CHAIN_WIDE], CP_OFF).launch(
-                    grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(3 * 128, 1, 1),
-                    stream=stream)
+                self.chain_kernel(*variants[CHAIN_WIDE, CP_OFF]).launch(
+                    grid=(self.num_v_heads, num_seqs, V // (2 * WG_ROWS)), block=(3 * 128, 1, 1), stream=stream)
             elif chain == CHAIN_FOLDED:
-                self.chain_kernel(*chain_args, *chain_mmas[CHAIN_FOLDED, CP_OFF], *layouts[CHAIN_FOLDED],
-                                  CP_OFF).launch(grid=(self.num_v_heads, num_seqs, V // WG_ROWS),
-                                                 **narrow_launches[CHAIN_FOLDED])
+                self.chain_kernel(*variants[CHAIN_FOLDED, CP_OFF]).launch(
+                    grid=(self.num_v_heads, num_seqs, V // WG_ROWS), **narrow_launches[CHAIN_FOLDED])
             else:
-                self.chain_kernel(*chain_args, *chain_mmas[CHAIN_NARROW, CP_OFF], *narrow, CP_OFF).launch(
+                self.chain_kernel(*variants[CHAIN_NARROW, CP_OFF]).launch(
                     grid=(self.num_v_heads, num_seqs, V // WG_ROWS), **narrow_launches[CHAIN_NARROW])
         if launch == LAUNCH_SCAN:
             self.launch_scan(mCp, stream)
