@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from . import _checks as chk
 from .cache import KernelCache, KernelKey, default_cache
+from .op_checks import (debug_commit, one_gate_set, validate_commit, validate_commit_batch,  # noqa: F401 (public)
+                        validate_decode, validate_prefill, validate_tokens, validate_verify)
 from .kernels import commit as commit_kernel
 from .kernels import decode as decode_kernel
 from .kernels import prefill as prefill_kernel
@@ -29,7 +31,7 @@ from .kernels.decode import LARGE_BATCH_HEADS, DecodeConfig
 from .kernels.prefill import PrefillPlan, plan_prefill  # noqa: F401 (public: ops.plan_prefill)
 from .prefill_launch import launch_prefill, prefill_cp_workspace, prefill_workspace  # noqa: F401 (public)
 from .kernels.verify import LARGE_BATCH_HEADS as VERIFY_LARGE_BATCH_HEADS
-from .kernels.verify import MAX_TOKENS, VerifyConfig
+from .kernels.verify import MAX_TOKENS, VerifyConfig  # noqa: F401 (public: ops.MAX_TOKENS)
 
 
 def decode_key(*, io_dtype: str, state_dtype: str, num_heads: int, num_v_heads: int, head_k_dim: int,
@@ -100,63 +102,40 @@ def can_implement_key(key: KernelKey) -> None:
         raise ValueError(f"unsupported {key.op} configuration: {reason}")
 
 
-def one_gate_set(raw: bool, a, b, A_log, dt_bias, beta) -> bool:
-    """Hot-path test that exactly one gate set is given: raw (a, b, A_log, dt_bias; g is None) or
-    precomputed (g, beta). The full check with its error message is chk.gate_mode."""
-    return raw == (beta is None) and raw != (a is None) and raw != (b is None) and raw != (A_log is None) \
-        and raw != (dt_bias is None)
+class OpPath(NamedTuple):
+    """How one op goes from a call to its launch (run_op): its checks, its hot-path signature, its kernels'
+    load and its launch. Every function takes the op's arguments as run_op got them."""
+    validate: Callable   # (*args) -> what load needs; every check, raising under the argument's public name
+    signature: Callable  # (*args) -> (signature, batch), from attributes alone; raises on a missing attribute
+    load: Callable       # (kcache, allow_compile, check_config, args, validated) -> the entry to memoize
+    launch: Callable     # (entry, *args) -> the op's result
+    debug: Callable      # (*args) -> None: CUTE_GDN_DEBUG's checks of the values on the device
 
 
-def validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
-                     op: str, max_tokens: int) -> tuple[str, Optional[str]]:
-    """Checks shared by decode and verify: q/k/v/gates/out [B, T, ...] with 1 <= T <= max_tokens, the
-    state pool and its indices. Returns (gate mode, dt_bias dtype name)."""
-    chk.tensor("q", q, 4, chk.IO_DTYPES)
-    device = q.device
-    if device.type != "cuda":
-        raise ValueError(f"q must be on a CUDA device, got {device}")
-    B, T, H, K = q.shape
-    if max_tokens == 1 and T != 1:
-        raise ValueError(f"decode takes one token per sequence: q must be [B, 1, H, K], got {list(q.shape)}")
-    if not 1 <= T <= max_tokens:
-        raise ValueError(f"{op} takes 1 to {max_tokens} tokens per sequence: q is [B, T, H, K] with T={T}")
-    if B > chk.MAX_BATCH:
-        raise ValueError(f"{op} supports at most {chk.MAX_BATCH} sequences, got B={B}")
-    chk.vector_aligned("q", q)
-    chk.tensor("k", k, 4, (q.dtype,), device)
-    chk.shape("k", k, (B, T, H, K))
-    chk.vector_aligned("k", k)
-    chk.tensor("v", v, 4, (q.dtype,), device)
-    HV, V = v.shape[2], v.shape[3]
-    chk.shape("v", v, (B, T, HV, V))
-    chk.unit_last_stride("v", v)
-    if HV % H != 0:
-        raise ValueError(f"v heads ({HV}) must be a multiple of q/k heads ({H})")
-    mode = chk.gate_mode(a, b, A_log, dt_bias, g, beta)
-    bias_dtype = chk.gates(mode, a, b, A_log, dt_bias, g, beta, (B, T), HV, q.dtype, device)
-    chk.state_pool("state", state, HV, V, K, device)
-    chk.indices("state_indices", state_indices, B, device)
-    if out is not None:
-        chk.output(out, (B, T, HV, V), q.dtype, device)
-    return mode, bias_dtype
-
-
-def validate_decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out) -> tuple[str, Optional[str]]:
-    """Every check of decode's arguments; returns (gate mode, dt_bias dtype name)."""
-    return validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out, "decode", 1)
-
-
-def validate_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices,
-                    out) -> tuple[str, Optional[str]]:
-    """Every check of verify's arguments; returns (gate mode, dt_bias dtype name)."""
-    mode, bias_dtype = validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
-                                        "verify", MAX_TOKENS)
-    chk.cache("cache", cache, state)
-    if q.shape[1] > cache.shape[1]:
-        raise ValueError(f"q has T={q.shape[1]} tokens per sequence but cache has only cache_steps={cache.shape[1]}")
-    if cache_indices is not None:
-        chk.indices("cache_indices", cache_indices, q.shape[0], q.device)
-    return mode, bias_dtype
+def run_op(op: OpPath, kcache: KernelCache, allow_compile: bool, check_config: Optional[Callable], args: tuple):
+    """The one path of every op: (1) the call signature from the arguments' dtypes and dims (a failure there
+    is a bad argument, which the full checks raise under its name); (2) the kernels memoized under it, loaded
+    (or compiled, where allowed) after the full checks and the config check on a miss or an oversized batch;
+    (3) under CUTE_GDN_DEBUG the full and the on-device checks; (4) the launch, whose ValueError/TypeError
+    (the compiled function's own checks) the full checks re-raise under the argument's name. Nothing is
+    written before (4). decode writes the same path out (decode_entry)."""
+    try:
+        sig, batch = op.signature(*args)
+    except (AttributeError, ValueError, TypeError):
+        op.validate(*args)
+        raise
+    entry = kcache.by_signature.get(sig)
+    if entry is None or batch > chk.MAX_BATCH:
+        entry = op.load(kcache, allow_compile, check_config, args, op.validate(*args))
+        kcache.by_signature[sig] = entry
+    if chk.DEBUG:
+        op.validate(*args)
+        op.debug(*args)
+    try:
+        return op.launch(entry, *args)
+    except (ValueError, TypeError):
+        op.validate(*args)
+        raise
 
 
 def decode_entry(kcache_of: Callable[[], KernelCache], allow_compile: Callable[[], bool],
@@ -165,7 +144,9 @@ def decode_entry(kcache_of: Callable[[], KernelCache], allow_compile: Callable[[
     may be compiled and check_config(q, state) checks that the tensors belong to a config (both on the slow
     path only). The public `cute_gdn.decode` is one (the default cache, compiling allowed); GDNKernels builds
     its own. An eager decode at B = 1 is bound by host time, so the public op is the implementation itself,
-    not a wrapper around it (a wrapper frame measured 0.1-0.3 us of about 10 on an H200 host)."""
+    not a wrapper around it (a wrapper frame measured 0.1-0.3 us of about 10 on an H200 host): it is
+    run_op(DECODE, ...) written out, with DECODE's checks, load and debug on its slow path (the CPU tests hold
+    the two to the same launches)."""
 
     def decode(
         q: torch.Tensor,  # [B, 1, H, K] bf16/fp16
@@ -199,12 +180,15 @@ def decode_entry(kcache_of: Callable[[], KernelCache], allow_compile: Callable[[
             validate_decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out)
             raise
         entry = kcache_of().by_signature.get(sig)  # (large-batch threshold in B * HV, small kernel, large kernel)
-        if entry is None or B > chk.MAX_BATCH:
-            args = (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out)
-            entry = _decode_kernels(kcache_of(), sig, args, use_qk_l2norm, allow_compile(), check_config)
-        if chk.DEBUG:
-            validate_decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out)
-            chk.debug_indices("state_indices", state_indices, state.shape[0])
+        if entry is None or B > chk.MAX_BATCH or chk.DEBUG:
+            # Off the hot path: run_op's own steps (2) and (3).
+            args = (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, scale, use_qk_l2norm, out)
+            if entry is None or B > chk.MAX_BATCH:
+                entry = DECODE.load(kcache_of(), allow_compile(), check_config, args, DECODE.validate(*args))
+                kcache_of().by_signature[sig] = entry
+            if chk.DEBUG:
+                DECODE.validate(*args)
+                DECODE.debug(*args)
         if out is None:
             out = torch.empty_like(v)  # [B, 1, HV, V]; cheaper than new_empty on the hot path
         if B == 0:
@@ -227,20 +211,56 @@ def decode_entry(kcache_of: Callable[[], KernelCache], allow_compile: Callable[[
     return decode
 
 
-def _decode_kernels(cache, sig, args, use_qk_l2norm, allow_compile, check_config):
-    """Slow path, once per call signature: full validation, then load (or compile) both tiles."""
-    q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out = args
-    mode, bias_dtype = validate_decode(*args)
+def _decode_validate(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, scale, use_qk_l2norm, out):
+    return validate_decode(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out)
+
+
+def _decode_signature(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, scale, use_qk_l2norm, out):
+    raw = g is None
+    if not one_gate_set(raw, a, b, A_log, dt_bias, beta):
+        raise ValueError("not exactly one gate set")  # (validate raises the full message)
+    B, _, H, K = q.shape
+    _, _, HV, V = v.shape
+    return ("decode", q.dtype, state.dtype, H, K, HV, V, state.shape[0], dt_bias.dtype if raw else None,
+            bool(use_qk_l2norm), q.get_device() == state.get_device()), B
+
+
+def _decode_load(kcache, allow_compile, check_config, args, validated):
+    """Both tiles of the call's key: (large-batch threshold in B * HV, small kernel, large kernel)."""
+    q, v, state, use_qk_l2norm = args[0], args[2], args[9], args[12]
+    mode, bias_dtype = validated
     if check_config is not None:
         check_config(q, state)
     keys = decode_keys(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype],
                        num_heads=q.shape[2], num_v_heads=v.shape[2], head_k_dim=q.shape[3],
                        head_v_dim=v.shape[3], pool_size=state.shape[0], gate_mode=mode,
                        dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm)
-    small, large = load_kernels(cache, keys, allow_compile)
-    entry = (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
-    cache.by_signature[sig] = entry
-    return entry
+    small, large = load_kernels(kcache, keys, allow_compile)
+    return (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
+
+
+def _decode_launch(entry, q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, scale, use_qk_l2norm, out):
+    if out is None:
+        out = torch.empty_like(v)  # [B, 1, HV, V]; cheaper than new_empty on the hot path
+    B = q.shape[0]
+    if B == 0:
+        return out
+    if scale is None:
+        scale = q.shape[3] ** -0.5
+    threshold, small, large = entry
+    fn = large if B * v.shape[2] >= threshold else small
+    if g is None:
+        fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, out, scale)
+    else:
+        fn(q, k, v, g, beta, None, None, state, state_indices, out, scale)
+    return out
+
+
+def _decode_debug(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, scale, use_qk_l2norm, out):
+    chk.debug_indices("state_indices", state_indices, state.shape[0])
+
+
+DECODE = OpPath(_decode_validate, _decode_signature, _decode_load, _decode_launch, _decode_debug)
 
 
 def load_kernels(cache: KernelCache, keys: Sequence[KernelKey], allow_compile: bool) -> list:
@@ -279,8 +299,68 @@ IDENTITY_INDICES = DeviceVectors(lambda n, device: torch.arange(n, dtype=torch.i
 _ALL_TRUE = DeviceVectors(lambda n, device: torch.ones(n, dtype=torch.int8, device=device))
 
 
-def _identity_indices(batch: int, device: torch.device) -> torch.Tensor:
-    return IDENTITY_INDICES.get(batch, device)
+def _verify_validate(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, scale,
+                     use_qk_l2norm, out):
+    return validate_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, out)
+
+
+def _verify_signature(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, scale,
+                      use_qk_l2norm, out):
+    raw = g is None
+    if not one_gate_set(raw, a, b, A_log, dt_bias, beta):
+        raise ValueError("not exactly one gate set")  # (validate raises the full message)
+    B, T, H, K = q.shape
+    _, _, HV, V = v.shape
+    return ("verify", q.dtype, state.dtype, H, K, T, HV, V, state.shape[0], cache.shape[1],
+            dt_bias.dtype if raw else None, bool(use_qk_l2norm), q.get_device() == state.get_device()), B
+
+
+def _verify_load(kcache, allow_compile, check_config, args, validated):
+    """Both tiles of the call's key: (large-batch threshold in B * HV, small kernel, large kernel)."""
+    q, v, state, cache, use_qk_l2norm = args[0], args[2], args[9], args[11], args[14]
+    mode, bias_dtype = validated
+    if check_config is not None:
+        check_config(q, state, cache)
+    _, T, H, K = q.shape
+    keys = verify_keys(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype], num_heads=H,
+                       num_v_heads=v.shape[2], head_k_dim=K, head_v_dim=v.shape[3], pool_size=state.shape[0],
+                       num_tokens=T, cache_steps=cache.shape[1], gate_mode=mode, dt_bias_dtype=bias_dtype,
+                       use_qk_l2norm=use_qk_l2norm)
+    small, large = load_kernels(kcache, keys, allow_compile)
+    return (VERIFY_LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
+
+
+def _verify_launch(entry, q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, scale,
+                   use_qk_l2norm, out):
+    if out is None:
+        out = torch.empty_like(v)
+    B = q.shape[0]
+    if B == 0:
+        return out
+    if scale is None:
+        scale = q.shape[3] ** -0.5
+    if cache_indices is None:
+        cache_indices = IDENTITY_INDICES.get(B, q.device)
+    threshold, small, large = entry
+    fn = large if B * v.shape[2] >= threshold else small
+    if g is None:
+        fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, cache, cache_indices, out, scale)
+    else:
+        fn(q, k, v, g, beta, None, None, state, state_indices, cache, cache_indices, out, scale)
+    return out
+
+
+def _verify_debug(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, scale,
+                  use_qk_l2norm, out):
+    chk.debug_indices("state_indices", state_indices, state.shape[0])
+    if cache_indices is not None:
+        live = cache_indices[state_indices >= 0]
+        if bool((live < 0).any()):
+            raise ValueError("cache_indices has a negative entry for a sequence whose state index is not")
+        chk.debug_indices("cache_indices", live, cache.shape[0])
+
+
+VERIFY = OpPath(_verify_validate, _verify_signature, _verify_load, _verify_launch, _verify_debug)
 
 
 def verify_using(
@@ -303,77 +383,42 @@ def verify_using(
     out: Optional[torch.Tensor],  # [B, T, HV, V] io dtype
 ) -> torch.Tensor:
     """`verify` with the kernel cache `kcache` (see decode_entry)."""
-    args = (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, out)
-    raw = g is None
-    if not one_gate_set(raw, a, b, A_log, dt_bias, beta):
-        validate_verify(*args)  # raises
-    try:
-        B, T, H, K = q.shape
-        _, _, HV, V = v.shape
-        sig = ("verify", q.dtype, state.dtype, H, K, T, HV, V, state.shape[0], cache.shape[1],
-               dt_bias.dtype if raw else None, bool(use_qk_l2norm), q.get_device() == state.get_device())
-    except (AttributeError, ValueError, TypeError):
-        validate_verify(*args)
-        raise
-    entry = kcache.by_signature.get(sig)  # (large-batch threshold in B * HV, small kernel, large kernel)
-    if entry is None or B > chk.MAX_BATCH:
-        mode, bias_dtype = validate_verify(*args)
-        if check_config is not None:
-            check_config(q, state, cache)
-        keys = verify_keys(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype], num_heads=H,
-                           num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0], num_tokens=T,
-                           cache_steps=cache.shape[1], gate_mode=mode, dt_bias_dtype=bias_dtype,
-                           use_qk_l2norm=use_qk_l2norm)
-        small, large = load_kernels(kcache, keys, allow_compile)
-        entry = (VERIFY_LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
-        kcache.by_signature[sig] = entry
-    if chk.DEBUG:
-        validate_verify(*args)
-        chk.debug_indices("state_indices", state_indices, state.shape[0])
-        if cache_indices is not None:
-            live = cache_indices[state_indices >= 0]
-            if bool((live < 0).any()):
-                raise ValueError("cache_indices has a negative entry for a sequence whose state index is not")
-            chk.debug_indices("cache_indices", live, cache.shape[0])
-    if out is None:
-        out = torch.empty_like(v)
-    if B == 0:
-        return out
-    if scale is None:
-        scale = K ** -0.5
-    if cache_indices is None:
-        cache_indices = _identity_indices(B, q.device)
-    threshold, small, large = entry
-    fn = large if B * HV >= threshold else small
-    try:
-        if raw:
-            fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, cache, cache_indices, out, scale)
-        else:
-            fn(q, k, v, g, beta, None, None, state, state_indices, cache, cache_indices, out, scale)
-    except (ValueError, TypeError):
-        validate_verify(*args)
-        raise
-    return out
+    return run_op(VERIFY, kcache, allow_compile, check_config, (q, k, v, a, b, A_log, dt_bias, g, beta, state,
+                                                                state_indices, cache, cache_indices, scale,
+                                                                use_qk_l2norm, out))
 
 
-def validate_commit(state, state_indices, cache, cache_indices, accepted_steps) -> None:
-    chk.tensor("state", state, 4, tuple(chk.STATE_DTYPES))
-    if state.device.type != "cuda":
-        raise ValueError(f"state must be on a CUDA device, got {state.device}")
-    chk.state_pool("state", state, *state.shape[1:], state.device)
-    chk.tensor("state_indices", state_indices, 1, (torch.int32,), state.device)
-    _validate_commit_batch(state_indices, cache_indices, accepted_steps, state.device)
-    chk.cache("cache", cache, state)
+def _commit_signature(state, state_indices, cache, cache_indices, accepted_steps):
+    pool, HV, V, K = state.shape
+    return ("commit", state.dtype, HV, V, K, pool, cache.shape[1], state.get_device() == cache.get_device()), \
+        state_indices.shape[0]
 
 
-def _validate_commit_batch(state_indices, cache_indices, accepted_steps, device) -> None:
+def _commit_load(kcache, allow_compile, check_config, args, validated):
+    state, cache = args[0], args[2]
+    if check_config is not None:
+        check_config(None, state, cache)
+    pool, HV, V, K = state.shape
+    key = commit_key(state_dtype=chk.STATE_DTYPES[state.dtype], num_v_heads=HV, head_k_dim=K, head_v_dim=V,
+                     pool_size=pool, cache_steps=cache.shape[1])
+    fn, = load_kernels(kcache, [key], allow_compile)
+    return fn
+
+
+def _commit_launch(fn, state, state_indices, cache, cache_indices, accepted_steps):
     B = state_indices.shape[0]
-    if B > chk.MAX_BATCH:
-        raise ValueError(f"commit supports at most {chk.MAX_BATCH} sequences, got B={B}")
-    chk.indices("state_indices", state_indices, B, device)
-    if cache_indices is not None:
-        chk.indices("cache_indices", cache_indices, B, device)
-    chk.indices("accepted_steps", accepted_steps, B, device)
+    if B == 0:
+        return
+    if cache_indices is None:
+        cache_indices = IDENTITY_INDICES.get(B, state.device)
+    fn(state, state_indices, cache, cache_indices, accepted_steps)
+
+
+def _commit_debug(state, state_indices, cache, cache_indices, accepted_steps):
+    debug_commit(state_indices, cache_indices, accepted_steps, state.shape[0], cache.shape[0], cache.shape[1])
+
+
+COMMIT = OpPath(validate_commit, _commit_signature, _commit_load, _commit_launch, _commit_debug)
 
 
 def commit_using(
@@ -385,46 +430,7 @@ def commit_using(
     accepted_steps: torch.Tensor,  # [B] int32 in [0, cache_steps]; 0 = keep the slot as it is
 ) -> None:
     """`commit` with the kernel cache `kcache` (see decode_entry)."""
-    args = (state, state_indices, cache, cache_indices, accepted_steps)
-    try:
-        pool, HV, V, K = state.shape
-        B = state_indices.shape[0]
-        sig = ("commit", state.dtype, HV, V, K, pool, cache.shape[1], state.get_device() == cache.get_device())
-    except (AttributeError, ValueError, TypeError):
-        validate_commit(*args)
-        raise
-    fn = kcache.by_signature.get(sig)
-    if fn is None or B > chk.MAX_BATCH:
-        validate_commit(*args)
-        if check_config is not None:
-            check_config(None, state, cache)
-        key = commit_key(state_dtype=chk.STATE_DTYPES[state.dtype], num_v_heads=HV, head_k_dim=K, head_v_dim=V,
-                         pool_size=pool, cache_steps=cache.shape[1])
-        fn, = load_kernels(kcache, [key], allow_compile)
-        kcache.by_signature[sig] = fn
-    if chk.DEBUG:
-        validate_commit(*args)
-        _debug_commit(state_indices, cache_indices, accepted_steps, pool, cache.shape[0], cache.shape[1])
-    if B == 0:
-        return
-    if cache_indices is None:
-        cache_indices = _identity_indices(B, state.device)
-    try:
-        fn(state, state_indices, cache, cache_indices, accepted_steps)
-    except (ValueError, TypeError):
-        validate_commit(*args)
-        raise
-
-
-def _debug_commit(state_indices, cache_indices, accepted_steps, pool_size, cache_slots, cache_steps) -> None:
-    chk.debug_indices("state_indices", state_indices, pool_size)
-    live = state_indices >= 0
-    if cache_indices is not None:
-        chk.debug_indices("cache_indices", cache_indices[live], cache_slots)
-    bad = accepted_steps[live]
-    bad = bad[(bad < 0) | (bad > cache_steps)]
-    if bad.numel():
-        raise ValueError(f"accepted_steps has an entry {int(bad[0])} outside [0, cache_steps={cache_steps}]")
+    run_op(COMMIT, kcache, allow_compile, check_config, (state, state_indices, cache, cache_indices, accepted_steps))
 
 
 class LayerTable:
@@ -465,6 +471,48 @@ class LayerTable:
         return len(self.states)
 
 
+def _layers_validate(layers, state_indices, cache_indices, accepted_steps):
+    if not isinstance(layers, LayerTable):
+        raise TypeError(f"layers must be a cute_gdn.LayerTable, got {type(layers).__name__}")
+    chk.tensor("state_indices", state_indices, 1, (torch.int32,), layers.device)
+    validate_commit_batch(state_indices, cache_indices, accepted_steps, layers.device)
+
+
+def _layers_signature(layers, state_indices, cache_indices, accepted_steps):
+    if not isinstance(layers, LayerTable):
+        raise TypeError("layers")  # (validate raises the full message)
+    # (The pools were checked when the table was built; the batch's tensors are checked by the kernel's own
+    # checks, on a miss, or where the kernel refuses them.)
+    return ("commit_layers", layers.dtype, layers.num_v_heads, layers.head_v_dim, layers.head_k_dim,
+            layers.pool_size, layers.cache_steps), state_indices.shape[0]
+
+
+def _layers_load(kcache, allow_compile, check_config, args, validated):
+    layers = args[0]
+    key = commit_key(state_dtype=chk.STATE_DTYPES[layers.dtype], num_v_heads=layers.num_v_heads,
+                     head_k_dim=layers.head_k_dim, head_v_dim=layers.head_v_dim, pool_size=layers.pool_size,
+                     cache_steps=layers.cache_steps, layers="table")
+    fn, = load_kernels(kcache, [key], allow_compile)
+    return fn
+
+
+def _layers_launch(fn, layers, state_indices, cache_indices, accepted_steps):
+    B = state_indices.shape[0]
+    if B == 0:
+        return
+    if cache_indices is None:
+        cache_indices = IDENTITY_INDICES.get(B, layers.device)
+    fn(layers.state_ptrs, state_indices, layers.cache_ptrs, cache_indices, accepted_steps)
+
+
+def _layers_debug(layers, state_indices, cache_indices, accepted_steps):
+    debug_commit(state_indices, cache_indices, accepted_steps, layers.pool_size, layers.cache_slots,
+                  layers.cache_steps)
+
+
+COMMIT_LAYERS = OpPath(_layers_validate, _layers_signature, _layers_load, _layers_launch, _layers_debug)
+
+
 def commit_layers_using(
     kcache: KernelCache, allow_compile: bool,
     layers: LayerTable,
@@ -473,81 +521,74 @@ def commit_layers_using(
     accepted_steps: torch.Tensor,  # [B] int32 in [0, cache_steps]
 ) -> None:
     """`commit_layers` with the kernel cache `kcache` (see decode_entry)."""
-    if not isinstance(layers, LayerTable):
-        raise TypeError(f"layers must be a cute_gdn.LayerTable, got {type(layers).__name__}")
-    sig = ("commit_layers", layers.dtype, layers.num_v_heads, layers.head_v_dim, layers.head_k_dim, layers.pool_size,
-           layers.cache_steps)
-    fn = kcache.by_signature.get(sig)
-    if fn is None or chk.DEBUG or not isinstance(state_indices, torch.Tensor) \
-            or state_indices.shape[0] > chk.MAX_BATCH:
-        chk.tensor("state_indices", state_indices, 1, (torch.int32,), layers.device)
-        _validate_commit_batch(state_indices, cache_indices, accepted_steps, layers.device)
-        if chk.DEBUG:
-            _debug_commit(state_indices, cache_indices, accepted_steps, layers.pool_size, layers.cache_slots,
-                          layers.cache_steps)
-    if fn is None:
-        key = commit_key(state_dtype=chk.STATE_DTYPES[layers.dtype], num_v_heads=layers.num_v_heads,
-                         head_k_dim=layers.head_k_dim, head_v_dim=layers.head_v_dim, pool_size=layers.pool_size,
-                         cache_steps=layers.cache_steps, layers="table")
-        fn, = load_kernels(kcache, [key], allow_compile)
-        kcache.by_signature[sig] = fn
-    B = state_indices.shape[0]
-    if B == 0:
-        return
-    if cache_indices is None:
-        cache_indices = _identity_indices(B, layers.device)
-    try:
-        fn(layers.state_ptrs, state_indices, layers.cache_ptrs, cache_indices, accepted_steps)
-    except (ValueError, TypeError):
-        _validate_commit_batch(state_indices, cache_indices, accepted_steps, layers.device)
-        raise
-
-
-def validate_prefill(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state,
-                     out) -> tuple[str, Optional[str]]:
-    """Every check of prefill's arguments; returns (gate mode, dt_bias dtype name)."""
-    chk.tensor("q", q, 4, chk.IO_DTYPES)
-    device = q.device
-    if device.type != "cuda":
-        raise ValueError(f"q must be on a CUDA device, got {device}")
-    if q.shape[0] != 1:
-        raise ValueError(f"prefill packs the sequences along T: q must be [1, T, H, K], got {list(q.shape)}")
-    _, T, H, K = q.shape
-    chk.vector_aligned("q", q)
-    chk.tensor("k", k, 4, (q.dtype,), device)
-    chk.shape("k", k, (1, T, H, K))
-    chk.vector_aligned("k", k)
-    chk.tensor("v", v, 4, (q.dtype,), device)
-    HV, V = v.shape[2], v.shape[3]
-    chk.shape("v", v, (1, T, HV, V))
-    chk.vector_aligned("v", v)
-    if HV % H != 0:
-        raise ValueError(f"v heads ({HV}) must be a multiple of q/k heads ({H})")
-    mode = chk.gate_mode(a, b, A_log, dt_bias, g, beta)
-    bias_dtype = chk.gates(mode, a, b, A_log, dt_bias, g, beta, (1, T), HV, q.dtype, device)
-    chk.tensor("cu_seqlens", cu_seqlens, 1, (torch.int32,), device)
-    chk.contiguous("cu_seqlens", cu_seqlens)
-    if cu_seqlens.shape[0] < 1:
-        raise ValueError("cu_seqlens must have N + 1 >= 1 entries")
-    N = cu_seqlens.shape[0] - 1
-    if N > chk.MAX_BATCH:
-        raise ValueError(f"prefill supports at most {chk.MAX_BATCH} sequences, got N={N}")
-    chk.state_pool("state", state, HV, V, K, device)
-    chk.indices("state_indices", state_indices, N, device)
-    if has_initial_state is not None:
-        chk.tensor("has_initial_state", has_initial_state, 1, (torch.bool,), device)
-        chk.shape("has_initial_state", has_initial_state, (N,))
-        chk.contiguous("has_initial_state", has_initial_state)
-    if out is not None:
-        chk.output(out, (1, T, HV, V), q.dtype, device)
-        chk.vector_aligned("out", out)
-    return mode, bias_dtype
+    run_op(COMMIT_LAYERS, kcache, allow_compile, None, (layers, state_indices, cache_indices, accepted_steps))
 
 
 @functools.lru_cache(maxsize=None)
 def sm_count(device: torch.device) -> int:
     """The SMs of a CUDA device (what plan_prefill is given for it)."""
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _prefill_validate(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state,
+                      scale, use_qk_l2norm, out, plan):
+    return validate_prefill(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices,
+                            has_initial_state, out)
+
+
+def _prefill_signature(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state,
+                       scale, use_qk_l2norm, out, plan):
+    raw = g is None
+    if not one_gate_set(raw, a, b, A_log, dt_bias, beta):
+        raise ValueError("not exactly one gate set")  # (validate raises the full message)
+    _, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    return ("prefill", q.dtype, state.dtype, H, K, HV, V, state.shape[0], dt_bias.dtype if raw else None,
+            bool(use_qk_l2norm), q.get_device() == state.get_device()), cu_seqlens.shape[0] - 1
+
+
+def _prefill_load(kcache, allow_compile, check_config, args, validated):
+    q, v, state, use_qk_l2norm = args[0], args[2], args[10], args[14]
+    mode, bias_dtype = validated
+    if check_config is not None:
+        check_config(q, state)
+    key = prefill_key(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype],
+                      num_heads=q.shape[2], num_v_heads=v.shape[2], head_k_dim=q.shape[3], head_v_dim=v.shape[3],
+                      pool_size=state.shape[0], gate_mode=mode, dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm)
+    fn, = load_kernels(kcache, [key], allow_compile)
+    return fn
+
+
+def _prefill_launch(fn, q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state,
+                    scale, use_qk_l2norm, out, plan):
+    if out is None:
+        out = torch.empty_like(v)
+    _, T, _, K = q.shape
+    N = cu_seqlens.shape[0] - 1
+    if N == 0:
+        return out
+    if scale is None:
+        scale = K ** -0.5
+    if plan is None:
+        plan = plan_prefill(N, T, v.shape[2], K, v.shape[3], sm_count(q.device))
+    else:
+        prefill_kernel.check_plan(plan, N, T)
+    init = _ALL_TRUE.get(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
+    gates = (a, b, A_log, dt_bias) if g is None else (g, beta, None, None)
+    launch_prefill(fn, (q, k, v, *gates, cu_seqlens, state, state_indices, init, out), scale, plan, T, N)
+    return out
+
+
+def _prefill_debug(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state,
+                   scale, use_qk_l2norm, out, plan):
+    chk.debug_indices("state_indices", state_indices, state.shape[0])
+    T = q.shape[1]
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != T or any(x > y for x, y in zip(bounds, bounds[1:])):
+        raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {bounds}")
+
+
+PREFILL = OpPath(_prefill_validate, _prefill_signature, _prefill_load, _prefill_launch, _prefill_debug)
 
 
 def prefill_using(
@@ -571,53 +612,9 @@ def prefill_using(
     plan: Optional[PrefillPlan] = None,
 ) -> torch.Tensor:
     """`prefill` with the kernel cache `kcache` (see decode_entry)."""
-    args = (q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state, out)
-    raw = g is None
-    if not one_gate_set(raw, a, b, A_log, dt_bias, beta):
-        validate_prefill(*args)  # raises
-    try:
-        _, T, H, K = q.shape
-        HV, V = v.shape[2], v.shape[3]
-        N = cu_seqlens.shape[0] - 1
-        sig = ("prefill", q.dtype, state.dtype, H, K, HV, V, state.shape[0], dt_bias.dtype if raw else None,
-               bool(use_qk_l2norm), q.get_device() == state.get_device())
-    except (AttributeError, ValueError, TypeError):
-        validate_prefill(*args)
-        raise
-    fn = kcache.by_signature.get(sig)
-    if fn is None or N > chk.MAX_BATCH:
-        mode, bias_dtype = validate_prefill(*args)
-        if check_config is not None:
-            check_config(q, state)
-        key = prefill_key(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype], num_heads=H,
-                          num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0], gate_mode=mode,
-                          dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm)
-        fn, = load_kernels(kcache, [key], allow_compile)
-        kcache.by_signature[sig] = fn
-    if chk.DEBUG:
-        validate_prefill(*args)
-        chk.debug_indices("state_indices", state_indices, state.shape[0])
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != T or any(x > y for x, y in zip(bounds, bounds[1:])):
-            raise ValueError(f"cu_seqlens must rise from 0 to T={T}, got {bounds}")
-    if out is None:
-        out = torch.empty_like(v)
-    if N == 0:
-        return out
-    if scale is None:
-        scale = K ** -0.5
-    if plan is None:
-        plan = plan_prefill(N, T, HV, K, V, sm_count(q.device))
-    else:
-        prefill_kernel.check_plan(plan, N, T)
-    init = _ALL_TRUE.get(N, q.device) if has_initial_state is None else has_initial_state.view(torch.int8)
-    gates = (a, b, A_log, dt_bias) if raw else (g, beta, None, None)
-    try:
-        launch_prefill(fn, (q, k, v, *gates, cu_seqlens, state, state_indices, init, out), scale, plan, T, N)
-    except (ValueError, TypeError):
-        validate_prefill(*args)
-        raise
-    return out
+    return run_op(PREFILL, kcache, allow_compile, check_config, (q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens,
+                                                                 state, state_indices, has_initial_state, scale,
+                                                                 use_qk_l2norm, out, plan))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -46,6 +46,54 @@ def test_decode_gate_set_check_matches_one_gate_set(given):
         with pytest.raises(ValueError):
             call()
         assert launched == []
+    # run_op(DECODE, ...), the path decode writes out, launches (or refuses) the same call.
+    args = (t["q"], t["k"], t["v"], gates["a"], gates["b"], gates["A_log"], gates["dt_bias"], gates["g"],
+            gates["beta"], t["state"], t["state_indices"], None, True, None)
+    if accepted:
+        o = ops.run_op(ops.DECODE, cache, False, None, args)
+        assert launched == [11, 11] and o.shape == (B, 1, HV, V)
+    else:
+        with pytest.raises(ValueError):
+            ops.run_op(ops.DECODE, cache, False, None, args)
+        assert launched == []
+
+
+class _Refusing:
+    """A compiled function that refuses every call, as tvm-ffi does a tensor it does not take."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        raise TypeError("tvm-ffi: argument 3 mismatch")
+
+
+def test_run_op_reraises_a_refused_launch_under_the_argument_name():
+    """A launch that the compiled function refuses goes back through the op's full checks, which name the
+    argument (here a CPU q: the checks' first); nothing is memoized for a refused call's signature but the entry."""
+    t = _tensors()
+    cache = KernelCache("/nonexistent-cute-gdn-cache")
+    refusing = _Refusing()
+    args = (t["q"], t["k"], t["v"], t["a"], t["b"], t["A_log"], t["dt_bias"], None, None, t["state"],
+            t["state_indices"], None, True, None)
+    sig, batch = ops.DECODE.signature(*args)
+    assert batch == B
+    cache.by_signature[sig] = (1 << 30, refusing, None)
+    with pytest.raises(ValueError, match="q must be on a CUDA device"):
+        ops.run_op(ops.DECODE, cache, False, None, args)
+    assert refusing.calls == 1 and list(cache.by_signature) == [sig]
+
+
+@pytest.mark.parametrize("op", ["DECODE", "VERIFY", "COMMIT", "COMMIT_LAYERS", "PREFILL"])
+def test_every_op_runs_on_one_path(op):
+    """Every op is an OpPath that run_op drives, and its public form's private twin (*_using) calls run_op
+    (decode writes it out: test above)."""
+    path = getattr(ops, op)
+    assert isinstance(path, ops.OpPath) and all(callable(f) for f in path)
+    if op != "DECODE":
+        source = inspect.getsource(getattr(ops, f"{op.lower()}_using"))
+        assert f"run_op({op}," in source
 
 
 @pytest.mark.parametrize("name", ["prefill", "decode", "verify", "commit", "commit_layers"])

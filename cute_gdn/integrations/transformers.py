@@ -247,7 +247,7 @@ def _forward(self, hidden_states: torch.Tensor, cache_params=None, attention_mas
         pool = (torch.zeros if cached and T == 1 else torch.empty)(state_shape, dtype=state_dtype,
                                                                   device=hidden_states.device)
     # pool = batch: slot b is batch row b. The shared arange memo: no allocation per step, capture-safe.
-    slots = ops._identity_indices(B, hidden_states.device)  # [B] int32
+    slots = ops.IDENTITY_INDICES.get(B, hidden_states.device)  # [B] int32
 
     if cached and T == 1:
         q, k, v = _split_heads(mixed_qkv, H, HV, K, V)  # [B, 1, H, K], [B, 1, H, K], [B, 1, HV, V]
