@@ -48,6 +48,33 @@ class AuxLayouts(NamedTuple):
     tile: cute.ComposedLayout  # (C, C, pair) io: a folded chain's P and T where q was
 
 
+class AuxTiles(NamedTuple):
+    """The aux CTA's shared tensors of its warpgroup's value head."""
+    qk: cute.Tensor    # (C, K, 2): q, k (both heads of a pair)
+    a: cute.Tensor     # A's diagonal 16 x 16 blocks, fp32
+    aoff: cute.Tensor  # A's blocks below them, fp16 (then N)
+    d: cute.Tensor     # the diagonal blocks' inverse, fp16
+    p: cute.Tensor     # P, then T (where q and k were)
+    g: cute.Tensor     # cumulative log2 decay
+    beta: cute.Tensor
+    bf0: cute.Tensor   # beta_t f0_t (folded chains)
+    rk: cute.Tensor    # 1 / |k_t|
+    rq: cute.Tensor    # scale / |q_t|
+
+
+class AuxWork(NamedTuple):
+    """What one aux warpgroup works on."""
+    tidx: Int32
+    row: Int32      # workspace row (chunk)
+    hv0: Int32      # the CTA's first value head
+    hv: Int32       # this warpgroup's value head
+    hk: Int32       # their q/k head
+    j: Int32        # hv - hv0
+    wg_tidx: Int32
+    tok0: Int32     # the chunk's first token
+    eos: Int32      # its sequence's end
+
+
 class ChainArgs(NamedTuple):
     """The chain kernel's run-time tensors and scalars."""
     cu_seqlens: cute.Tensor  # [N + 1]

@@ -6,7 +6,6 @@ the outputs, store_state).
 
 import cutlass
 import cutlass.cute as cute
-from cutlass import pipeline
 from cutlass import Float32, Int32
 from cutlass.cute.nvgpu import cpasync, warpgroup
 
@@ -60,10 +59,22 @@ class ChainRoles:
                                                      stride=(CHUNK, 1, NUM_FACTORS * CHUNK))),
             f_tma=storage.sF.get_tensor(cute.make_layout((CHUNK, NUM_FACTORS, stages),
                                                          stride=(1, CHUNK, NUM_FACTORS * CHUNK))))
+        # The staged ring's mbarriers, written out rather than cutlass.pipeline.PipelineTmaAsync: the DSL's
+        # pipeline (one release per math warp, the same protocol otherwise) measured 1.0% slower on the
+        # context-parallel shapes and 0.2-0.6% on wide chains (bench/ab_prefill.py, H200: H8/HV16 32768x1
+        # 492.8 vs 487.8 us, 8192x1 145.3 vs 143.8 us, H16/HV32 8192x8 167.3 vs 166.4 us; every other shape
+        # within 0.2%). full[st]: one arrival (the producer's, with the stage's bytes) and the TMA bytes;
+        # empty[st]: one arrival per math thread.
+        full = storage.mbar.data_ptr()
+        empty = full + stages
         if tidx == 0:
             for copy in tma:
                 cpasync.prefetch_descriptor(copy.atom)
-        pipe = self.chain_pipeline(storage.mbar.data_ptr(), kind, cp)  # (ends with the CTA's last barrier)
+            for st in cutlass.range_constexpr(stages):
+                cute.arch.mbarrier_init(full + st, 1)
+                cute.arch.mbarrier_init(empty + st, 128 * wgs)
+        cute.arch.mbarrier_init_fence()
+        cute.arch.sync_threads()  # the last barrier of all the CTA's threads
         # (Made here, outside the role branches: a TiledMma used inside a branch whose helpers set its
         # ACCUMULATE field would be yielded out of the branch, which the IR verifier rejects.)
         thr_state = mmas.state.get_slice(tidx % 128)
@@ -77,7 +88,7 @@ class ChainRoles:
                 cute.arch.warpgroup_reg_dealloc(56)
         if warp == 4 * wgs:
             if work.active:
-                self.produce_chunks(tma, tiles, pipe, args, work, kind, cp, tidx % 32)
+                self.produce_chunks(tma, tiles, full, empty, args, work, kind, cp, tidx % 32)
         if warp < 4 * wgs:
             if cutlass.const_expr(wgs == 2):
                 cute.arch.warpgroup_reg_alloc(224)
@@ -93,30 +104,20 @@ class ChainRoles:
                     for i in cutlass.range_constexpr(cute.cosize(layouts.v) // 8 // 128):
                         cute.autovec_copy(zeros, cute.local_tile(sV_flat, (8,), (tidx + i * 128,)))
                     cute.arch.barrier(barrier_id=ChainBarrier.WG, number_of_threads=128)
-                self.consume_chunks(args, tma.o.atom, gO, mmas, tiles, acc_S, pipe, work, tidx, kind, cp)
+                self.consume_chunks(args, tma.o.atom, gO, mmas, tiles, acc_S, full, empty, work, tidx, kind, cp)
                 self.store_state(acc_S, cS, args, work, cp)
             if work.slot < 0:
                 if cutlass.const_expr(cp != CP_MAP):
                     self.zero_output(args.o, work, wgs, tidx)
 
     def stage_bytes(self, kind: int, cp: int) -> int:
-        """The bytes the TMA loads of one full stage: q, k, the workspace tiles, v and f; without outputs
-        (CP_MAP) k, T and f (each CTA adds v's where it loads v)."""
+        """The bytes the TMA loads into one stage: q, k, the workspace tiles, v and f; without outputs
+        (CP_MAP) k, T and f (a CTA that loads v adds its bytes)."""
         C, K = CHUNK, self.K
         io_bytes = self.io_dtype.width // 8
         if cp == CP_MAP:
             return (C * K + C * C) * io_bytes + NUM_FACTORS * C * 4
         return (2 * C * K + ws_tiles(kind) * C * C + C * WG_ROWS * chain_wgs(kind)) * io_bytes + NUM_FACTORS * C * 4
-
-    def chain_pipeline(self, barriers, kind: int, cp: int) -> pipeline.PipelineTmaAsync:
-        """The staged ring's full and empty mbarriers (at `barriers`, 2 * stages of them) as the DSL's TMA
-        pipeline: a stage is full once the producer warp's one arrival and its TMA bytes have landed, and
-        empty once every math warp has released it (one arrival per warp, from its first lane). Made by
-        every thread of the CTA: warp 0 initializes the barriers, then a fence and the CTA barrier."""
-        return pipeline.PipelineTmaAsync.create(
-            num_stages=chain_stages(kind), producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
-            consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 4 * chain_wgs(kind)),
-            tx_count=self.stage_bytes(kind, cp), barrier_storage=barriers)
 
     @cute.jit
     def chain_work(self, args: ChainArgs, tidx, hv, n, z, wgs: cutlass.Constexpr, cp: cutlass.Constexpr) -> ChainWork:
@@ -161,8 +162,7 @@ class ChainRoles:
 
     @cute.jit
     def consume_chunks(self, args: ChainArgs, tma_o: cute.CopyAtom, gO, mmas: ChainMmas, tiles: ChainTiles, acc_S,
-                       pipe: pipeline.PipelineTmaAsync, work: ChainWork, tidx, kind: cutlass.Constexpr,
-                       cp: cutlass.Constexpr):
+                       full, empty, work: ChainWork, tidx, kind: cutlass.Constexpr, cp: cutlass.Constexpr):
         """The math warpgroups' loop over the chunks: wait for a stage, run the chunk on the state rows in
         acc_S (state_chain or state_chain_folded), release the stage, and (with outputs) store the o tile."""
         C = CHUNK
@@ -177,14 +177,13 @@ class ChainRoles:
         prof = cute.make_rmem_tensor(cute.make_layout(3), cutlass.Int64)
         prof.fill(0)
         stamp = cute.arch.globaltimer()
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Consumer, stages)
         for c in cutlass.range(work.num_chunks, unroll=1):
-            stage = state.index
+            stage = c % stages
             tok0 = bos + c * C
             valid = eos - tok0
             if valid > C:
                 valid = C
-            pipe.consumer_wait(state)
+            cute.arch.mbarrier_wait(full + stage, (c // stages) % 2)
             if valid < C:
                 # k rows past the sequence end hold the next sequence's tokens (or TMA zeros). (The
                 # one barrier of both math warpgroups: a sequence's last chunk.)
@@ -202,8 +201,7 @@ class ChainRoles:
                                  tiles.v[None, None, stage], tiles.tp[None, None, ntiles * stage],
                                  tiles.tp[None, None, ntiles * stage + 1], tiles.o[None, None, wg],
                                  tiles.f[None, None, stage], wg, wgs, tidx, outputs)
-            pipe.consumer_release(state)  # this warp is done with the stage
-            state.advance()
+            cute.arch.mbarrier_arrive(empty + stage)  # this thread is done with the stage
             if cutlass.const_expr(outputs):
                 cute.arch.fence_view_async_shared()  # the o tile's stores before a TMA store reads it
                 cute.arch.barrier(barrier_id=ChainBarrier.WG + wg, number_of_threads=128)
@@ -239,8 +237,8 @@ class ChainRoles:
                 sX[e // K, e % K] = Float32(0.0).to(self.io_dtype)
 
     @cute.jit
-    def produce_chunks(self, tma: ChainCopies, tiles: ChainTiles, pipe: pipeline.PipelineTmaAsync, args: ChainArgs,
-                       work: ChainWork, kind: cutlass.Constexpr, cp: cutlass.Constexpr, lane):
+    def produce_chunks(self, tma: ChainCopies, tiles: ChainTiles, full, empty, args: ChainArgs, work: ChainWork,
+                       kind: cutlass.Constexpr, cp: cutlass.Constexpr, lane):
         """The chain's producer warp: every chunk's loads into stage c % stages, once the math warpgroups
         have released the stage (chunk c - stages) and, when overlapped, the aux kernel has flagged the chunk.
         Without outputs (CP_MAP) it loads no q and no P; without work.load_v, no v."""
@@ -260,18 +258,16 @@ class ChainRoles:
                                          cute.group_modes(gK, 0, 2))
         tVs, tVg = cpasync.tma_partition(tma.v.atom, 0, cute.make_layout(1), cute.group_modes(tiles.v, 0, 2),
                                          cute.group_modes(gV, 0, 2))
-        state = pipeline.make_pipeline_state(pipeline.PipelineUserType.Producer, stages)
+        nbytes = self.stage_bytes(kind, cp)
+        v_bytes = 0
+        if cutlass.const_expr(not outputs):
+            if work.load_v:
+                v_bytes = C * WG_ROWS * wgs * (self.io_dtype.width // 8)
         for c in cutlass.range(work.num_chunks, unroll=1):
-            stage = state.index
+            stage = c % stages
             ws_row = work.ws_row0 + c
-            # Wait for the math warps to release the stage (chunk c - stages), then arm its full barrier
-            # with stage_bytes (one elected lane).
-            pipe.producer_acquire(state)
-            bar = pipe.producer_get_barrier(state)
-            if cutlass.const_expr(not outputs):
-                if work.load_v:
-                    if lane == 0:
-                        cute.arch.mbarrier_expect_tx(bar, C * WG_ROWS * wgs * (self.io_dtype.width // 8))
+            if c >= stages:
+                cute.arch.mbarrier_wait(empty + stage, (c // stages - 1) % 2)
             if args.overlap != 0:
                 if lane == 0:
                     wait_flag(flag_ptr(args.ws_flag, ws_row, hv))
@@ -279,18 +275,19 @@ class ChainRoles:
                 # T, P, W~ and f were written by another kernel's generic stores: order them before this
                 # warp's async-proxy (TMA) reads.
                 cute.arch.fence_proxy("async.global")
+            if lane == 0:
+                cute.arch.mbarrier_arrive_and_expect_tx(full + stage, nbytes + v_bytes)
             if cutlass.const_expr(outputs):
-                cute.copy(tma.q.atom, tQg[None, c], tQs[None, stage], tma_bar_ptr=bar)
-            cute.copy(tma.k.atom, tKg[None, c], tKs[None, stage], tma_bar_ptr=bar)
+                cute.copy(tma.q.atom, tQg[None, c], tQs[None, stage], tma_bar_ptr=full + stage)
+            cute.copy(tma.k.atom, tKg[None, c], tKs[None, stage], tma_bar_ptr=full + stage)
             if work.load_v:
-                cute.copy(tma.v.atom, tVg[None, c], tVs[None, stage], tma_bar_ptr=bar)
+                cute.copy(tma.v.atom, tVg[None, c], tVs[None, stage], tma_bar_ptr=full + stage)
             for which in cutlass.range_constexpr(ntiles if outputs else 1):  # (T is tile 0)
                 s_tile, g_tile = tma_tile(tma.tp.atom, tiles.tp[None, None, ntiles * stage + which],
                                           tma.tp.tensor[None, None, which, hv, ws_row])
-                cute.copy(tma.tp.atom, g_tile, s_tile, tma_bar_ptr=bar)
+                cute.copy(tma.tp.atom, g_tile, s_tile, tma_bar_ptr=full + stage)
             s_tile, g_tile = tma_tile(tma.f.atom, tiles.f_tma[None, None, stage], tma.f.tensor[None, None, hv, ws_row])
-            cute.copy(tma.f.atom, g_tile, s_tile, tma_bar_ptr=bar)
-            state.advance()
+            cute.copy(tma.f.atom, g_tile, s_tile, tma_bar_ptr=full + stage)
 
     @cute.jit
     def mark(self, prof, phase: cutlass.Constexpr, stamp):
