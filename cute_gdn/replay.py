@@ -249,62 +249,83 @@ def validate_replay_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_
 # Ops
 # ---------------------------------------------------------------------------------------------------
 
-def _replay_verify(kcache: KernelCache, allow_compile: bool, check_config, q, k, v, a, b, A_log, dt_bias, g, beta,
-                   state, state_indices, ring, cursors, scale, use_qk_l2norm, out) -> torch.Tensor:
-    args = (q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring, cursors, out)
+def _replay_types(ring, cursors) -> None:
     if type(ring) is not ReplayRing:
         raise TypeError(f"ring must be a cute_gdn.ReplayRing (make_replay_ring), got {type(ring).__name__}")
     if type(cursors) is not ReplayCursors:
         raise TypeError(f"cursors must be a cute_gdn.ReplayCursors (make_replay_cursors), "
                         f"got {type(cursors).__name__}")
+
+
+def _verify_validate(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring, cursors, scale,
+                     use_qk_l2norm, out):
+    _replay_types(ring, cursors)
+    return validate_replay_verify(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring, cursors, out)
+
+
+def _verify_signature(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring, cursors, scale,
+                      use_qk_l2norm, out):
+    _replay_types(ring, cursors)
     raw = g is None
     if not ops.one_gate_set(raw, a, b, A_log, dt_bias, beta):
-        validate_replay_verify(*args)  # raises
-    try:
-        B, T, H, K = q.shape
-        _, _, HV, V = v.shape
-        sig = ("replay", q.dtype, state.dtype, H, K, T, HV, V, state.shape[0], cursors.ring_len, cursors.max_tokens,
-               cursors.fold,
-               dt_bias.dtype if raw else None, bool(use_qk_l2norm), q.get_device() == state.get_device())
-    except (AttributeError, ValueError, TypeError):
-        validate_replay_verify(*args)
-        raise
-    entry = kcache.by_signature.get(sig)
-    if entry is None or B > chk.MAX_BATCH or chk.DEBUG:
-        mode, bias_dtype = validate_replay_verify(*args)
-        if check_config is not None:
-            check_config(q, state, ring, cursors)
-        if chk.DEBUG:
-            chk.debug_indices("state_indices", state_indices, state.shape[0])
-            _debug_cursors(cursors, state_indices)
-    if entry is None:
-        keys = replay_verify_keys(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype],
-                                  num_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V, pool_size=state.shape[0],
-                                  num_tokens=T, max_tokens=cursors.max_tokens, ring_len=cursors.ring_len,
-                                  gate_mode=mode, dt_bias_dtype=bias_dtype, use_qk_l2norm=use_qk_l2norm,
-                                  fold_mode=cursors.fold)
-        small, large = ops.load_kernels(kcache, keys, allow_compile)
-        entry = (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
-        kcache.by_signature[sig] = entry
+        raise ValueError("not exactly one gate set")  # (validate raises the full message)
+    B, T, H, K = q.shape
+    _, _, HV, V = v.shape
+    return ("replay", q.dtype, state.dtype, H, K, T, HV, V, state.shape[0], cursors.ring_len, cursors.max_tokens,
+            cursors.fold, dt_bias.dtype if raw else None, bool(use_qk_l2norm),
+            q.get_device() == state.get_device()), B
+
+
+def _verify_load(kcache, allow_compile, check_config, args, validated):
+    """Both tiles of the call's key: (large-batch threshold in B * HV, small kernel, large kernel)."""
+    q, v, state, ring, cursors, use_qk_l2norm = args[0], args[2], args[9], args[11], args[12], args[14]
+    mode, bias_dtype = validated
+    if check_config is not None:
+        check_config(q, state, ring, cursors)
+    _, T, H, K = q.shape
+    keys = replay_verify_keys(io_dtype=chk.IO_DTYPES[q.dtype], state_dtype=chk.STATE_DTYPES[state.dtype],
+                              num_heads=H, num_v_heads=v.shape[2], head_k_dim=K, head_v_dim=v.shape[3],
+                              pool_size=state.shape[0], num_tokens=T, max_tokens=cursors.max_tokens,
+                              ring_len=cursors.ring_len, gate_mode=mode, dt_bias_dtype=bias_dtype,
+                              use_qk_l2norm=use_qk_l2norm, fold_mode=cursors.fold)
+    small, large = ops.load_kernels(kcache, keys, allow_compile)
+    return (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
+
+
+def _verify_launch(entry, q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring, cursors, scale,
+                   use_qk_l2norm, out):
     if out is None:
         out = torch.empty_like(v)
+    B = q.shape[0]
     if B == 0:
         return out
     if scale is None:
-        scale = K ** -0.5
+        scale = q.shape[3] ** -0.5
     threshold, small, large = entry
-    fn = large if B * HV >= threshold else small
-    try:
-        if raw:
-            fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, ring.k, ring.v, ring.d, ring.gb, cursors.pos,
-               out, scale)
-        else:
-            fn(q, k, v, g, beta, None, None, state, state_indices, ring.k, ring.v, ring.d, ring.gb, cursors.pos,
-               out, scale)
-    except (ValueError, TypeError, AttributeError):
-        validate_replay_verify(*args)
-        raise
+    fn = large if B * v.shape[2] >= threshold else small
+    if g is None:
+        fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, ring.k, ring.v, ring.d, ring.gb, cursors.pos, out,
+           scale)
+    else:
+        fn(q, k, v, g, beta, None, None, state, state_indices, ring.k, ring.v, ring.d, ring.gb, cursors.pos, out,
+           scale)
     return out
+
+
+def _verify_debug(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring, cursors, scale,
+                  use_qk_l2norm, out):
+    chk.debug_indices("state_indices", state_indices, state.shape[0])
+    _debug_cursors(cursors, state_indices)
+
+
+REPLAY_VERIFY = ops.OpPath(_verify_validate, _verify_signature, _verify_load, _verify_launch, _verify_debug)
+
+
+def _replay_verify(kcache: KernelCache, allow_compile: bool, check_config, q, k, v, a, b, A_log, dt_bias, g, beta,
+                   state, state_indices, ring, cursors, scale, use_qk_l2norm, out) -> torch.Tensor:
+    return ops.run_op(REPLAY_VERIFY, kcache, allow_compile, check_config, (q, k, v, a, b, A_log, dt_bias, g, beta,
+                                                                           state, state_indices, ring, cursors,
+                                                                           scale, use_qk_l2norm, out))
 
 
 def _debug_cursors(cursors: ReplayCursors, state_indices: torch.Tensor) -> None:
@@ -319,49 +340,59 @@ def _debug_cursors(cursors: ReplayCursors, state_indices: torch.Tensor) -> None:
                          f"followed by replay_commit?)")
 
 
-def _cursor_call(kcache: KernelCache, allow_compile: bool, cursors, state_indices, num_accepted, mode: str) -> None:
+def _cursor_validate(cursors, state_indices, num_accepted, mode: str) -> None:
     if not isinstance(cursors, ReplayCursors):
         raise TypeError(f"cursors must be a cute_gdn.ReplayCursors (make_replay_cursors), "
                         f"got {type(cursors).__name__}")
-    sig = ("replay_cursor", mode, cursors.pos.shape[0], cursors.ring_len, cursors.max_tokens)
-    fn = kcache.by_signature.get(sig)
-    if fn is None or chk.DEBUG or not isinstance(state_indices, torch.Tensor) \
-            or state_indices.shape[0] > chk.MAX_BATCH:
-        device = cursors.pos.device
-        if device.type != "cuda":
-            raise ValueError(f"cursors must be on a CUDA device, got {device}")
-        validate_cursors(cursors, cursors.pos.shape[0], device)
-        chk.tensor("state_indices", state_indices, 1, (torch.int32,), device)
-        B = state_indices.shape[0]
-        if B > chk.MAX_BATCH:
-            raise ValueError(f"replay_{mode} supports at most {chk.MAX_BATCH} sequences, got B={B}")
-        chk.indices("state_indices", state_indices, B, device)
-        if num_accepted is not None:
-            chk.indices("num_accepted", num_accepted, B, device)
-        if chk.DEBUG:
-            chk.debug_indices("state_indices", state_indices, cursors.pos.shape[0])
-            if num_accepted is not None:
-                live = num_accepted[state_indices >= 0]
-                bad = live[(live < 0) | (live > cursors.max_tokens)]
-                if bad.numel():
-                    raise ValueError(f"num_accepted has an entry {int(bad[0])} outside [0, max_tokens="
-                                     f"{cursors.max_tokens}]")
-    if fn is None:
-        key = replay_cursor_key(pool_size=cursors.pos.shape[0], ring_len=cursors.ring_len,
-                                max_tokens=cursors.max_tokens, mode=mode)
-        fn, = ops.load_kernels(kcache, [key], allow_compile)
-        kcache.by_signature[sig] = fn
+    # (The index vectors first, on the cursors' device, then the device itself: a launch refused for an index
+    # vector's dtype is named by it even where only the device check would be left.)
+    device = cursors.pos.device
+    validate_cursors(cursors, cursors.pos.shape[0], device)
+    chk.tensor("state_indices", state_indices, 1, (torch.int32,), device)
+    B = state_indices.shape[0]
+    if B > chk.MAX_BATCH:
+        raise ValueError(f"replay_{mode} supports at most {chk.MAX_BATCH} sequences, got B={B}")
+    chk.indices("state_indices", state_indices, B, device)
+    if num_accepted is not None:
+        chk.indices("num_accepted", num_accepted, B, device)
+    if device.type != "cuda":
+        raise ValueError(f"cursors must be on a CUDA device, got {device}")
+
+
+def _cursor_signature(cursors, state_indices, num_accepted, mode: str):
+    if not isinstance(cursors, ReplayCursors):
+        raise TypeError("cursors")  # (validate raises the full message)
+    return ("replay_cursor", mode, cursors.pos.shape[0], cursors.ring_len, cursors.max_tokens), state_indices.shape[0]
+
+
+def _cursor_load(kcache, allow_compile, check_config, args, validated):
+    cursors, mode = args[0], args[3]
+    key = replay_cursor_key(pool_size=cursors.pos.shape[0], ring_len=cursors.ring_len, max_tokens=cursors.max_tokens,
+                            mode=mode)
+    fn, = ops.load_kernels(kcache, [key], allow_compile)
+    return fn
+
+
+def _cursor_launch(fn, cursors, state_indices, num_accepted, mode: str) -> None:
     if state_indices.shape[0] == 0:
         return
-    try:
-        fn(cursors.pos, state_indices, num_accepted if num_accepted is not None else state_indices)
-    except (ValueError, TypeError):
-        device = cursors.pos.device
-        chk.tensor("state_indices", state_indices, 1, (torch.int32,), device)
-        chk.indices("state_indices", state_indices, state_indices.shape[0], device)
-        if num_accepted is not None:
-            chk.indices("num_accepted", num_accepted, state_indices.shape[0], device)
-        raise
+    fn(cursors.pos, state_indices, num_accepted if num_accepted is not None else state_indices)
+
+
+def _cursor_debug(cursors, state_indices, num_accepted, mode: str) -> None:
+    chk.debug_indices("state_indices", state_indices, cursors.pos.shape[0])
+    if num_accepted is not None:
+        live = num_accepted[state_indices >= 0]
+        bad = live[(live < 0) | (live > cursors.max_tokens)]
+        if bad.numel():
+            raise ValueError(f"num_accepted has an entry {int(bad[0])} outside [0, max_tokens={cursors.max_tokens}]")
+
+
+REPLAY_CURSOR = ops.OpPath(_cursor_validate, _cursor_signature, _cursor_load, _cursor_launch, _cursor_debug)
+
+
+def _cursor_call(kcache: KernelCache, allow_compile: bool, cursors, state_indices, num_accepted, mode: str) -> None:
+    ops.run_op(REPLAY_CURSOR, kcache, allow_compile, None, (cursors, state_indices, num_accepted, mode))
 
 
 def _replay_commit(kcache: KernelCache, allow_compile: bool, cursors, state_indices, num_accepted) -> None:

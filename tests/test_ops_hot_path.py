@@ -109,3 +109,13 @@ def test_public_ops_have_no_private_parameters_and_document_errors(name):
     private = inspect.signature(getattr(ops, f"{name}_using")).parameters  # the form the serving surface calls
     assert list(private)[:2] == ["kcache", "allow_compile"]
     assert [p for p in private if p not in ("kcache", "allow_compile", "check_config")] == list(params)
+
+
+@pytest.mark.parametrize("op", ["REPLAY_VERIFY", "REPLAY_CURSOR"])
+def test_replay_ops_run_on_the_same_path(op):
+    """The replay protocol's verify and cursor ops (replay_commit, and the flush's cursor reset) are OpPaths
+    too; replay_flush, a rare slow-path op, checks every argument on every call."""
+    from cute_gdn import replay
+
+    path = getattr(replay, op)
+    assert isinstance(path, ops.OpPath) and all(callable(f) for f in path)
