@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 from bench_prefill import HEADS, SHAPES, make_inputs, prefill_key, time_cold_graph  # noqa: E402
 from cute_gdn import ops  # noqa: E402
-from cute_gdn.cache import _EXPORT_NAME, default_cache  # noqa: E402
+from cute_gdn.cache import default_cache, load_object  # noqa: E402
 from cute_gdn.prefill_launch import launch_prefill  # noqa: E402
 
 _COMPILE_BASE = """
@@ -54,13 +54,6 @@ def compile_base(src: Path, cache_dir: Path, triples) -> dict:
     if r.returncode != 0:
         raise SystemExit(f"compiling the base build failed:\n{r.stderr[-4000:]}")
     return dict(line.split(" ", 1) for line in r.stdout.strip().splitlines())
-
-
-def load_object(path: str):
-    from cutlass.cute.runtime import load_module
-
-    module = load_module(path, enable_tvm_ffi=True)
-    return module, getattr(module, _EXPORT_NAME)
 
 
 def main():

@@ -19,6 +19,12 @@ MAX_BATCH = 65535
 DEBUG = os.environ.get("CUTE_GDN_DEBUG", "0") not in ("", "0")
 
 
+def max_batch(op: str, n: int, name: str = "B") -> None:
+    """The batch is the kernels' third grid dimension: at most MAX_BATCH sequences."""
+    if n > MAX_BATCH:
+        raise ValueError(f"{op} supports at most {MAX_BATCH} sequences, got {name}={n}")
+
+
 def tensor(name: str, x, ndim: int | None = None, dtypes=None, device=None) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")

@@ -409,14 +409,20 @@ class KernelCache:
                 raise KernelCompileError(key, err)
 
     def _load(self, key: KernelKey):
-        from cutlass.cute.runtime import load_module
-
-        module = load_module(str(self.path(key)), enable_tvm_ffi=True)
-        fn = getattr(module, _EXPORT_NAME)
+        module, fn = load_object(self.path(key))
         self._modules.append(module)
         self._loaded[key] = fn
         self.loads += 1
         return fn
+
+
+def load_object(path: str | os.PathLike):
+    """Load one compiled object file: (its module, which must stay alive while the function is used, and its
+    tvm-ffi function). KernelCache loads through it; bench/ab_prefill.py loads another build's objects."""
+    from cutlass.cute.runtime import load_module
+
+    module = load_module(str(path), enable_tvm_ffi=True)
+    return module, getattr(module, _EXPORT_NAME)
 
 
 _default_cache: Optional[KernelCache] = None

@@ -20,6 +20,16 @@ def one_gate_set(raw: bool, a, b, A_log, dt_bias, beta) -> bool:
         and raw != (dt_bias is None)
 
 
+def signature_gates(a, b, A_log, dt_bias, g, beta) -> bool:
+    """The hot path's gate-set test for an op's call signature: True for raw gates, False for precomputed ones;
+    ValueError if not exactly one set is given (the full checks then raise it with the argument's name)."""
+    raw = g is None  # (one_gate_set, written out: this runs on every call)
+    if raw != (beta is None) or raw == (a is None) or raw == (b is None) or raw == (A_log is None) \
+            or raw == (dt_bias is None):
+        raise ValueError("not exactly one gate set")
+    return raw
+
+
 def validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, out,
                      op: str, max_tokens: int) -> tuple[str, Optional[str]]:
     """Checks shared by decode and verify: q/k/v/gates/out [B, T, ...] with 1 <= T <= max_tokens, the
@@ -33,8 +43,7 @@ def validate_tokens(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices
         raise ValueError(f"decode takes one token per sequence: q must be [B, 1, H, K], got {list(q.shape)}")
     if not 1 <= T <= max_tokens:
         raise ValueError(f"{op} takes 1 to {max_tokens} tokens per sequence: q is [B, T, H, K] with T={T}")
-    if B > chk.MAX_BATCH:
-        raise ValueError(f"{op} supports at most {chk.MAX_BATCH} sequences, got B={B}")
+    chk.max_batch(op, B)
     chk.vector_aligned("q", q)
     chk.tensor("k", k, 4, (q.dtype,), device)
     chk.shape("k", k, (B, T, H, K))
@@ -84,8 +93,7 @@ def validate_commit(state, state_indices, cache, cache_indices, accepted_steps) 
 
 def validate_commit_batch(state_indices, cache_indices, accepted_steps, device) -> None:
     B = state_indices.shape[0]
-    if B > chk.MAX_BATCH:
-        raise ValueError(f"commit supports at most {chk.MAX_BATCH} sequences, got B={B}")
+    chk.max_batch("commit", B)
     chk.indices("state_indices", state_indices, B, device)
     if cache_indices is not None:
         chk.indices("cache_indices", cache_indices, B, device)
@@ -130,8 +138,7 @@ def validate_prefill(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, 
     if cu_seqlens.shape[0] < 1:
         raise ValueError("cu_seqlens must have N + 1 >= 1 entries")
     N = cu_seqlens.shape[0] - 1
-    if N > chk.MAX_BATCH:
-        raise ValueError(f"prefill supports at most {chk.MAX_BATCH} sequences, got N={N}")
+    chk.max_batch("prefill", N, "N")
     chk.state_pool("state", state, HV, V, K, device)
     chk.indices("state_indices", state_indices, N, device)
     if has_initial_state is not None:

@@ -18,7 +18,7 @@ import torch
 
 from . import _checks as chk
 from .cache import KernelCache, KernelKey, default_cache
-from .op_checks import (debug_commit, one_gate_set, validate_commit, validate_commit_batch,  # noqa: F401 (public)
+from .op_checks import (debug_commit, one_gate_set, signature_gates, validate_commit, validate_commit_batch,  # noqa: F401 (public)
                         validate_decode, validate_prefill, validate_tokens, validate_verify)
 from .kernels import commit as commit_kernel
 from .kernels import decode as decode_kernel
@@ -216,9 +216,7 @@ def _decode_validate(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indice
 
 
 def _decode_signature(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, scale, use_qk_l2norm, out):
-    raw = g is None
-    if not one_gate_set(raw, a, b, A_log, dt_bias, beta):
-        raise ValueError("not exactly one gate set")  # (validate raises the full message)
+    raw = signature_gates(a, b, A_log, dt_bias, g, beta)
     B, _, H, K = q.shape
     _, _, HV, V = v.shape
     return ("decode", q.dtype, state.dtype, H, K, HV, V, state.shape[0], dt_bias.dtype if raw else None,
@@ -239,16 +237,23 @@ def _decode_load(kcache, allow_compile, check_config, args, validated):
     return (LARGE_BATCH_HEADS[chk.STATE_DTYPES[state.dtype]], small, large)
 
 
-def _decode_launch(entry, q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, scale, use_qk_l2norm, out):
+def token_launch(entry, q, v, scale, out):
+    """What a token op's launch (decode, verify, replay_verify) needs besides its tensors: the output (`out`,
+    or a fresh one like v), the kernel of the entry's two tiles for this batch (None for B = 0: nothing to
+    launch) and the scale (K ** -0.5 by default)."""
     if out is None:
-        out = torch.empty_like(v)  # [B, 1, HV, V]; cheaper than new_empty on the hot path
+        out = torch.empty_like(v)  # cheaper than new_empty on the hot path
     B = q.shape[0]
     if B == 0:
-        return out
-    if scale is None:
-        scale = q.shape[3] ** -0.5
+        return out, None, scale
     threshold, small, large = entry
-    fn = large if B * v.shape[2] >= threshold else small
+    return out, (large if B * v.shape[2] >= threshold else small), (q.shape[3] ** -0.5 if scale is None else scale)
+
+
+def _decode_launch(entry, q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, scale, use_qk_l2norm, out):
+    out, fn, scale = token_launch(entry, q, v, scale, out)
+    if fn is None:
+        return out
     if g is None:
         fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, out, scale)
     else:
@@ -306,9 +311,7 @@ def _verify_validate(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indice
 
 def _verify_signature(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, scale,
                       use_qk_l2norm, out):
-    raw = g is None
-    if not one_gate_set(raw, a, b, A_log, dt_bias, beta):
-        raise ValueError("not exactly one gate set")  # (validate raises the full message)
+    raw = signature_gates(a, b, A_log, dt_bias, g, beta)
     B, T, H, K = q.shape
     _, _, HV, V = v.shape
     return ("verify", q.dtype, state.dtype, H, K, T, HV, V, state.shape[0], cache.shape[1],
@@ -332,17 +335,11 @@ def _verify_load(kcache, allow_compile, check_config, args, validated):
 
 def _verify_launch(entry, q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, cache, cache_indices, scale,
                    use_qk_l2norm, out):
-    if out is None:
-        out = torch.empty_like(v)
-    B = q.shape[0]
-    if B == 0:
+    out, fn, scale = token_launch(entry, q, v, scale, out)
+    if fn is None:
         return out
-    if scale is None:
-        scale = q.shape[3] ** -0.5
     if cache_indices is None:
-        cache_indices = IDENTITY_INDICES.get(B, q.device)
-    threshold, small, large = entry
-    fn = large if B * v.shape[2] >= threshold else small
+        cache_indices = IDENTITY_INDICES.get(q.shape[0], q.device)
     if g is None:
         fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, cache, cache_indices, out, scale)
     else:
@@ -538,9 +535,7 @@ def _prefill_validate(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state,
 
 def _prefill_signature(q, k, v, a, b, A_log, dt_bias, g, beta, cu_seqlens, state, state_indices, has_initial_state,
                        scale, use_qk_l2norm, out, plan):
-    raw = g is None
-    if not one_gate_set(raw, a, b, A_log, dt_bias, beta):
-        raise ValueError("not exactly one gate set")  # (validate raises the full message)
+    raw = signature_gates(a, b, A_log, dt_bias, g, beta)
     _, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     return ("prefill", q.dtype, state.dtype, H, K, HV, V, state.shape[0], dt_bias.dtype if raw else None,

@@ -266,9 +266,7 @@ def _verify_validate(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indice
 def _verify_signature(q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring, cursors, scale,
                       use_qk_l2norm, out):
     _replay_types(ring, cursors)
-    raw = g is None
-    if not ops.one_gate_set(raw, a, b, A_log, dt_bias, beta):
-        raise ValueError("not exactly one gate set")  # (validate raises the full message)
+    raw = ops.signature_gates(a, b, A_log, dt_bias, g, beta)
     B, T, H, K = q.shape
     _, _, HV, V = v.shape
     return ("replay", q.dtype, state.dtype, H, K, T, HV, V, state.shape[0], cursors.ring_len, cursors.max_tokens,
@@ -294,15 +292,9 @@ def _verify_load(kcache, allow_compile, check_config, args, validated):
 
 def _verify_launch(entry, q, k, v, a, b, A_log, dt_bias, g, beta, state, state_indices, ring, cursors, scale,
                    use_qk_l2norm, out):
-    if out is None:
-        out = torch.empty_like(v)
-    B = q.shape[0]
-    if B == 0:
+    out, fn, scale = ops.token_launch(entry, q, v, scale, out)
+    if fn is None:
         return out
-    if scale is None:
-        scale = q.shape[3] ** -0.5
-    threshold, small, large = entry
-    fn = large if B * v.shape[2] >= threshold else small
     if g is None:
         fn(q, k, v, a, b, A_log, dt_bias, state, state_indices, ring.k, ring.v, ring.d, ring.gb, cursors.pos, out,
            scale)
@@ -350,8 +342,7 @@ def _cursor_validate(cursors, state_indices, num_accepted, mode: str) -> None:
     validate_cursors(cursors, cursors.pos.shape[0], device)
     chk.tensor("state_indices", state_indices, 1, (torch.int32,), device)
     B = state_indices.shape[0]
-    if B > chk.MAX_BATCH:
-        raise ValueError(f"replay_{mode} supports at most {chk.MAX_BATCH} sequences, got B={B}")
+    chk.max_batch(f"replay_{mode}", B)
     chk.indices("state_indices", state_indices, B, device)
     if num_accepted is not None:
         chk.indices("num_accepted", num_accepted, B, device)
