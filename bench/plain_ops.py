@@ -61,8 +61,9 @@ for name, plan in plans.items():
     assert torch.equal(pool[[0, 1, 3, 5, 6, 8]], pool0[[0, 1, 3, 5, 6, 8]]), "unnamed slots changed"
     assert not o[0, 70:103].any(), "padding rows not zero"
 Tc = 3 * 128 - 20  # context parallel: one sequence in 3 pieces of 128 tokens
-qc, kc = q[:, :Tc].contiguous(), k[:, :Tc].contiguous()
-vc, ac, bc = v[:, :Tc].contiguous(), a[:, :Tc].contiguous(), b[:, :Tc].contiguous()
+qc = torch.randn(1, Tc, H, K, device=dev).to(torch.bfloat16)
+kc, vc = torch.randn_like(qc), torch.randn(1, Tc, HV, V, device=dev).to(torch.bfloat16)
+ac, bc = gates(1, Tc)
 cuc = torch.tensor([0, Tc], dtype=torch.int32, device=dev)
 one = torch.tensor([5], dtype=torch.int32, device=dev)
 ref_oc, ref_pc = reference.prefill(qc, kc, vc, a=ac, b=bc, A_log=A_log, dt_bias=dt_bias, cu_seqlens=cuc, state=pool0,
